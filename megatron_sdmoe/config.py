@@ -1,0 +1,291 @@
+"""Typed configuration: dataclasses, YAML loading, dotted `key=value` overrides, validation.
+
+One `Config` object flows from the command line to every component. Loading checks keys and
+types; `validate(cfg, world_size)` checks the values against each other and the parallel layout.
+Every problem raises `UserError` with one line that names the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megatron_sdmoe.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory; starting again in it resumes from checkpoints/latest
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "qwen3_moe"  # model family (models/)
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA key/value heads
+    kv_channels: Optional[int] = None  # head dim; default hidden_size / num_attention_heads
+    max_position_embeddings: int = 4096
+    rotary_base: int = 1000000
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (layout-independent)
+
+
+@dataclass
+class MoEConfig:
+    variant: str = "topk"  # topk | sdmoe | headwise
+    num_experts: int = 8
+    topk: int = 2
+    ffn_hidden_size: int = 128  # per expert
+    aux_loss_coeff: float = 0.01  # load-balancing loss weight
+    z_loss_coeff: float = 0.0
+    router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 or 2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    max_steps: int = 100
+    global_batch_size: int = 16  # sequences per optimizer step, whatever the layout
+    micro_batch_size: int = 4  # sequences per forward pass on one data-parallel rank
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    log_interval: int = 1
+    eval_interval: int = 50  # 0 disables evaluation
+    eval_samples: int = 32  # validation sequences per evaluation
+    save_interval: int = 50  # 0 saves only at the end
+    exit_interval: int = 0  # save and exit when the step count is a multiple of this (0: never)
+
+
+@dataclass
+class DataConfig:
+    # Blend of Megatron .bin/.idx prefixes: [prefix] or [weight, prefix, weight, prefix, ...].
+    # Empty: the built-in sample corpus (built offline on first use).
+    path: list = field(default_factory=list)
+    tokenizer: Optional[str] = None  # Hugging Face tokenizer directory; required with data.path
+    split: str = "98,2,0"  # train,validation,test weights over each prefix's documents
+    seq_length: int = 128
+    cache_dir: Optional[str] = None  # megatron.core.datasets index cache; default <run.dir>/data_cache
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Config file (YAML) plus dotted `key=value` overrides -> typed Config."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found: pass the path of a YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML ({_first_line(e)}): fix the syntax")
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections (run:, model:, ...)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form dotted.key=value (e.g. train.lr=1e-3)")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.split("."), parsed, item)
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {k} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(fields)}"
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} may not be empty: give a {_type_name(base)}")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if base is list and not isinstance(value, list):
+        value = [value]  # a single prefix is a blend of one
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise UserError(f"{key} must be a {_type_name(base)}, got {value!r}")
+    return value
+
+
+def _type_name(t: Any) -> str:
+    return {int: "whole number", float: "number", str: "string", bool: "boolean (true/false)",
+            list: "list"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check values against each other and the parallel layout of `world_size` processes."""
+    m, moe, par, tr, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    from megatron_sdmoe.models import PRESETS
+
+    need(m.preset in PRESETS, f"model.preset={m.preset!r} is unknown: use one of {', '.join(PRESETS)}")
+    need(moe.variant in ("topk", "sdmoe", "headwise"),
+         f"moe.variant={moe.variant!r} is unknown: use topk, sdmoe or headwise")
+    need(moe.variant == "topk",
+         f"moe.variant={moe.variant} is not available in this version yet: use moe.variant=topk")
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups), ("moe.num_experts", moe.num_experts),
+                       ("moe.topk", moe.topk), ("moe.ffn_hidden_size", moe.ffn_hidden_size),
+                       ("parallel.tensor", par.tensor), ("parallel.expert", par.expert),
+                       ("parallel.expert_tensor", par.expert_tensor), ("train.max_steps", tr.max_steps),
+                       ("train.global_batch_size", tr.global_batch_size),
+                       ("train.micro_batch_size", tr.micro_batch_size), ("data.seq_length", data.seq_length),
+                       ("train.log_interval", tr.log_interval)]:
+        need(value >= 1, f"{key}={value} must be at least 1")
+    for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
+                       ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval), ("train.eval_samples", tr.eval_samples),
+                       ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
+                       ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr)]:
+        need(value >= 0, f"{key}={value} must not be negative")
+    need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
+    need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
+    need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
+    need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
+    need(moe.topk <= moe.num_experts,
+         f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")
+    need(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+         f"{m.num_attention_heads}: change one of them or set model.kv_channels")
+    need(m.num_attention_heads % m.num_query_groups == 0,
+         f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
+         f"{m.num_query_groups}: change one of them")
+    need(data.path == [] or data.tokenizer is not None,
+         "data.path is set but data.tokenizer is not: give the Hugging Face tokenizer directory the "
+         "corpus was tokenized with")
+
+    # Parallel layout (megatron-core's rules, checked here so the error is one clear line).
+    need(par.zero_stage in (1, 2),
+         f"parallel.zero_stage={par.zero_stage} is not supported: use 1 or 2 (ZeRO-3 partitions "
+         "expert weights across ranks and, with expert parallelism, silently merges experts)")
+    tp, ep, etp = par.tensor, par.expert, par.expert_tensor
+    need(world_size % tp == 0,
+         f"world size {world_size} is not divisible by parallel.tensor={tp}: launch a multiple of {tp} processes")
+    need(world_size % (ep * etp) == 0,
+         f"world size {world_size} is not divisible by parallel.expert x parallel.expert_tensor = {ep * etp}: "
+         f"launch a multiple of {ep * etp} processes or lower parallel.expert")
+    need(moe.num_experts % ep == 0,
+         f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert={ep}: choose an expert-"
+         "parallel size that divides the number of experts")
+    for key, value in [("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups)]:
+        need(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor={tp}: change one of them")
+    need(moe.ffn_hidden_size % etp == 0,
+         f"moe.ffn_hidden_size={moe.ffn_hidden_size} is not divisible by parallel.expert_tensor={etp}")
+    need(m.make_vocab_size_divisible_by % tp == 0,
+         f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} is not divisible by "
+         f"parallel.tensor={tp}: make it a multiple of {tp}")
+    need(tp == 1 or data.seq_length % tp == 0,
+         f"data.seq_length={data.seq_length} is not divisible by parallel.tensor={tp} (sequence parallelism)")
+    dp = world_size // tp
+    per_step = tr.micro_batch_size * dp
+    need(tr.global_batch_size % per_step == 0,
+         f"train.global_batch_size={tr.global_batch_size} is not divisible by train.micro_batch_size x "
+         f"data-parallel size = {tr.micro_batch_size} x {dp}: make it a multiple of {per_step}")
+    need(tr.eval_interval == 0 or tr.eval_samples > 0,
+         "train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples or train.eval_interval=0")
+    need(tr.eval_samples % per_step == 0,
+         f"train.eval_samples={tr.eval_samples} is not divisible by train.micro_batch_size x data-parallel "
+         f"size = {per_step}: make it a multiple of {per_step}")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // cfg.parallel.tensor
+
+
+def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg, world_size))

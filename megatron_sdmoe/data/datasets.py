@@ -1,0 +1,150 @@
+"""Train/validation datasets from megatron.core.datasets (GPTDataset, blended and cached)."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import megatron.core.datasets
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from torch.utils.data import Dataset, Subset
+
+from megatron_sdmoe.config import Config
+from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
+from megatron_sdmoe.data.tokenizer import Tokenizer
+from megatron_sdmoe.errors import UserError
+
+BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+                "position_ids": torch.int64}
+
+
+def parse_blend(path_list: list) -> tuple[list[str], list[float] | None]:
+    """data.path -> (prefixes, weights): [prefix] or [w1, prefix1, w2, prefix2, ...]."""
+    if len(path_list) == 1:
+        pairs = [(None, path_list[0])]
+    elif len(path_list) % 2 == 0 and path_list:
+        pairs = list(zip(path_list[0::2], path_list[1::2]))
+    else:
+        raise UserError(f"data.path has {len(path_list)} entries: give one prefix, or weight/prefix pairs "
+                        "[w1, prefix1, w2, prefix2, ...]")
+    prefixes, weights = [], []
+    for weight, prefix in pairs:
+        if weight is not None:
+            weights.append(_weight(weight, prefix))
+        prefixes.append(_prefix(prefix))
+    return prefixes, (weights if weights else None)
+
+
+def _weight(weight: object, prefix: object) -> float:
+    try:
+        w = float(weight) if not isinstance(weight, bool) else math.nan
+    except (TypeError, ValueError):
+        w = math.nan
+    if not math.isfinite(w) or w <= 0:
+        raise UserError(f"data.path weight {weight!r} (for {prefix!r}) is not a positive number: "
+                        "write data.path as [w1, prefix1, w2, prefix2, ...] with weights > 0")
+    return w
+
+
+def _prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or not prefix:
+        raise UserError(f"data.path entry {prefix!r} is not a path prefix: write data.path as [prefix] or "
+                        "[w1, prefix1, w2, prefix2, ...]")
+    path = os.path.expanduser(prefix)
+    missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(path + ext)]
+    if missing:
+        hint = (" (give the prefix without the extension)" if path.endswith((".bin", ".idx"))
+                else " (tokenize the corpus into Megatron .bin/.idx files first)")
+        raise UserError(f"data.path prefix {prefix} has no {' or '.join(path + m for m in missing)}: "
+                        f"give the prefix of an existing .bin/.idx pair{hint}")
+    return path
+
+
+def _require_helpers() -> None:
+    # Megatron imports its compiled index builders only mid-build; fail before, with the fix.
+    try:
+        from megatron.core.datasets import helpers  # noqa: F401
+    except ImportError as e:
+        source = os.path.dirname(megatron.core.datasets.__file__)
+        raise UserError(f"megatron-core's compiled dataset helpers do not load ({e}): reinstall "
+                        f"megatron-core==0.19.2 from its wheel or build them with `make -C {source}`") from e
+
+
+def _check_split(split: str) -> None:
+    try:
+        weights = [float(w) for w in split.split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or weights[0] <= 0:
+        raise UserError(f"data.split={split!r} is not of the form train,validation,test with a positive "
+                        "train weight: use e.g. 98,2,0")
+
+
+def _check_splits_have_tokens(prefixes: list[str], split_matrix: list, sizes: list[int], split: str) -> None:
+    # Megatron loops forever adding epochs when asked for samples from a split without tokens.
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)  # kept referenced: its arrays view an mmap closed on deletion
+        lengths = dataset.sequence_lengths
+        for name, bounds, size in zip(("train", "validation"), split_matrix, sizes):
+            if not size:
+                continue
+            if bounds is None:
+                raise UserError(f"data.split={split!r} gives the {name} set no documents: give it a weight "
+                                "(e.g. 98,2,0) or set train.eval_interval=0")
+            beg, end = (int(round(b * len(lengths))) for b in bounds)  # megatron's rounding
+            if lengths[beg:end].sum() == 0:
+                raise UserError(f"data.split={split!r} leaves the {name} split of {prefix} ({len(lengths)} "
+                                f"documents) without tokens: use a larger corpus or give {name} a larger "
+                                "weight")
+
+
+def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int,
+                   num_valid_samples: int) -> tuple[Dataset, Dataset | None]:
+    """Train and validation datasets of exactly the requested lengths (valid: None if 0 requested).
+
+    Must be called on every rank. Under torch.distributed, megatron's builder already builds each
+    dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
+    ranks (reading the cache); without torch.distributed it builds in this process.
+    """
+    _require_helpers()
+    _check_split(cfg.data.split)
+    if cfg.data.path:
+        blend = parse_blend(cfg.data.path)
+    else:
+        corpus = ensure_sample_corpus()
+        if Path(tokenizer.directory).resolve() != Path(corpus.tokenizer_dir).resolve():
+            raise UserError(f"data.path is empty (the built-in sample corpus) but the tokenizer is "
+                            f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
+                            "data.tokenizer")
+        blend = ([corpus.prefix], None)
+    with warnings.catch_warnings():
+        # A single process is a supported layout: megatron's "defaulting to rank 0" is right there.
+        warnings.filterwarnings("ignore", message="Could not determine rank")
+        config = GPTDatasetConfig(
+            random_seed=cfg.train.seed,
+            sequence_length=cfg.data.seq_length,
+            blend=blend,
+            split=cfg.data.split,
+            path_to_cache=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"),
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,  # attention kernels build the causal mask themselves
+        )
+        sizes = [num_train_samples, num_valid_samples, 0]
+        _check_splits_have_tokens(blend[0], config.split_matrix, sizes, cfg.data.split)
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only.
+    return Subset(train, range(num_train_samples)), (Subset(valid, range(num_valid_samples))
+                                                      if num_valid_samples else None)
+
+
+def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Stack samples `indices` of `dataset` into [b, s] tensors."""
+    samples = [dataset[i] for i in indices]
+    return {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in BATCH_DTYPES.items()}

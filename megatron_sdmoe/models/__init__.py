@@ -1,0 +1,50 @@
+"""Model families: each preset gives megatron-core TransformerConfig settings and a layer spec."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from megatron_sdmoe.config import Config
+from megatron_sdmoe.models import qwen3_moe
+
+PRESETS = {"qwen3_moe": qwen3_moe}
+
+
+def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
+    """Pad to a multiple that does not depend on the layout, so every layout builds one model."""
+    multiple = cfg.model.make_vocab_size_divisible_by
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
+    """A megatron-core GPTModel with the preset's MoE layers, initialised layout-independently.
+
+    GPTModel, not HybridModel: in megatron-core 0.19.2 HybridModel's stack specs are built from
+    Transformer Engine modules and treat MoE as a separate layer type, while GPTModel takes a local
+    (TE-free) transformer-layer spec with the MoE MLP inside, which runs on CPU and GPU alike.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_sdmoe.models.common import shared_transformer_kwargs
+    from megatron_sdmoe.models.init import init_weights
+
+    family = PRESETS[cfg.model.preset]
+    with warnings.catch_warnings():  # megatron-core's own default CUDA-graph scope is deprecated
+        warnings.filterwarnings("ignore", message="full scope is deprecated")
+        config = TransformerConfig(**shared_transformer_kwargs(cfg, dtype), **family.transformer_kwargs(cfg))
+    # GPTModel logs a deprecation warning pointing at HybridModel; the choice is explained above.
+    gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    level, gpt_logger.level = gpt_logger.level, logging.ERROR
+    try:
+        model = GPTModel(config=config, transformer_layer_spec=family.layer_spec(cfg),
+                         vocab_size=padded_vocab_size(vocab_size, cfg),
+                         max_sequence_length=cfg.model.max_position_embeddings,
+                         position_embedding_type="rope", rotary_base=cfg.model.rotary_base,
+                         share_embeddings_and_output_weights=family.TIE_EMBEDDINGS)
+    finally:
+        gpt_logger.setLevel(level)
+    init_weights(model, cfg)
+    return model

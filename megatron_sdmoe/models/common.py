@@ -1,0 +1,49 @@
+"""TransformerConfig settings every family shares: parallel layout, precision, and the kernel
+choices that run everywhere (megatron-core's local modules; no Transformer Engine or Apex needed)."""
+from __future__ import annotations
+
+import torch
+
+from megatron_sdmoe.config import Config
+
+
+def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    return dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        layernorm_epsilon=m.norm_epsilon,
+        init_method_std=m.init_method_std,
+        ffn_hidden_size=moe.ffn_hidden_size,
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_router_dtype=None if moe.router_dtype == "none" else moe.router_dtype,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        tensor_model_parallel_size=par.tensor,
+        expert_model_parallel_size=par.expert,
+        expert_tensor_parallel_size=par.expert_tensor,
+        sequence_parallel=par.tensor > 1,  # megatron-core requires it for MoE with TP
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Weights are drawn by models/init.py, layout-independently; megatron-core only allocates.
+        perform_initialization=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fused kernels need Transformer Engine / Apex / CUDA; the plain paths run everywhere.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )

@@ -1,0 +1,119 @@
+"""sdmoe-train: pretrain a MoE model from a config file.
+
+    sdmoe-train configs/tiny-qwen3-moe.yaml run.dir=runs/demo train.max_steps=50
+    torchrun --nproc-per-node 2 -m megatron_sdmoe.train configs/tiny-qwen3-moe.yaml parallel.expert=2
+
+Starting again in the same run.dir resumes from its checkpoints/latest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, save_config, validate
+from megatron_sdmoe.data.datasets import build_datasets
+from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
+from megatron_sdmoe.data.tokenizer import load_tokenizer
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.models import build_model
+from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
+from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
+from megatron_sdmoe.training.checkpoint import checkpoint_root, load_latest
+from megatron_sdmoe.training.engine import build_engine
+from megatron_sdmoe.training.loop import Trainer
+from megatron_sdmoe.training.metrics import MetricsLogger
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sdmoe-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. train.lr=1e-3 parallel.expert=2")
+    return parser.parse_args(argv)
+
+
+def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / ".config.yaml.tmp"
+            save_config(cfg, tmp)
+            os.replace(tmp, run_dir / "config.yaml")
+        except OSError as e:
+            raise UserError(f"run.dir {run_dir} is not writable ({e.strerror}): choose another run.dir")
+    return run_dir
+
+
+@dataclass
+class Session:
+    """Everything a training run holds once set up."""
+
+    cfg: Config
+    layout: Layout
+    run_dir: Path
+    engine: object
+    trainer: Trainer
+    start_step: int
+
+
+def setup(cfg: Config) -> Session:
+    """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state."""
+    par, tr = cfg.parallel, cfg.train
+    layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
+    run_dir = prepare_run_dir(cfg, layout.is_main)
+    if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
+        if layout.is_main:
+            ensure_sample_corpus()
+        dist.barrier()
+    tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    train_ds, valid_ds = build_datasets(cfg, tokenizer, tr.max_steps * tr.global_batch_size, tr.eval_samples)
+
+    use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    seed_everything(tr.seed)
+    model = build_model(cfg, tokenizer.vocab_size, dtype).to(layout.device)
+    engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
+    start_step = load_latest(run_dir, engine, layout)
+    metrics = MetricsLogger(run_dir, enabled=layout.is_main)
+    if layout.is_main:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
+              f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
+              + (f"resuming from step {start_step}" if start_step else "starting at step 0"), flush=True)
+    trainer = Trainer(cfg, layout, engine, train_ds, valid_ds, run_dir, metrics)
+    return Session(cfg, layout, run_dir, engine, trainer, start_step)
+
+
+def train(cfg: Config) -> None:
+    session = setup(cfg)
+    session.trainer.run(session.start_step)
+    session.trainer.metrics.close()
+    if session.layout.is_main:
+        tb, root = session.run_dir / "tb", checkpoint_root(session.run_dir)
+        print(f"done. TensorBoard: tensorboard --logdir {tb} | checkpoint: {root / (root / 'latest').read_text()}"
+              f" | metrics: {session.run_dir / 'metrics.jsonl'}", flush=True)
+    shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size_from_env())
+        train(cfg)
+    except UserError as e:
+        if rank_from_env() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

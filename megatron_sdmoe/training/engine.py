@@ -1,0 +1,158 @@
+"""DeepSpeed ZeRO engine around a megatron-core MoE model.
+
+DeepSpeed knows nothing of megatron-core's parallel groups, so this module introduces them:
+- dense parameters are reduced over megatron-core's data-parallel group (via the `mpu` adapter);
+- expert parameters (megatron-core marks them `allreduce=False`) form DeepSpeed MoE parameter
+  groups whose reduction group is megatron-core's expert-data-parallel group;
+- norm and router weights under sequence parallelism get their grads summed over TP (megatron-core
+  does this in its own finalize_model_grads, which DeepSpeed does not call).
+ZeRO then reduces dense grads over DP and expert grads over expert-DP, both divided by the dense DP
+size, which is exactly the mean over the global batch.
+"""
+from __future__ import annotations
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
+from megatron.core import parallel_state as ps
+
+from megatron_sdmoe.config import Config
+from megatron_sdmoe.runtime import Layout
+from megatron_sdmoe.training.schedule import warmup_cosine
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` protocol answered from megatron-core's parallel state."""
+
+    def get_model_parallel_rank(self):
+        return ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+
+class ExpertGroupMarker(DeepSpeedMoE):
+    """Parameter-free submodule that makes DeepSpeed treat the model as MoE.
+
+    The engine enables expert-aware ZeRO reduction only if it finds a deepspeed.moe.layer.MoE
+    submodule (engine.py: has_moe_layers); megatron-core's MoELayer is not one. MoE.__init__ is
+    skipped on purpose: the experts live in megatron-core's layers.
+    """
+
+    def __init__(self, num_experts: int, group_name: str, ep_size: int):
+        torch.nn.Module.__init__(self)
+        self.num_experts, self.ep_size, self.expert_group_name = num_experts, ep_size, group_name
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
+        pass  # the groups are megatron-core's, registered by register_expert_groups()
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ExpertGroupMarker is a marker and is never called")
+
+
+def expert_group_name(cfg: Config) -> str:
+    return f"ep_size_{cfg.parallel.expert}"
+
+
+def register_expert_groups(name: str) -> None:
+    """Point DeepSpeed's expert groups at megatron-core's, so both reduce over the same ranks."""
+    ep, edp = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = ep
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(ep)
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(edp)
+
+
+def is_expert_param(param: torch.nn.Parameter) -> bool:
+    return not getattr(param, "allreduce", True)
+
+
+def reduce_sequence_parallel_grads_over_tp(model: torch.nn.Module) -> None:
+    """Sum grads of sequence-parallel weights over TP as they are produced (before ZeRO's hooks)."""
+    group = ps.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False):
+            param.register_hook(all_reduce)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms; expert parameters split into DeepSpeed MoE groups."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.dim() == 1 else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(
+        [g for g in groups if g["params"]])
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accumulation_steps: int,
+                 dtype: torch.dtype):
+    """Wrap `model` in a DeepSpeed ZeRO-1/2 engine with AdamW and the warmup-cosine schedule."""
+    # Experts use their own groups only when EP > 1 or ETP != TP; otherwise megatron-core treats
+    # them as dense parameters, and so does DeepSpeed (it refuses MoE mode without expert params).
+    expert_params = [p for p in model.parameters() if is_expert_param(p)]
+    if expert_params:
+        group = expert_group_name(cfg)
+        register_expert_groups(group)
+        for param in expert_params:
+            param.group_name = group
+        model.expert_group_marker = ExpertGroupMarker(cfg.moe.num_experts, group, cfg.parallel.expert)
+    reduce_sequence_parallel_grads_over_tp(model)
+
+    tr = cfg.train
+    # A torch optimizer: DeepSpeed's fused Adam needs a compiled op that the CPU build lacks.
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tr.weight_decay), lr=tr.lr,
+                                  betas=tuple(tr.adam_betas), eps=tr.adam_eps)
+    scheduler = warmup_cosine(optimizer, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
+    ds_config = {
+        "train_batch_size": tr.global_batch_size,
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation_steps,
+        "gradient_clipping": tr.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op that only its inference
+        # path uses; compiling it costs ~30 s per fresh machine and it crashed concurrent runs here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=MegatronMPU())
+    return engine

@@ -1,0 +1,41 @@
+"""Tokens routed to each expert, per MoE layer, counted from the routers' decisions."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+class ExpertLoadMeter:
+    """Forward hooks on every router add up its routing map while the model trains.
+
+    Each token is routed on exactly one rank (sequence parallelism splits tokens over TP, data
+    parallelism over DP), so the sum over all ranks is the global load.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        num_experts = self.routers[0].config.num_moe_experts if self.routers else 0
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        # On the routers' device, so counting adds no host sync to the training step.
+        self.counts = torch.zeros(len(self.routers), num_experts, dtype=torch.float64, device=device)
+        for index, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        def count(module, _inputs, output):
+            if module.training:
+                _probs, routing_map = output
+                self.counts[index] += routing_map.sum(dim=0).to(self.counts)
+        return count
+
+    def collect(self) -> torch.Tensor:
+        """Global tokens per expert [layers, experts] since the last call (a collective)."""
+        counts, self.counts = self.counts, torch.zeros_like(self.counts)
+        dist.all_reduce(counts)
+        return counts.cpu()
+
+
+def max_over_mean(counts: torch.Tensor) -> list[float]:
+    """Per layer: the busiest expert's tokens over the mean (1.0 = perfectly balanced)."""
+    return (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).tolist()

@@ -1,0 +1,110 @@
+"""The training loop: global batches in a layout-independent order, forward/backward/step on the
+DeepSpeed engine, evaluation, metrics and checkpoints."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from tqdm import tqdm
+
+from megatron_sdmoe.config import Config, grad_accumulation_steps
+from megatron_sdmoe.data.datasets import get_batch
+from megatron_sdmoe.runtime import Layout
+from megatron_sdmoe.training.checkpoint import save_checkpoint
+from megatron_sdmoe.training.expert_load import ExpertLoadMeter, max_over_mean
+from megatron_sdmoe.training.metrics import MetricsLogger
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: Layout, engine, train_ds, valid_ds, run_dir: Path,
+                 metrics: MetricsLogger):
+        self.cfg, self.layout, self.engine = cfg, layout, engine
+        self.train_ds, self.valid_ds, self.run_dir, self.metrics = train_ds, valid_ds, run_dir, metrics
+        self.grad_accumulation = grad_accumulation_steps(cfg, layout.world_size)
+        self.expert_load = ExpertLoadMeter(engine.module)
+
+    # -- data order --------------------------------------------------------------------------
+    def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
+        """Micro-batch `micro` of this DP rank within the global batch that starts at
+        `first_sample`: micro-batches are dealt to DP ranks in turn, so the global batch (and its
+        loss) is the same for every layout."""
+        mbs = self.cfg.train.micro_batch_size
+        start = first_sample + (micro * self.layout.data_parallel + self.layout.data_parallel_rank) * mbs
+        return list(range(start, start + mbs))
+
+    def _loss(self, dataset, first_sample: int, micro: int) -> torch.Tensor:
+        batch = {k: v.to(self.layout.device) for k, v in
+                 get_batch(dataset, self.micro_batch_indices(first_sample, micro)).items()}
+        per_token = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"]
+        return (per_token.float() * mask).sum() / mask.sum()
+
+    def _mean_over_dp(self, values: list[torch.Tensor]) -> float:
+        mean = torch.stack(values).mean()
+        dist.all_reduce(mean, group=ps.get_data_parallel_group())
+        return mean.item() / self.layout.data_parallel
+
+    # -- steps -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over global batch `step` (0-based)."""
+        # DeepSpeed divides the LM loss by the accumulation steps; give the aux losses (which
+        # megatron-core injects in backward) the same scale.
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.grad_accumulation, device=self.layout.device))
+        lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
+        start = time.perf_counter()
+        losses = []
+        for micro in range(self.grad_accumulation):
+            loss = self._loss(self.train_ds, step * self.cfg.train.global_batch_size, micro)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        loss = self._mean_over_dp(losses)
+        seconds = time.perf_counter() - start
+        grad_norm = self.engine.get_global_grad_norm()
+        aux = {}
+        get_moe_metrics_tracker().report(loss_scale=1.0 / self.grad_accumulation, iteration=step + 1,
+                                         num_layers=self.cfg.model.num_layers, total_loss_dict=aux)
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        return {"loss": loss, "aux_loss": float(aux.get("load_balancing_loss", 0.0)), "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens / seconds}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        per_step = self.cfg.train.micro_batch_size * self.layout.data_parallel
+        losses = [self._loss(self.valid_ds, 0, micro) for micro in range(self.cfg.train.eval_samples // per_step)]
+        self.engine.train()
+        return self._mean_over_dp(losses)
+
+    def run(self, start_step: int) -> None:
+        tr = self.cfg.train
+        bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step",
+                   disable=not self.layout.is_main, dynamic_ncols=True)
+        self.engine.train()
+        for step in range(start_step, tr.max_steps):
+            result = self.train_step(step)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.4f}")
+            evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
+            if evaluating:
+                result["val_loss"] = self.evaluate()
+            if evaluating or done % tr.log_interval == 0 or done == tr.max_steps:
+                self.metrics.log(done, result, {"expert_load_max_over_mean": max_over_mean(self.expert_load.collect())})
+                if self.layout.is_main:
+                    val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
+                    bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "
+                              f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
+                              f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s{val}")
+            exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
+            if (tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting:
+                save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size)
+            if exiting:
+                break
+        bar.close()

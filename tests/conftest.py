@@ -1,0 +1,36 @@
+"""Shared helpers: launch the real entry point (one process, or torchrun with gloo ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny-qwen3-moe.yaml"
+# The demo's model, shrunk so that multi-process runs fit the CPU test budget.
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "moe.ffn_hidden_size=64", "data.seq_length=64",
+         "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_samples=8", "train.lr=0.01",
+         "train.warmup_steps=1", "train.max_steps=4", "train.log_interval=1", "train.eval_interval=0",
+         "train.save_interval=0"]
+
+
+def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_sdmoe.train",
+           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `module` on CONFIG + SMALL + overrides in `nproc` processes (torchrun when > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", module]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd + [str(CONFIG), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,77 @@
+"""Config loading, overrides, validation, and the one-line exit-2 contract for bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIG, REPO
+from megatron_sdmoe.config import Config, load_config, validate
+from megatron_sdmoe.errors import UserError
+
+
+def test_yaml_and_dotted_overrides():
+    cfg = load_config(CONFIG, ["train.lr=1e-3", "parallel.expert=2", "data.path=/data/a", "run.dir=x"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == 1e-3 and cfg.parallel.expert == 2 and cfg.run.dir == "x"
+    assert cfg.data.path == ["/data/a"]  # a single prefix is a blend of one
+    assert cfg.moe.num_experts == 8 and cfg.model.preset == "qwen3_moe"  # from the YAML
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key train.lrr; did you mean train.lr?"),
+    ("bogus.x=1", "unknown config key bogus"),
+    ("train.max_steps=ten", "train.max_steps must be a whole number, got 'ten'"),
+    ("train.max_steps=true", "train.max_steps must be a whole number"),
+    ("train.lr", "is not of the form dotted.key=value"),
+])
+def test_load_errors(override, message):
+    with pytest.raises(UserError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        load_config(CONFIG, [override])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.expert=3"], 3, "moe.num_experts=8 is not divisible by parallel.expert=3"),
+    (["parallel.tensor=2"], 3, "world size 3 is not divisible by parallel.tensor=2"),
+    (["parallel.expert=4"], 2, "world size 2 is not divisible by parallel.expert x parallel.expert_tensor = 4"),
+    (["parallel.zero_stage=3", "parallel.expert=2"], 2, "ZeRO-3 partitions expert weights"),
+    (["train.global_batch_size=12"], 2, "train.global_batch_size=12 is not divisible by"),
+    (["moe.topk=9"], 1, "moe.topk=9 exceeds moe.num_experts=8"),
+    (["model.num_query_groups=3"], 1, "model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
+    (["moe.variant=flat"], 1, "moe.variant='flat' is unknown"),
+    (["data.path=/x"], 1, "data.tokenizer is not"),
+])
+def test_validation_errors(overrides, world, message):
+    cfg = load_config(CONFIG, overrides)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg, world)
+
+
+def test_default_config_is_valid_at_every_tested_layout():
+    for overrides, world in [([], 1), (["parallel.expert=2"], 2), (["parallel.tensor=2"], 2),
+                             (["parallel.expert=2", "parallel.zero_stage=2"], 4), (["parallel.expert=4"], 4)]:
+        validate(load_config(CONFIG, overrides + ["train.micro_batch_size=4"]), world)
+
+
+@pytest.mark.parametrize("args, world, message", [
+    (["train.lrr=1"], "1", "error: unknown config key train.lrr; did you mean train.lr?"),
+    (["parallel.expert=4"], "2", "error: world size 2 is not divisible by parallel.expert"),
+    (["parallel.zero_stage=3", "parallel.expert=2"], "2", "error: parallel.zero_stage=3 is not supported"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": world, "RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", str(CONFIG), f"run.dir={run_dir}", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not run_dir.exists()  # nothing half-written
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", str(tmp_path / "nope.yaml")], cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: config file {tmp_path / 'nope.yaml'} not found: pass the "
+                                                "path of a YAML file (see configs/)"]

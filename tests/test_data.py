@@ -1,0 +1,202 @@
+"""Data pipeline: sample corpus, .bin/.idx writer, tokenizer loading, blends and GPT datasets."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_sdmoe.config import Config
+from megatron_sdmoe.data import (build_datasets, ensure_sample_corpus, get_batch, load_tokenizer, parse_blend,
+                                 sample_documents, write_indexed)
+from megatron_sdmoe.data import sample_corpus
+from megatron_sdmoe.errors import UserError
+
+# megatron's IndexedDataset logs through a helper that warns when torch.distributed is not initialized.
+single_process = pytest.mark.filterwarnings("ignore:Could not determine rank")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return ensure_sample_corpus()  # the shared default cache: built once, reused by later runs
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return load_tokenizer(corpus.tokenizer_dir)
+
+
+@single_process
+def test_sample_corpus_matches_documents(corpus, tok):
+    docs = sample_documents()
+    ds = IndexedDataset(corpus.prefix)  # megatron-core's own reader
+    assert len(ds.document_indices) - 1 == len(docs) == len(ds)
+    for i in sorted({0, 1, 2, len(docs) // 3, len(docs) // 2, len(docs) - 2, len(docs) - 1}):
+        assert ds[i].tolist() == tok.tokenize(docs[i]) + [tok.eod], f"document {i}"
+    assert tok.detokenize(tok.tokenize(docs[-1])) == docs[-1]
+
+
+def test_sample_tokenizer(tok):
+    assert tok.vocab_size == sample_corpus.VOCAB_SIZE
+    assert tok.hf.eos_token == sample_corpus.EOT and tok.eod == tok.hf.eos_token_id
+    assert tok.pad == -1  # pad == eos in the HF tokenizer; reported absent so eos stays in the loss
+    assert tok.tokenize("") == []
+
+
+def test_sample_corpus_is_reused(corpus):
+    before = Path(corpus.prefix + ".bin").stat().st_mtime_ns
+    assert ensure_sample_corpus() == corpus
+    assert Path(corpus.prefix + ".bin").stat().st_mtime_ns == before
+
+
+def test_sample_corpus_lost_race_keeps_winner(tmp_path, monkeypatch):
+    final = sample_corpus.corpus_dir(tmp_path)
+
+    def build_while_another_process_wins(out: Path) -> None:
+        (out / "mine").write_text("")
+        final.mkdir()
+        (final / "theirs").write_text("")
+
+    monkeypatch.setattr(sample_corpus, "_build", build_while_another_process_wins)
+    corpus = ensure_sample_corpus(tmp_path)
+    assert corpus.prefix == str(final / "corpus")
+    assert sorted(p.name for p in final.iterdir()) == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_sample_corpus_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    def failing_build(out: Path) -> None:
+        (out / "half-written").write_text("")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(sample_corpus, "_build", failing_build)
+    with pytest.raises(RuntimeError):
+        ensure_sample_corpus(tmp_path)
+    assert not sample_corpus.corpus_dir(tmp_path).exists()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+@single_process
+@pytest.mark.parametrize("vocab_size", [1000, 100_000])  # uint16 and int32 on disk
+def test_write_indexed_round_trip(tmp_path, vocab_size):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, vocab_size, int(n)).tolist() for n in rng.integers(1, 50, 30)]
+    prefix = str(tmp_path / "custom")
+    write_indexed(prefix, docs, vocab_size)
+    ds = IndexedDataset(prefix)
+    assert len(ds.document_indices) - 1 == len(docs)
+    assert [ds[i].tolist() for i in range(len(docs))] == docs
+
+
+def test_write_indexed_rejects_out_of_range_ids(tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        write_indexed(str(tmp_path / "bad"), [[1, 2, 70_000]], 1000)
+
+
+def _corpus(path: Path, low: int, high: int, eod: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(low, high, int(n)).tolist() + [eod] for n in rng.integers(5, 80, 200)]
+    write_indexed(str(path), docs, high)
+    return str(path)
+
+
+def _cfg(tmp_path: Path, path: list, seq_length: int = 32) -> Config:
+    cfg = Config()
+    cfg.run.dir = str(tmp_path / "run")
+    cfg.data.path = path
+    cfg.data.seq_length = seq_length
+    return cfg
+
+
+def test_build_datasets_blend(tmp_path, tok):
+    # Corpus a uses ids [1, 2000), corpus b [2000, 4000): each sample shows which one it came from.
+    a = _corpus(tmp_path / "a", 1, 2000, tok.eod, seed=1)
+    b = _corpus(tmp_path / "b", 2000, 4000, tok.eod, seed=2)
+    train, valid = build_datasets(_cfg(tmp_path, [0.25, a, 0.75, b]), tok, 200, 16)
+    assert (len(train), len(valid)) == (200, 16)
+    for ds in (train, valid):
+        batch = get_batch(ds, list(range(len(ds))))
+        assert batch["tokens"].shape == batch["labels"].shape == (len(ds), 32)
+        assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+    tokens = get_batch(train, list(range(200)))["tokens"]
+    from_a = (tokens < 2000).all(dim=1)
+    from_b = ((tokens >= 2000) | (tokens == tok.eod)).all(dim=1)
+    assert (from_a ^ from_b).all()  # samples never mix the corpora
+    assert 30 <= from_a.sum().item() <= 70  # weight 0.25 of 200
+
+
+def test_build_datasets_sample_corpus_and_batch(tmp_path, tok):
+    cfg = _cfg(tmp_path, [], seq_length=64)
+    train, valid = build_datasets(cfg, tok, 48, 8)
+    assert (len(train), len(valid)) == (48, 8)
+    batch = get_batch(train, list(range(16, 32)))
+    assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == {
+        "tokens": ((16, 64), torch.int64), "labels": ((16, 64), torch.int64),
+        "loss_mask": ((16, 64), torch.float32), "position_ids": ((16, 64), torch.int64)}
+    assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+    assert torch.equal(batch["position_ids"][0], torch.arange(64))
+    # Same seed, fresh index cache: the same samples (what resuming relies on).
+    cfg.data.cache_dir = str(tmp_path / "other_cache")
+    again, _ = build_datasets(cfg, tok, 48, 8)
+    assert torch.equal(get_batch(again, list(range(16, 32)))["tokens"], batch["tokens"])
+
+
+def test_build_datasets_without_validation(tmp_path, tok):
+    train, valid = build_datasets(_cfg(tmp_path, []), tok, 8, 0)
+    assert len(train) == 8 and valid is None
+
+
+def test_build_datasets_empty_splits(tmp_path, tok):
+    cfg = _cfg(tmp_path, [])
+    cfg.data.split = "100,0,0"
+    with pytest.raises(UserError, match="validation set no documents"):
+        build_datasets(cfg, tok, 8, 8)
+    tiny = str(tmp_path / "tiny")
+    write_indexed(tiny, [[5, 6, 7, tok.eod]] * 10, tok.vocab_size)  # 2% of 10 documents: none
+    with pytest.raises(UserError, match="validation split of .*tiny"):
+        build_datasets(_cfg(tmp_path, [tiny]), tok, 8, 8)
+
+
+def test_build_datasets_sample_corpus_needs_its_tokenizer(tmp_path, tok):
+    other = tmp_path / "other_tokenizer"
+    tok.hf.save_pretrained(str(other))
+    with pytest.raises(UserError, match="sample corpus"):
+        build_datasets(_cfg(tmp_path, []), load_tokenizer(other), 8, 8)
+
+
+@pytest.mark.parametrize("split", ["98;2", "0,1,0", "1,2,3,4", "a,b"])
+def test_bad_split(tmp_path, tok, split):
+    cfg = _cfg(tmp_path, [])
+    cfg.data.split = split
+    with pytest.raises(UserError, match="data.split"):
+        build_datasets(cfg, tok, 8, 8)
+
+
+def test_parse_blend(tmp_path):
+    a = _corpus(tmp_path / "a", 0, 100, 0, seed=1)
+    b = _corpus(tmp_path / "b", 0, 100, 0, seed=2)
+    assert parse_blend([a]) == ([a], None)
+    assert parse_blend([1, a, "3", b]) == ([a, b], [1.0, 3.0])
+
+
+@pytest.mark.parametrize("entries, message", [
+    (["{a}", "{a}", "{a}"], "3 entries"),
+    (["heavy", "{a}"], "weight 'heavy'"),
+    ([-0.5, "{a}"], "weight -0.5"),
+    ([0, "{a}"], "weight 0"),
+    ([1, "{a}", 1, "{missing}"], "missing.bin"),
+    (["{a}.bin"], "without the extension"),
+])
+def test_parse_blend_errors(tmp_path, entries, message):
+    a = _corpus(tmp_path / "a", 0, 100, 0, seed=1)
+    entries = [e.format(a=a, missing=tmp_path / "missing") if isinstance(e, str) else e for e in entries]
+    with pytest.raises(UserError, match=message) as info:
+        parse_blend(entries)
+    assert "\n" not in str(info.value)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(UserError, match="could not be loaded"):
+        load_tokenizer(tmp_path)  # exists, but holds no tokenizer

@@ -1,0 +1,59 @@
+"""The loss does not depend on the parallel layout: the same config and seed give the same
+per-step losses (and grad norms, aux losses) as one process, in fp32 on CPU."""
+import pytest
+
+from conftest import launch, metrics
+
+LAYOUTS = {
+    "EP2 ZeRO-1": (2, ["parallel.expert=2"]),
+    "EP4 ZeRO-1": (4, ["parallel.expert=4"]),
+    "TP2 with sequence parallel": (2, ["parallel.tensor=2"]),
+    "TP2 ETP2": (2, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.zero_stage=2"]),
+    "EP2 x DP2 ZeRO-2": (4, ["parallel.expert=2", "parallel.zero_stage=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    launch(run_dir, 1, "train.eval_interval=2")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return metrics(reference_dir)
+
+
+def test_run_directory_contract(reference_dir, reference):
+    """config.yaml, metrics.jsonl keys, TensorBoard scalars, checkpoints/latest."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_sdmoe.config import load_config
+
+    assert load_config(reference_dir / "config.yaml").run.dir == str(reference_dir)
+    for row in reference:
+        assert {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "expert_load_max_over_mean"} <= set(row)
+        assert len(row["expert_load_max_over_mean"]) == 2 and all(v >= 1.0 for v in row["expert_load_max_over_mean"])
+    assert [r["step"] for r in reference if "val_loss" in r] == [2, 4]
+    events = EventAccumulator(str(reference_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/aux_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss",
+            "moe/expert_load_max_over_mean/layer_0", "moe/expert_load_max_over_mean/layer_1"} <= tags
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in reference])
+    assert (reference_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_same_losses_as_one_process(reference, layout, tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    launch(tmp_path, nproc, *overrides)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for got, want in zip(rows, reference):
+        assert got["loss"] == pytest.approx(want["loss"], abs=2e-5), got["step"]
+        assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-5), got["step"]
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # and it learns
