@@ -42,12 +42,26 @@ class ModelConfig:
 @dataclass
 class MoEConfig:
     variant: str = "topk"  # topk | sdmoe | headwise
+    expert_impl: str = "grouped"  # grouped (torch._grouped_mm) | sequential (megatron-core's SequentialMLP)
     num_experts: int = 8
     topk: int = 2
     ffn_hidden_size: int = 128  # per expert
     aux_loss_coeff: float = 0.01  # load-balancing loss weight
     z_loss_coeff: float = 0.0
     router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
+
+
+@dataclass
+class SDMoEConfig:
+    """Spectral-decoupled experts (moe.variant: sdmoe); see docs/sdmoe.md."""
+
+    rank: int = 8  # k: rank of the common basis; 0 reduces SD-MoE to the baseline exactly
+    refresh_interval: int = 16  # T: optimizer steps between basis refreshes
+    projections: list = field(default_factory=lambda: ["gate", "up", "down"])  # which are decoupled
+    common: str = "shared"  # shared (one C per layer) | per_expert (C_e and basis per expert)
+    common_lr_scale: float = 1.0  # LR of the common matrices relative to train.lr
+    power_iterations: int = 2  # randomized SVD
+    oversample: int = 8  # randomized SVD
 
 
 @dataclass
@@ -95,6 +109,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    sdmoe: SDMoEConfig = field(default_factory=SDMoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,8 +230,23 @@ def validate(cfg: Config, world_size: int) -> None:
     need(m.preset in PRESETS, f"model.preset={m.preset!r} is unknown: use one of {', '.join(PRESETS)}")
     need(moe.variant in ("topk", "sdmoe", "headwise"),
          f"moe.variant={moe.variant!r} is unknown: use topk, sdmoe or headwise")
-    need(moe.variant == "topk",
-         f"moe.variant={moe.variant} is not available in this version yet: use moe.variant=topk")
+    need(moe.variant != "headwise",
+         "moe.variant=headwise is not available in this version yet: use moe.variant=topk or sdmoe")
+    if moe.variant == "sdmoe":
+        sd = cfg.sdmoe
+        need(moe.expert_impl == "grouped", "moe.variant=sdmoe needs moe.expert_impl=grouped")
+        need(sd.rank >= 0, f"sdmoe.rank={sd.rank} must not be negative")
+        need(sd.refresh_interval >= 1, f"sdmoe.refresh_interval={sd.refresh_interval} must be at least 1")
+        need(set(sd.projections) <= {"gate", "up", "down"},
+             f"sdmoe.projections={sd.projections}: choose from gate, up, down")
+        need(sd.common in ("shared", "per_expert"), f"sdmoe.common={sd.common!r}: use shared or per_expert")
+        need(sd.common_lr_scale > 0, f"sdmoe.common_lr_scale={sd.common_lr_scale} must be positive")
+        need(sd.rank <= min(m.hidden_size, moe.ffn_hidden_size),
+             f"sdmoe.rank={sd.rank} exceeds the smaller side of the expert matrices "
+             f"({min(m.hidden_size, moe.ffn_hidden_size)}): lower sdmoe.rank")
+        need(par.expert_tensor == 1,
+             "moe.variant=sdmoe supports parallel.expert_tensor=1 only in this version (the basis of a "
+             "sharded common matrix needs cross-shard SVD products): set parallel.expert_tensor=1")
     for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
                        ("model.num_attention_heads", m.num_attention_heads),
                        ("model.num_query_groups", m.num_query_groups), ("moe.num_experts", moe.num_experts),
@@ -236,6 +266,8 @@ def validate(cfg: Config, world_size: int) -> None:
     need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
     need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
     need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
+    need(moe.expert_impl in ("grouped", "sequential"),
+         f"moe.expert_impl={moe.expert_impl!r} is unknown: use grouped or sequential")
     need(moe.topk <= moe.num_experts,
          f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")
     need(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,

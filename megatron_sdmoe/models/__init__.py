@@ -30,6 +30,7 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
 
     from megatron_sdmoe.models.common import shared_transformer_kwargs
     from megatron_sdmoe.models.init import init_weights
+    from megatron_sdmoe.moe import sdmoe
 
     family = PRESETS[cfg.model.preset]
     with warnings.catch_warnings():  # megatron-core's own default CUDA-graph scope is deprecated
@@ -47,4 +48,6 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     finally:
         gpt_logger.setLevel(level)
     init_weights(model, cfg)
+    if cfg.moe.variant == "sdmoe":
+        sdmoe.prepare(model)
     return model

@@ -2,9 +2,15 @@
 choices that run everywhere (megatron-core's local modules; no Transformer Engine or Apex needed)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_sdmoe.config import Config
+from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.sdmoe import SDMoEExperts
 
 
 def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
@@ -47,3 +53,19 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
         persist_layer_norm=False,
         apply_rope_fusion=False,
     )
+
+
+def with_expert_impl(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
+    """Swap the MoE layer's experts for the configured implementation: grouped-GEMM experts, or
+    SD-MoE's decoupled ones (the spec's default, megatron-core's SequentialMLP, stays the reference)."""
+    if cfg.moe.variant == "sdmoe":
+        experts = functools.partial(SDMoEExperts, sdmoe=cfg.sdmoe, seed=cfg.train.seed)
+    elif cfg.moe.expert_impl == "grouped":
+        experts = GroupedExperts
+    else:
+        return layer_spec
+    moe_layer = layer_spec.submodules.mlp  # functools.partial(MoELayer, submodules=MoESubmodules)
+    submodules = dataclasses.replace(moe_layer.keywords["submodules"], experts=experts)
+    layer_spec.submodules.mlp = functools.partial(moe_layer.func, *moe_layer.args,
+                                                  **{**moe_layer.keywords, "submodules": submodules})
+    return layer_spec

@@ -7,6 +7,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_sdmoe.config import Config
+from megatron_sdmoe.models.common import with_expert_impl
 
 TIE_EMBEDDINGS = False
 
@@ -27,5 +28,5 @@ def transformer_kwargs(cfg: Config) -> dict:
 
 
 def layer_spec(cfg: Config) -> ModuleSpec:
-    return get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, moe_grouped_gemm=False,
-                                    qk_layernorm=True, normalization="RMSNorm")
+    return with_expert_impl(get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, moe_grouped_gemm=False,
+                                                     qk_layernorm=True, normalization="RMSNorm"), cfg)

@@ -108,15 +108,17 @@ def reduce_sequence_parallel_grads_over_tp(model: torch.nn.Module) -> None:
             param.register_hook(all_reduce)
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms; expert parameters split into DeepSpeed MoE groups."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (no_decay if param.dim() == 1 else decay).append(param)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(
-        [g for g in groups if g["params"]])
+def optimizer_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """No weight decay on norms; SD-MoE common matrices at their own LR; expert parameters split
+    into DeepSpeed MoE groups."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, param in model.named_parameters():
+        lr_scale = cfg.sdmoe.common_lr_scale if name.endswith(("common_fc1", "common_fc2")) else 1.0
+        groups.setdefault((param.dim() > 1, lr_scale), []).append(param)
+    return split_params_into_different_moe_groups_for_optimizer([
+        {"name": f"{'decay' if decay else 'no_decay'}_lr{scale:g}", "params": params,
+         "weight_decay": cfg.train.weight_decay if decay else 0.0, "lr": cfg.train.lr * scale}
+        for (decay, scale), params in groups.items()])
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accumulation_steps: int,
@@ -135,7 +137,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
 
     tr = cfg.train
     # A torch optimizer: DeepSpeed's fused Adam needs a compiled op that the CPU build lacks.
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tr.weight_decay), lr=tr.lr,
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=tr.lr,
                                   betas=tuple(tr.adam_betas), eps=tr.adam_eps)
     scheduler = warmup_cosine(optimizer, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
     ds_config = {

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps
 from megatron_sdmoe.data.datasets import get_batch
+from megatron_sdmoe.moe.sdmoe import sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter, max_over_mean
@@ -27,6 +28,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.run_dir, self.metrics = train_ds, valid_ds, run_dir, metrics
         self.grad_accumulation = grad_accumulation_steps(cfg, layout.world_size)
         self.expert_load = ExpertLoadMeter(engine.module)
+        self.sdmoe_layers = sdmoe_modules(engine.module)
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -55,6 +57,9 @@ class Trainer:
         # DeepSpeed divides the LM loss by the accumulation steps; give the aux losses (which
         # megatron-core injects in backward) the same scale.
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.grad_accumulation, device=self.layout.device))
+        if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
+            for layer in self.sdmoe_layers:  # (the initial split set the step-0 bases)
+                layer.refresh_bases(step)
         lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
         start = time.perf_counter()
         losses = []

@@ -1,0 +1,74 @@
+"""Grouped-GEMM experts vs megatron-core's SequentialMLP: forward + backward time of one MoE
+layer's local experts on the same tokens, fp32 on CPU (bf16 on GPU when one is present).
+
+    .venv/bin/python benchmarks/grouped_experts.py [--tokens 4096 --hidden 256 --ffn 512]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.runtime import init_distributed, shutdown
+
+
+def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=ffn,
+                               moe_ffn_hidden_size=ffn, num_moe_experts=experts, gated_linear_unit=True,
+                               activation_func=F.silu, add_bias_linear=False, params_dtype=dtype,
+                               bf16=dtype == torch.bfloat16, use_cpu_initialization=not torch.cuda.is_available(),
+                               bias_activation_fusion=False, gradient_accumulation_fusion=False)
+    pgs = get_default_pg_collection()
+    sequential = SequentialMLP(experts, config, MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                              linear_fc2=RowParallelLinear), pg_collection=pgs)
+    grouped = GroupedExperts(experts, config, pg_collection=pgs)
+    with torch.no_grad():
+        torch.nn.init.normal_(grouped.linear_fc1, std=0.02)
+        torch.nn.init.normal_(grouped.linear_fc2, std=0.02)
+    return sequential, grouped
+
+
+def step(module, x, tokens_per_expert, probs):
+    out, _ = module(x, tokens_per_expert, probs)
+    out.sum().backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64])
+    args = parser.parse_args()
+    init_distributed(1, 1, 1)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device = "cuda" if cuda else "cpu"
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} threads), {dtype}, "
+          f"tokens {args.tokens}, hidden {args.hidden}, ffn {args.ffn}")
+    print("| experts | sequential ms | grouped ms | sequential / grouped |\n| --- | --- | --- | --- |")
+    for experts in args.experts:
+        sequential, grouped = build(experts, args.hidden, args.ffn, dtype)
+        gen = torch.Generator().manual_seed(0)
+        tokens_per_expert = torch.multinomial(torch.ones(experts), args.tokens, replacement=True, generator=gen)
+        tokens_per_expert = torch.bincount(tokens_per_expert, minlength=experts)
+        x = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype).requires_grad_()
+        probs = torch.rand(args.tokens, generator=gen).to(device)
+        times = []
+        for module in (sequential, grouped):
+            timer = benchmark.Timer("step(m, x, t, p)", globals={"step": step, "m": module, "x": x,
+                                                                 "t": tokens_per_expert, "p": probs})
+            times.append(timer.blocked_autorange(min_run_time=2.0).median * 1e3)
+        print(f"| {experts} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f} |", flush=True)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

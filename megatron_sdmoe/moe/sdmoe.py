@@ -1,0 +1,166 @@
+"""SD-MoE: spectral-decoupled experts (docs: methods.md section 1, arXiv 2602.12556).
+
+Every routed-expert projection (gate, up, down) of a layer has a common matrix C and a unique
+matrix U_e per expert; the forward pass uses W_e = C + U_e. The gradient G_e of W_e is routed:
+U_e gets the two-sided complement (I - P) G_e (I - R) of the common basis (P = QQ^T, R = VV^T, the
+top-k singular vectors of C), C gets the rest, summed over experts. Q, V are refreshed every T
+steps by a randomized SVD of C, identically on every rank.
+
+`common: shared` (default) keeps one C per layer and projection, a dense parameter replicated on
+every expert-parallel rank; `per_expert` gives each expert its own C_e and basis (an expert
+parameter). A projection left out of `sdmoe.projections`, or rank 0, has C = 0 and an empty basis:
+the layer is then exactly the baseline MoE.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_sdmoe.config import SDMoEConfig
+from megatron_sdmoe.moe.experts import GroupedExperts
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(I - QQ^T) G (I - VV^T) in O(k m n): G [..., m, n], Q [..., m, k], V [..., n, k]."""
+    qt_g = q.transpose(-2, -1) @ grad
+    g_v = grad @ v
+    return grad - q @ qt_g - g_v @ v.transpose(-2, -1) + q @ (qt_g @ v) @ v.transpose(-2, -1)
+
+
+class SpectralSplit(torch.autograd.Function):
+    """W = C + U forward; backward routes dL/dW into the complement (U) and the rest (C)."""
+
+    @staticmethod
+    def forward(ctx, common, unique, q, v):
+        ctx.save_for_backward(q, v)
+        ctx.shared = common.dim() < unique.dim()
+        return common.unsqueeze(0) + unique if ctx.shared else common + unique
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, v = ctx.saved_tensors
+        grad_unique = complement(grad, q, v)
+        grad_common = grad - grad_unique
+        return (grad_common.sum(0) if ctx.shared else grad_common), grad_unique, None, None
+
+
+def top_singular_vectors(matrix: torch.Tensor, rank: int, seed: int, power_iterations: int,
+                         oversample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` left and right singular vectors of `matrix` [..., m, n] by randomized SVD
+    (torch.svd_lowrank: Gaussian range finder, QR, power iterations), reproducible from `seed`."""
+    m, n = matrix.shape[-2:]
+    if rank == 0:
+        return matrix.new_zeros(*matrix.shape[:-2], m, 0), matrix.new_zeros(*matrix.shape[:-2], n, 0)
+    devices = [matrix.device] if matrix.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        u, _, v = torch.svd_lowrank(matrix.float(), q=min(rank + oversample, m, n), niter=power_iterations)
+    return u[..., :rank].to(matrix.dtype).contiguous(), v[..., :rank].to(matrix.dtype).contiguous()
+
+
+class SDMoEExperts(GroupedExperts):
+    """Grouped experts whose weights are C + U_e. `linear_fc1` / `linear_fc2` hold the unique parts
+    (same layout and parallel attributes as GroupedExperts), `common_fc1` / `common_fc2` the common ones."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, name=None, *,
+                 sdmoe: SDMoEConfig, seed: int):
+        super().__init__(num_local_experts, config, pg_collection, name)
+        self.sdmoe, self.seed = sdmoe, seed
+        self.layer_key = ""  # the module's name in the model, set by prepare(); seeds the SVDs
+        cfg, ffn = sdmoe, self.linear_fc2.shape[-1]
+        self.ranks = {p: cfg.rank if p in cfg.projections else 0 for p in PROJECTIONS}
+        self.shared = cfg.common == "shared"
+        lead = () if self.shared else (num_local_experts,)
+        self.common_fc1 = self._common(self.linear_fc1, lead, config)
+        self.common_fc2 = self._common(self.linear_fc2, lead, config)
+        h, dtype, device = config.hidden_size, self.linear_fc1.dtype, self.linear_fc1.device
+        for proj, (m, n) in {"gate": (ffn, h), "up": (ffn, h), "down": (h, ffn)}.items():
+            k = self.ranks[proj]
+            self.register_buffer(f"q_{proj}", torch.zeros(*lead, m, k, dtype=dtype, device=device))
+            self.register_buffer(f"v_{proj}", torch.zeros(*lead, n, k, dtype=dtype, device=device))
+
+    def _common(self, unique: torch.nn.Parameter, lead: tuple, config: TransformerConfig) -> torch.nn.Parameter:
+        param = torch.nn.Parameter(torch.zeros(*lead, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
+        if self.shared:
+            # A dense parameter, replicated on every rank (expert-TP is 1, see config validation).
+            # Its gradient must sum the terms of every expert on every rank: the data-parallel
+            # reduction covers the ranks of one TP position; under TP the engine's sequence-
+            # parallel hook sums over TP as well.
+            param.sequence_parallel = config.tensor_model_parallel_size > 1
+        else:  # one C_e per expert: an expert parameter like the unique part
+            param.allreduce, param.stacked_experts = unique.allreduce, True
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                setattr(param, attr, getattr(unique, attr))
+        return param
+
+    # -- forward -----------------------------------------------------------------------------
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ffn = self.linear_fc2.shape[-1]
+        fc1 = torch.cat([  # gate rows and up rows have their own bases
+            SpectralSplit.apply(self.common_fc1[..., :ffn, :], self.linear_fc1[:, :ffn], self.q_gate, self.v_gate),
+            SpectralSplit.apply(self.common_fc1[..., ffn:, :], self.linear_fc1[:, ffn:], self.q_up, self.v_up),
+        ], dim=1)
+        fc2 = SpectralSplit.apply(self.common_fc2, self.linear_fc2, self.q_down, self.v_down)
+        return fc1, fc2
+
+    # -- the common matrices per projection --------------------------------------------------
+    def commons(self) -> dict[str, torch.Tensor]:
+        ffn = self.linear_fc2.shape[-1]
+        return {"gate": self.common_fc1[..., :ffn, :], "up": self.common_fc1[..., ffn:, :], "down": self.common_fc2}
+
+    def uniques(self) -> dict[str, torch.Tensor]:
+        ffn = self.linear_fc2.shape[-1]
+        return {"gate": self.linear_fc1[:, :ffn], "up": self.linear_fc1[:, ffn:], "down": self.linear_fc2}
+
+    def _seed(self, proj: str, step: int) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(f"{self.layer_key}.{proj}".encode()) + 7919 * step) % 2**63
+
+    @torch.no_grad()
+    def refresh_bases(self, step: int) -> None:
+        """Q, V <- top-k singular vectors of the current C (same result on every rank: C is
+        replicated and the random range finder is seeded by layer, projection and step)."""
+        cfg = self.sdmoe
+        for proj, common in self.commons().items():
+            q, v = top_singular_vectors(common, self.ranks[proj], self._seed(proj, step), cfg.power_iterations,
+                                        cfg.oversample)
+            getattr(self, f"q_{proj}").copy_(q)
+            getattr(self, f"v_{proj}").copy_(v)
+
+    @torch.no_grad()
+    def split_initial_weights(self) -> None:
+        """From baseline-drawn expert weights W_e (held in the unique parameters): C = rank-k
+        truncation of the mean expert (shared) or of W_e itself (per_expert), U_e = the two-sided
+        complement projection of W_e - C, and the basis of C."""
+        for proj, unique in self.uniques().items():
+            k = self.ranks[proj]
+            if self.shared:
+                mean = unique.sum(0, dtype=torch.float32)
+                dist.all_reduce(mean, group=ps.get_expert_model_parallel_group())
+                target = (mean / self.config.num_moe_experts).to(unique.dtype)
+            else:
+                target = unique
+            q, v = top_singular_vectors(target, k, self._seed(proj, -1), self.sdmoe.power_iterations,
+                                        self.sdmoe.oversample)
+            common = q @ (q.transpose(-2, -1) @ target @ v) @ v.transpose(-2, -1)  # rank-k truncation
+            self.commons()[proj].copy_(common)
+            unique.copy_(complement(unique - common, q, v))
+            getattr(self, f"q_{proj}").copy_(q)
+            getattr(self, f"v_{proj}").copy_(v)
+
+
+def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
+    return [m for m in model.modules() if isinstance(m, SDMoEExperts)]
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """After baseline initialisation: name every SD-MoE layer and split its initial weights."""
+    for name, module in model.named_modules():
+        if isinstance(module, SDMoEExperts):
+            module.layer_key = name
+            module.split_initial_weights()
