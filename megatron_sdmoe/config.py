@@ -60,6 +60,7 @@ class SDMoEConfig:
     projections: list = field(default_factory=lambda: ["gate", "up", "down"])  # which are decoupled
     common: str = "shared"  # shared (one C per layer) | per_expert (C_e and basis per expert)
     common_lr_scale: float = 1.0  # LR of the common matrices relative to train.lr
+    project_updates: bool = False  # keep each step's change of U_e in the complement (exact under Adam)
     power_iterations: int = 2  # randomized SVD
     oversample: int = 8  # randomized SVD
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-qwen3-moe.yaml"
 # The demo's model, shrunk so that multi-process runs fit the CPU test budget.
@@ -34,3 +36,13 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def single_process_groups():
+    """megatron-core parallel state for one process (gloo), for tests that build modules in-process."""
+    from megatron_sdmoe.runtime import init_distributed, shutdown
+
+    init_distributed(tensor=1, expert=1, expert_tensor=1)
+    yield
+    shutdown()

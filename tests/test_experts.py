@@ -1,18 +1,9 @@
 """Grouped-GEMM experts against megatron-core's SequentialMLP (the reference implementation):
 same outputs and gradients in fp32 for the same weights, including experts that get no tokens."""
-import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_sdmoe.moe.experts import GroupedExperts
-from megatron_sdmoe.runtime import init_distributed, shutdown
-
-
-@pytest.fixture(scope="module")
-def single_process_groups():
-    init_distributed(tensor=1, expert=1, expert_tensor=1)
-    yield
-    shutdown()
 
 
 def test_grouped_matches_sequential(single_process_groups):

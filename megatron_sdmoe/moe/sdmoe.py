@@ -17,6 +17,7 @@ import zlib
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -164,3 +165,34 @@ def prepare(model: torch.nn.Module) -> None:
         if isinstance(module, SDMoEExperts):
             module.layer_key = name
             module.split_initial_weights()
+
+
+class UpdateProjector:
+    """`sdmoe.project_updates`: after each optimizer step, keep only the two-sided complement part
+    of every unique matrix's change, so the decoupling stays exact under Adam.
+
+    The projection is applied to DeepSpeed's fp32 master weights (safe_get/set_full_fp32_param,
+    which assemble and write back each ZeRO partition) and mirrored into the model's weights.
+    """
+
+    def __init__(self, layers: list[SDMoEExperts]):
+        self.layers = layers
+        self.before: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self.before = [(layer.linear_fc1.detach().float().clone(), layer.linear_fc2.detach().float().clone())
+                       for layer in self.layers]
+
+    @torch.no_grad()
+    def project(self) -> None:
+        for layer, (old_fc1, old_fc2) in zip(self.layers, self.before):
+            ffn = layer.linear_fc2.shape[-1]
+            for param, old, parts in ((layer.linear_fc1, old_fc1, (("gate", slice(None, ffn)), ("up", slice(ffn, None)))),
+                                      (layer.linear_fc2, old_fc2, (("down", slice(None)),))):
+                new = safe_get_full_fp32_param(param)
+                for proj, rows in parts:
+                    q, v = getattr(layer, f"q_{proj}").float(), getattr(layer, f"v_{proj}").float()
+                    new[:, rows] = old[:, rows] + complement(new[:, rows] - old[:, rows], q, v)
+                safe_set_full_fp32_param(param, new)
+                param.copy_(new.to(param.dtype))

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps
 from megatron_sdmoe.data.datasets import get_batch
-from megatron_sdmoe.moe.sdmoe import sdmoe_modules
+from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter, max_over_mean
@@ -29,6 +29,8 @@ class Trainer:
         self.grad_accumulation = grad_accumulation_steps(cfg, layout.world_size)
         self.expert_load = ExpertLoadMeter(engine.module)
         self.sdmoe_layers = sdmoe_modules(engine.module)
+        self.update_projector = (UpdateProjector(self.sdmoe_layers)
+                                 if self.sdmoe_layers and cfg.sdmoe.project_updates else None)
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -62,12 +64,16 @@ class Trainer:
                 layer.refresh_bases(step)
         lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
         start = time.perf_counter()
+        if self.update_projector:
+            self.update_projector.snapshot()
         losses = []
         for micro in range(self.grad_accumulation):
             loss = self._loss(self.train_ds, step * self.cfg.train.global_batch_size, micro)
             self.engine.backward(loss)
-            self.engine.step()
+            self.engine.step()  # the optimizer steps on the last micro-batch
             losses.append(loss.detach())
+        if self.update_projector:
+            self.update_projector.project()
         loss = self._mean_over_dp(losses)
         seconds = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()

@@ -1,0 +1,126 @@
+"""SD-MoE's gradient bookkeeping, basis and initial split, checked against dense linear algebra
+(explicit projector matrices, torch.linalg.svd)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_sdmoe.config import SDMoEConfig
+from megatron_sdmoe.moe.sdmoe import SDMoEExperts, SpectralSplit, complement, top_singular_vectors
+
+
+def orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, k, generator=gen, dtype=torch.float64))[0]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
+def test_gradient_routing_bookkeeping(shared):
+    gen = torch.Generator().manual_seed(0)
+    experts, m, n, k = 5, 12, 9, 3
+    lead = () if shared else (experts,)
+    q = torch.stack([orthonormal(m, k, gen) for _ in range(experts)]) if not shared else orthonormal(m, k, gen)
+    v = torch.stack([orthonormal(n, k, gen) for _ in range(experts)]) if not shared else orthonormal(n, k, gen)
+    common = torch.zeros(*lead, m, n, dtype=torch.float64, requires_grad=True)
+    unique = torch.randn(experts, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(experts, m, n, generator=gen, dtype=torch.float64)
+    SpectralSplit.apply(common, unique, q, v).backward(grad)
+
+    eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+    p, r = q @ q.transpose(-2, -1), v @ v.transpose(-2, -1)
+    expected_unique = (eye_m - p) @ grad @ (eye_n - r)  # the two-sided complement, with explicit projectors
+    torch.testing.assert_close(unique.grad, expected_unique, rtol=0, atol=1e-12)
+    # nothing is lost: grad C + sum_e grad U_e = sum_e G_e (per expert for per_expert commons)
+    total = common.grad + unique.grad.sum(0) if shared else common.grad + unique.grad
+    torch.testing.assert_close(total, grad.sum(0) if shared else grad, rtol=0, atol=1e-12)
+    # the unique gradient lies in the complement on both sides
+    assert (q.transpose(-2, -1) @ unique.grad).abs().max() < 1e-12
+    assert (unique.grad @ v).abs().max() < 1e-12
+
+
+def test_rank_zero_routes_everything_to_the_unique_part():
+    grad = torch.randn(3, 6, 4)
+    empty_q, empty_v = torch.zeros(6, 0), torch.zeros(4, 0)
+    assert torch.equal(complement(grad, empty_q, empty_v), grad)
+
+
+def test_randomized_basis_matches_exact_svd():
+    gen = torch.Generator().manual_seed(1)
+    u, v = orthonormal(40, 8, gen), orthonormal(30, 8, gen)
+    spectrum = torch.tensor([50.0, 40, 30, 20, 10, 8, 6, 5], dtype=torch.float64)
+    matrix = (u * spectrum) @ v.T + 1e-3 * torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    q_left, q_right = top_singular_vectors(matrix.float(), 4, seed=7, power_iterations=2, oversample=8)
+    exact_u, _, exact_vh = torch.linalg.svd(matrix.float())
+    # same subspaces: the singular values of Q^T Q_exact are all 1
+    torch.testing.assert_close(torch.linalg.svdvals(q_left.T @ exact_u[:, :4]), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(q_right.T @ exact_vh[:4].T), torch.ones(4), atol=1e-4, rtol=0)
+    again = top_singular_vectors(matrix.float(), 4, seed=7, power_iterations=2, oversample=8)
+    assert torch.equal(again[0], q_left) and torch.equal(again[1], q_right)  # reproducible from the seed
+
+
+def build_layer(single_process_groups, common: str, rank: int = 4) -> SDMoEExperts:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=24, num_attention_heads=4, ffn_hidden_size=32,
+                               moe_ffn_hidden_size=32, num_moe_experts=4, gated_linear_unit=True,
+                               activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True)
+    layer = SDMoEExperts(4, config, sdmoe=SDMoEConfig(rank=rank, common=common), seed=3)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        layer.linear_fc1.normal_(0, 0.02, generator=gen)
+        layer.linear_fc2.normal_(0, 0.02, generator=gen)
+    layer.layer_key = "decoder.layers.0.mlp.experts"
+    layer.split_initial_weights()
+    return layer
+
+
+@pytest.mark.parametrize("common", ["shared", "per_expert"])
+def test_initial_split(single_process_groups, common):
+    layer = build_layer(single_process_groups, common)
+    for proj, c in layer.commons().items():
+        q, v, u = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}"), layer.uniques()[proj]
+        singular_values = torch.linalg.svdvals(c.detach().double())
+        assert (singular_values > 1e-5 * singular_values.max()).sum(-1).max() <= 4  # rank k (fp32 noise aside)
+        torch.testing.assert_close(q.transpose(-2, -1) @ q, torch.eye(4).expand_as(q.transpose(-2, -1) @ q),
+                                   atol=1e-5, rtol=0)
+        assert (q.transpose(-2, -1) @ u).abs().max() < 1e-6 and (u @ v).abs().max() < 1e-6
+    # effective weights keep the baseline's scale (std 0.02)
+    fc1, fc2 = layer.weights()
+    assert 0.015 < fc1.std().item() < 0.025 and 0.015 < fc2.std().item() < 0.025
+
+
+def train_steps(layer: SDMoEExperts, optimizer: torch.optim.Optimizer, steps: int) -> dict[str, torch.Tensor]:
+    """Change of every unique matrix over `steps` optimizer steps on random tokens (fixed basis)."""
+    before = {p: u.detach().clone() for p, u in layer.uniques().items()}
+    gen = torch.Generator().manual_seed(5)
+    tokens_per_expert = torch.tensor([6, 3, 0, 7])
+    for _ in range(steps):
+        x = torch.randn(16, 24, generator=gen)
+        out, _ = layer(x, tokens_per_expert, torch.rand(16, generator=gen))
+        optimizer.zero_grad()
+        (1e3 * (out ** 2).sum()).backward()  # large steps: fp32 differences of U stay accurate
+        optimizer.step()
+    return {p: u.detach() - before[p] for p, u in layer.uniques().items()}
+
+
+def off_complement(layer: SDMoEExperts, deltas: dict[str, torch.Tensor]) -> float:
+    """Largest relative size of the part of a change that leaves the complement."""
+    worst = 0.0
+    for proj, delta in deltas.items():
+        q, v = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}")
+        outside = delta - complement(delta, q, v)
+        worst = max(worst, (outside.norm() / delta.norm()).item())
+    return worst
+
+
+@pytest.mark.parametrize("common", ["shared", "per_expert"])
+def test_sgd_changes_stay_in_the_complement(single_process_groups, common):
+    layer = build_layer(single_process_groups, common)
+    deltas = train_steps(layer, torch.optim.SGD(layer.parameters(), lr=0.5), steps=3)
+    assert all(d.norm() > 0 for d in deltas.values())
+    assert off_complement(layer, deltas) < 1e-4
+
+
+def test_adamw_without_projection_leaves_the_complement(single_process_groups):
+    """Why sdmoe.project_updates exists: Adam's per-element scaling breaks the decoupling."""
+    layer = build_layer(single_process_groups, "shared")
+    deltas = train_steps(layer, torch.optim.AdamW(layer.parameters(), lr=1e-2), steps=3)
+    assert off_complement(layer, deltas) > 1e-2

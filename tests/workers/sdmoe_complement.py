@@ -1,0 +1,40 @@
+"""Trains SD-MoE through the real setup path (DeepSpeed ZeRO, AdamW) within one refresh interval
+and prints `COMPLEMENT {json}` on rank 0: the largest relative part of any unique matrix's change
+that lies outside the two-sided complement of its (unchanged) common basis."""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdmoe.config import load_config, validate
+from megatron_sdmoe.moe.sdmoe import complement, sdmoe_modules
+from megatron_sdmoe.runtime import shutdown
+from megatron_sdmoe.runtime.distributed import world_size_from_env
+from megatron_sdmoe.train import setup
+
+
+def main() -> None:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    validate(cfg, world_size_from_env())
+    assert cfg.train.max_steps <= cfg.sdmoe.refresh_interval, "stay within one refresh interval"
+    session = setup(cfg)
+    layers = sdmoe_modules(session.engine.module)
+    before = [{p: u.detach().clone() for p, u in layer.uniques().items()} for layer in layers]
+    session.trainer.run(session.start_step)
+    worst, smallest_change = 0.0, float("inf")
+    for layer, old in zip(layers, before):
+        for proj, unique in layer.uniques().items():
+            delta = unique.detach() - old[proj]
+            q, v = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}")
+            worst = max(worst, ((delta - complement(delta, q, v)).norm() / delta.norm()).item())
+            smallest_change = min(smallest_change, delta.norm().item())
+    result = torch.tensor([worst, -smallest_change], dtype=torch.float64)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        print("COMPLEMENT " + json.dumps({"off_complement": result[0].item(), "min_change": -result[1].item()}))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
