@@ -49,6 +49,8 @@ class MoEConfig:
     aux_loss_coeff: float = 0.01  # load-balancing loss weight
     z_loss_coeff: float = 0.0
     router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
+    diag_interval: int = 0  # steps between specialisation diagnostics (0: off); see methods.md section 3
+    diag_rank: int = 8  # k of the singular subspaces the diagnostics compare
 
 
 @dataclass
@@ -233,6 +235,12 @@ def validate(cfg: Config, world_size: int) -> None:
          f"moe.variant={moe.variant!r} is unknown: use topk, sdmoe or headwise")
     need(moe.variant != "headwise",
          "moe.variant=headwise is not available in this version yet: use moe.variant=topk or sdmoe")
+    if moe.diag_interval:
+        need(moe.diag_interval > 0, f"moe.diag_interval={moe.diag_interval} must not be negative")
+        need(moe.expert_impl == "grouped" and par.expert_tensor == 1,
+             "moe.diag_interval needs moe.expert_impl=grouped and parallel.expert_tensor=1")
+        need(1 <= moe.diag_rank <= min(m.hidden_size, moe.ffn_hidden_size),
+             f"moe.diag_rank={moe.diag_rank} must lie in [1, {min(m.hidden_size, moe.ffn_hidden_size)}]")
     if moe.variant == "sdmoe":
         sd = cfg.sdmoe
         need(moe.expert_impl == "grouped", "moe.variant=sdmoe needs moe.expert_impl=grouped")

@@ -4,8 +4,9 @@ import pytest
 
 from conftest import launch, metrics
 
+DIAGNOSTICS = ["moe.diag_interval=2", "moe.diag_rank=4"]
 LAYOUTS = {
-    "EP2 ZeRO-1": (2, ["parallel.expert=2"]),
+    "EP2 ZeRO-1": (2, ["parallel.expert=2", *DIAGNOSTICS]),
     "EP4 ZeRO-1": (4, ["parallel.expert=4"]),
     "TP2 with sequence parallel": (2, ["parallel.tensor=2"]),
     "TP2 ETP2": (2, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.zero_stage=2"]),
@@ -16,7 +17,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    launch(run_dir, 1, "train.eval_interval=2")
+    launch(run_dir, 1, "train.eval_interval=2", *DIAGNOSTICS)
     return run_dir
 
 
@@ -36,12 +37,18 @@ def test_run_directory_contract(reference_dir, reference):
         assert {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "expert_load_max_over_mean"} <= set(row)
         assert len(row["expert_load_max_over_mean"]) == 2 and all(v >= 1.0 for v in row["expert_load_max_over_mean"])
     assert [r["step"] for r in reference if "val_loss" in r] == [2, 4]
+    diag_rows = [r for r in reference if "expert_overlap" in r]
+    assert [r["step"] for r in diag_rows] == [2, 4]
+    for key in ("expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity"):
+        assert all(len(r[key]) == 2 for r in diag_rows), key
     events = EventAccumulator(str(reference_dir / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/aux_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss",
             "moe/expert_load_max_over_mean/layer_0", "moe/expert_load_max_over_mean/layer_1"} <= tags
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in reference])
+    assert {"moe/expert_overlap/layer_0", "moe/router_specificity/layer_1"} <= tags
+    assert {"moe/expert_overlap/layer_0", "moe/expert_overlap/layer_1"} <= set(events.Tags()["images"])
     assert (reference_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
@@ -56,4 +63,7 @@ def test_same_losses_as_one_process(reference, layout, tmp_path):
         assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-5), got["step"]
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        if "expert_overlap" in got:  # diagnostics gather bases over EP: the same values as one process
+            for key in ("expert_overlap", "expert_overlap_right", "router_specificity"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4), key
     assert rows[-1]["loss"] < rows[0]["loss"]  # and it learns

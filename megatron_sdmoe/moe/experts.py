@@ -43,6 +43,8 @@ def grouped_swiglu(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, tokens
 class GroupedExperts(MegatronModule):
     """The local experts of one MoE layer (SwiGLU, no bias)."""
 
+    weight_grads: dict | None = None  # set to {} by the diagnostics to collect a step's gradients
+
     def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, name=None):
         super().__init__(config=config)
         assert config.gated_linear_unit and config.activation_func is F.silu and not config.add_bias_linear, \
@@ -64,7 +66,19 @@ class GroupedExperts(MegatronModule):
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
         fc1, fc2 = self.weights()
+        if self.weight_grads is not None and torch.is_grad_enabled():
+            fc1, fc2 = self._capture_grads(fc1, fc2)
         return grouped_swiglu(permuted_local_hidden_states, fc1, fc2, tokens_per_expert, permuted_probs), None
+
+    def _capture_grads(self, fc1: torch.Tensor, fc2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add dL/dW of the effective weights into `weight_grads` (diagnostics); views, so the hooks
+        live only as long as this forward's graph."""
+        fc1, fc2 = fc1.view_as(fc1), fc2.view_as(fc2)
+        for key, weight in (("fc1", fc1), ("fc2", fc2)):
+            def add(grad, key=key):
+                self.weight_grads[key] = self.weight_grads.get(key, 0) + grad.detach()
+            weight.register_hook(add)
+        return fc1, fc2
 
     def backward_dw(self):  # megatron-core's delayed-wgrad hook; weights grads are not delayed here
         pass

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps
 from megatron_sdmoe.data.datasets import get_batch
+from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.checkpoint import save_checkpoint
@@ -31,6 +32,7 @@ class Trainer:
         self.sdmoe_layers = sdmoe_modules(engine.module)
         self.update_projector = (UpdateProjector(self.sdmoe_layers)
                                  if self.sdmoe_layers and cfg.sdmoe.project_updates else None)
+        self.diagnostics = Diagnostics(engine.module, cfg.moe.diag_rank) if cfg.moe.diag_interval else None
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -99,15 +101,24 @@ class Trainer:
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
         for step in range(start_step, tr.max_steps):
-            result = self.train_step(step)
             done = step + 1
+            diagnosing = self.diagnostics is not None and done % self.cfg.moe.diag_interval == 0
+            if diagnosing:
+                self.diagnostics.capture_gradients(True)
+            result = self.train_step(step)
+            per_layer = {}
+            if diagnosing:
+                per_layer, overlaps = self.diagnostics.compute()
+                self.diagnostics.capture_gradients(False)
+                self.metrics.log_heatmaps(done, "expert_overlap", overlaps)
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.4f}")
             evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
             if evaluating:
                 result["val_loss"] = self.evaluate()
-            if evaluating or done % tr.log_interval == 0 or done == tr.max_steps:
-                self.metrics.log(done, result, {"expert_load_max_over_mean": max_over_mean(self.expert_load.collect())})
+            if evaluating or diagnosing or done % tr.log_interval == 0 or done == tr.max_steps:
+                per_layer["expert_load_max_over_mean"] = max_over_mean(self.expert_load.collect())
+                self.metrics.log(done, result, per_layer)
                 if self.layout.is_main:
                     val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
                     bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "

@@ -30,6 +30,23 @@ class MetricsLogger:
                 self.tb.add_scalar(f"moe/{key}/layer_{layer}", value, step)
         self.tb.flush()
 
+    def log_heatmaps(self, step: int, tag: str, matrices: list) -> None:
+        """One heatmap image per layer (e.g. the experts' overlap matrix) in TensorBoard."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for layer, matrix in enumerate(matrices):
+            fig, ax = plt.subplots(figsize=(4, 3.4))
+            image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
+            ax.set(title=f"{tag}, layer {layer}, step {step}", xlabel="expert", ylabel="expert")
+            fig.colorbar(image, ax=ax)
+            self.tb.add_figure(f"moe/{tag}/layer_{layer}", fig, step)  # closes the figure
+        self.tb.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()

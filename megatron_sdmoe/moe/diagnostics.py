@@ -1,0 +1,99 @@
+"""Specialisation diagnostics (methods.md section 3), for the topk baseline and SD-MoE alike.
+
+Every `moe.diag_interval` steps, per MoE layer and expert projection (gate, up, down):
+- expert weight overlap O(i, j) = ||A_i^T A_j||_F^2 / k, A_i the top-k left (and right) singular
+  vectors of expert i's effective weight; reported as the mean off-diagonal value;
+- gradient subspace alignment: the same overlap on the experts' gradients of that step (rank-local
+  data);
+- router specificity: S(i, j) = ||V_j^T r_i||^2 for the unit router row r_i and expert j's top-k
+  right singular vectors of its gate projection; specificity_i = S(i, i) / mean_{j != i} S(i, j).
+Bases are computed where the experts live and gathered over expert parallelism (only k vectors
+per expert travel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_sdmoe.moe.experts import GroupedExperts
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+def subspace_overlap(bases: torch.Tensor) -> torch.Tensor:
+    """bases [E, d, k] (orthonormal columns) -> O [E, E], O(i, j) = ||A_i^T A_j||_F^2 / k."""
+    k = bases.shape[-1]
+    return torch.einsum("idk,jdl->ijkl", bases, bases).pow(2).sum((-2, -1)) / k
+
+
+def mean_off_diagonal(matrix: torch.Tensor) -> float:
+    n = matrix.shape[0]
+    return ((matrix.sum() - matrix.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def router_specificity(router_weight: torch.Tensor, right_bases: torch.Tensor) -> torch.Tensor:
+    """router_weight [E, h], right_bases [E, h, k] -> specificity per expert [E]."""
+    rows = router_weight / router_weight.norm(dim=-1, keepdim=True)
+    scores = torch.einsum("ih,jhk->ijk", rows, right_bases).pow(2).sum(-1)  # S(i, j)
+    n = scores.shape[0]
+    others = (scores.sum(1) - scores.diagonal()) / (n - 1)
+    return scores.diagonal() / others
+
+
+def _projections(fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
+    ffn = fc2.shape[-1]
+    return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
+
+
+def _gathered_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left/right singular vectors of each local expert's matrix, gathered over EP (global order)."""
+    u, _, vh = torch.linalg.svd(matrices.float(), full_matrices=False)
+    left, right = u[..., :k].contiguous(), vh[..., :k, :].transpose(-2, -1).contiguous()
+    group = ps.get_expert_model_parallel_group()
+    out = []
+    for local in (left, right):
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        out.append(torch.cat(parts))
+    return out[0], out[1]
+
+
+class Diagnostics:
+    def __init__(self, model: torch.nn.Module, rank: int):
+        self.rank = rank
+        self.layers = [(m.router, m.experts) for m in model.modules()
+                       if isinstance(m, MoELayer) and isinstance(m.experts, GroupedExperts)]
+
+    def capture_gradients(self, on: bool) -> None:
+        for _, experts in self.layers:
+            experts.weight_grads = {} if on else None
+
+    @torch.no_grad()
+    def compute(self) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
+        """Per-layer scalars and each layer's overlap matrix (left vectors, mean over projections)."""
+        scalars: dict[str, list[float]] = {key: [] for key in (
+            "expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity")}
+        matrices = []
+        for router, experts in self.layers:
+            weights = _projections(*experts.weights())
+            grads = experts.weight_grads or {}
+            grads = _projections(grads["fc1"], grads["fc2"]) if grads else {}
+            left_overlaps, right_overlaps, grad_overlaps = [], [], []
+            for proj in PROJECTIONS:
+                left, right = _gathered_bases(weights[proj], self.rank)
+                left_overlaps.append(subspace_overlap(left))
+                right_overlaps.append(mean_off_diagonal(subspace_overlap(right)))
+                if proj == "gate":
+                    specificity = router_specificity(router.weight.float(), right).mean().item()
+                if grads:
+                    grad_overlaps.append(mean_off_diagonal(subspace_overlap(_gathered_bases(grads[proj], self.rank)[0])))
+            overlap = torch.stack(left_overlaps).mean(0)
+            matrices.append(overlap.cpu())
+            scalars["expert_overlap"].append(mean_off_diagonal(overlap))
+            scalars["expert_overlap_right"].append(sum(right_overlaps) / len(right_overlaps))
+            scalars["router_specificity"].append(specificity)
+            if grad_overlaps:
+                scalars["grad_alignment"].append(sum(grad_overlaps) / len(grad_overlaps))
+        return {k: v for k, v in scalars.items() if v}, matrices
