@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from megatron_sdmoe.moe.experts import GroupedExperts
-from megatron_sdmoe.runtime import init_distributed, shutdown
+from megatron_sdmoe.runtime import init_distributed, seed_everything, shutdown
 
 
 def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
@@ -35,9 +35,9 @@ def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
     return sequential, grouped
 
 
-def step(module, x, tokens_per_expert, probs):
+def step(module, x, tokens_per_expert, probs, grad_out):
     out, _ = module(x, tokens_per_expert, probs)
-    out.sum().backward()
+    out.backward(grad_out)  # a dense gradient, as in training (CUDA's grouped GEMM rejects stride-0 ones)
 
 
 def main() -> None:
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64])
     args = parser.parse_args()
     init_distributed(1, 1, 1)
+    seed_everything(0)  # megatron-core's GPU init draws from its RNG tracker
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     device = "cuda" if cuda else "cpu"
@@ -61,10 +62,11 @@ def main() -> None:
         tokens_per_expert = torch.bincount(tokens_per_expert, minlength=experts)
         x = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype).requires_grad_()
         probs = torch.rand(args.tokens, generator=gen).to(device)
+        grad_out = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype)
         times = []
         for module in (sequential, grouped):
-            timer = benchmark.Timer("step(m, x, t, p)", globals={"step": step, "m": module, "x": x,
-                                                                 "t": tokens_per_expert, "p": probs})
+            timer = benchmark.Timer("step(m, x, t, p, g)", globals={"step": step, "m": module, "x": x, "g": grad_out,
+                                                                    "t": tokens_per_expert, "p": probs})
             times.append(timer.blocked_autorange(min_run_time=2.0).median * 1e3)
         print(f"| {experts} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f} |", flush=True)
     shutdown()

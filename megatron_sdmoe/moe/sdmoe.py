@@ -28,27 +28,52 @@ PROJECTIONS = ("gate", "up", "down")
 
 
 def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(I - QQ^T) G (I - VV^T) in O(k m n): G [..., m, n], Q [..., m, k], V [..., n, k]."""
-    qt_g = q.transpose(-2, -1) @ grad
-    g_v = grad @ v
-    return grad - q @ qt_g - g_v @ v.transpose(-2, -1) + q @ (qt_g @ v) @ v.transpose(-2, -1)
+    """(I - QQ^T) G (I - VV^T): G [..., m, n], Q [..., m, k], V [..., n, k]."""
+    return _routed(grad, q, v)[0]
+
+
+def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor):
+    """Split G [E, m, n] against the basis Q [(E,) m, k], V [(E,) n, k] in O(k m n) with one pass
+    over G: G = comp + Q A + B V^T, comp = (I - P) G (I - R), A = Q^T G, B = (I - P) G V.
+    Returns comp and the small factors A [E, k, n], B [E, m, k] of the part that goes to C."""
+    a = q.transpose(-2, -1) @ grad
+    b = grad @ v - q @ (a @ v)
+    batch, (m, k), n = grad.shape[:-2], q.shape[-2:], v.shape[-2]
+    if k == 0:  # rank 0: everything goes to U, exactly
+        return grad, a, b
+    left = torch.cat([q.expand(*batch, m, k), b], dim=-1)
+    right = torch.cat([a, v.transpose(-2, -1).expand(*batch, k, n)], dim=-2)
+    comp = torch.baddbmm(grad.reshape(-1, *grad.shape[-2:]), left.reshape(-1, *left.shape[-2:]),
+                         right.reshape(-1, *right.shape[-2:]), alpha=-1).view(grad.shape)
+    return comp, a, b
 
 
 class SpectralSplit(torch.autograd.Function):
-    """W = C + U forward; backward routes dL/dW into the complement (U) and the rest (C)."""
+    """W = C + U forward; backward routes dL/dW into the complement (to U) and the rest (to C).
+
+    W's rows may hold several projections with their own bases (fc1 = [gate; up]): `blocks` equal
+    row blocks, each with a (Q, V) pair among `bases`.
+    """
 
     @staticmethod
-    def forward(ctx, common, unique, q, v):
-        ctx.save_for_backward(q, v)
-        ctx.shared = common.dim() < unique.dim()
+    def forward(ctx, common, unique, blocks, *bases):
+        ctx.save_for_backward(*bases)
+        ctx.blocks, ctx.shared = blocks, common.dim() < unique.dim()
         return common.unsqueeze(0) + unique if ctx.shared else common + unique
 
     @staticmethod
     def backward(ctx, grad):
-        q, v = ctx.saved_tensors
-        grad_unique = complement(grad, q, v)
-        grad_common = grad - grad_unique
-        return (grad_common.sum(0) if ctx.shared else grad_common), grad_unique, None, None
+        bases = ctx.saved_tensors
+        grad_unique, grad_common = [], []
+        for block, (q, v) in zip(grad.chunk(ctx.blocks, dim=-2), zip(bases[0::2], bases[1::2])):
+            comp, a, b = _routed(block, q, v)
+            grad_unique.append(comp)
+            if ctx.shared:  # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T: no pass over G
+                grad_common.append(q @ a.sum(0) + b.sum(0) @ v.transpose(-2, -1))
+            else:
+                grad_common.append(torch.baddbmm(q @ a, b, v.transpose(-2, -1)))
+        cat = (lambda parts: parts[0]) if ctx.blocks == 1 else (lambda parts: torch.cat(parts, dim=-2))
+        return (cat(grad_common), cat(grad_unique), None, *([None] * len(bases)))
 
 
 def top_singular_vectors(matrix: torch.Tensor, rank: int, seed: int, power_iterations: int,
@@ -102,12 +127,8 @@ class SDMoEExperts(GroupedExperts):
 
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ffn = self.linear_fc2.shape[-1]
-        fc1 = torch.cat([  # gate rows and up rows have their own bases
-            SpectralSplit.apply(self.common_fc1[..., :ffn, :], self.linear_fc1[:, :ffn], self.q_gate, self.v_gate),
-            SpectralSplit.apply(self.common_fc1[..., ffn:, :], self.linear_fc1[:, ffn:], self.q_up, self.v_up),
-        ], dim=1)
-        fc2 = SpectralSplit.apply(self.common_fc2, self.linear_fc2, self.q_down, self.v_down)
+        fc1 = SpectralSplit.apply(self.common_fc1, self.linear_fc1, 2, self.q_gate, self.v_gate, self.q_up, self.v_up)
+        fc2 = SpectralSplit.apply(self.common_fc2, self.linear_fc2, 1, self.q_down, self.v_down)
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
