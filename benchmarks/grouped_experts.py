@@ -9,14 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.experts import GroupedExperts, sequential_reference
 from megatron_sdmoe.runtime import init_distributed, seed_everything, shutdown
 
 
 def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -26,8 +23,7 @@ def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
                                bf16=dtype == torch.bfloat16, use_cpu_initialization=not torch.cuda.is_available(),
                                bias_activation_fusion=False, gradient_accumulation_fusion=False)
     pgs = get_default_pg_collection()
-    sequential = SequentialMLP(experts, config, MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                              linear_fc2=RowParallelLinear), pg_collection=pgs)
+    sequential = sequential_reference(experts, config, pgs)
     grouped = GroupedExperts(experts, config, pg_collection=pgs)
     with torch.no_grad():
         torch.nn.init.normal_(grouped.linear_fc1, std=0.02)

@@ -18,6 +18,9 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "moe.ffn_hidden_size=64",
          "train.save_interval=0"]
 
 
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_sdmoe.train",
            check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `module` on CONFIG + SMALL + overrides in `nproc` processes (torchrun when > 1)."""
@@ -26,7 +29,10 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", module]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # The test process may hold a process group of its own (single_process_groups): its rendezvous
+    # variables must not leak into the launched runs.
+    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd + [str(CONFIG), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

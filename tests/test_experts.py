@@ -3,14 +3,11 @@ same outputs and gradients in fp32 for the same weights, including experts that 
 import torch
 import torch.nn.functional as F
 
-from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.experts import GroupedExperts, sequential_reference
 
 
 def test_grouped_matches_sequential(single_process_groups):
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     experts, hidden, ffn = 6, 32, 48
@@ -19,8 +16,7 @@ def test_grouped_matches_sequential(single_process_groups):
                                activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
                                bias_activation_fusion=False, gradient_accumulation_fusion=False)
     pgs = get_default_pg_collection()
-    sequential = SequentialMLP(experts, config, MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                              linear_fc2=RowParallelLinear), pg_collection=pgs)
+    sequential = sequential_reference(experts, config, pgs)
     grouped = GroupedExperts(experts, config, pg_collection=pgs)
     with torch.no_grad():
         for e, expert in enumerate(sequential.local_experts):

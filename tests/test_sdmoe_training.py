@@ -51,13 +51,17 @@ def test_sdmoe_same_losses_as_one_process(sdmoe_reference, layout, tmp_path):
 
 
 def test_sdmoe_resume_across_a_refresh_is_exact(tmp_path):
-    run = [*SDMOE, "train.max_steps=8", "sdmoe.refresh_interval=3"]  # refreshes at 3 and 6; stop at 4
+    run = [*SDMOE, "train.max_steps=8", "sdmoe.refresh_interval=3",  # refreshes at 3 and 6; stop at 4
+           "moe.diag_interval=4", "moe.diag_rank=4"]
     launch(tmp_path / "straight", 1, *run)
     launch(tmp_path / "split", 1, *run, "train.exit_interval=4")
     launch(tmp_path / "split", 1, *run)
     resumed, reference = metrics(tmp_path / "split")[4:], metrics(tmp_path / "straight")[4:]
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in reference]
+    # diagnostics, including SD-MoE's unique-part overlap, come out the same after the resume
+    assert resumed[-1]["unique_overlap"] == reference[-1]["unique_overlap"]
+    assert resumed[-1]["expert_overlap"] == reference[-1]["expert_overlap"]
 
 
 def test_project_updates_keeps_adamw_changes_in_the_complement(tmp_path):

@@ -6,7 +6,9 @@ Every `moe.diag_interval` steps, per MoE layer and expert projection (gate, up, 
 - gradient subspace alignment: the same overlap on the experts' gradients of that step (rank-local
   data);
 - router specificity: S(i, j) = ||V_j^T r_i||^2 for the unit router row r_i and expert j's top-k
-  right singular vectors of its gate projection; specificity_i = S(i, i) / mean_{j != i} S(i, j).
+  right singular vectors of its gate projection; specificity_i = S(i, i) / mean_{j != i} S(i, j);
+- SD-MoE layers also report `unique_overlap`: the weight overlap of the unique parts U_e alone
+  (the effective weights share C by construction).
 Bases are computed where the experts live and gathered over expert parallelism (only k vectors
 per expert travel).
 """
@@ -18,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.sdmoe import SDMoEExperts
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -74,7 +77,7 @@ class Diagnostics:
     def compute(self) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
         """Per-layer scalars and each layer's overlap matrix (left vectors, mean over projections)."""
         scalars: dict[str, list[float]] = {key: [] for key in (
-            "expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity")}
+            "expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity", "unique_overlap")}
         matrices = []
         for router, experts in self.layers:
             weights = _projections(*experts.weights())
@@ -96,4 +99,8 @@ class Diagnostics:
             scalars["router_specificity"].append(specificity)
             if grad_overlaps:
                 scalars["grad_alignment"].append(sum(grad_overlaps) / len(grad_overlaps))
+            if isinstance(experts, SDMoEExperts):
+                unique = [mean_off_diagonal(subspace_overlap(_gathered_bases(u, self.rank)[0]))
+                          for u in experts.uniques().values()]
+                scalars["unique_overlap"].append(sum(unique) / len(unique))
         return {k: v for k, v in scalars.items() if v}, matrices

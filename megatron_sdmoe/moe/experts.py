@@ -82,3 +82,14 @@ class GroupedExperts(MegatronModule):
 
     def backward_dw(self):  # megatron-core's delayed-wgrad hook; weights grads are not delayed here
         pass
+
+
+def sequential_reference(num_local_experts: int, config: TransformerConfig, pg_collection):
+    """megatron-core's SequentialMLP with the same experts (what `moe.expert_impl: sequential`
+    builds): the reference GroupedExperts is checked and benchmarked against."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return SequentialMLP(num_local_experts, config, submodules, pg_collection=pg_collection)
