@@ -20,9 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_sdmoe.moe.experts import GroupedExperts
-from megatron_sdmoe.moe.sdmoe import SDMoEExperts
-
-PROJECTIONS = ("gate", "up", "down")
+from megatron_sdmoe.moe.sdmoe import PROJECTIONS, SDMoEExperts
 
 
 def subspace_overlap(bases: torch.Tensor) -> torch.Tensor:

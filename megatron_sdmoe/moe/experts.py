@@ -16,7 +16,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 # Stacked expert weights carry `stacked_experts = True`: dim 0 is the local expert index.
 # models/init.py draws each slice as the expert of that global index would be drawn.
-PROJECTIONS = ("linear_fc1", "linear_fc2")
 
 
 def expert_param(tensor: torch.Tensor, config: TransformerConfig, partition_dim: int, stride: int,
