@@ -46,6 +46,7 @@ class MoEConfig:
     num_experts: int = 8
     topk: int = 2
     ffn_hidden_size: int = 128  # per expert
+    shared_expert_ffn_hidden_size: int = 0  # shared expert(s) FFN width, 0: none (qwen2_moe needs one)
     aux_loss_coeff: float = 0.01  # load-balancing loss weight
     z_loss_coeff: float = 0.0
     router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
@@ -233,6 +234,14 @@ def validate(cfg: Config, world_size: int) -> None:
     need(m.preset in PRESETS, f"model.preset={m.preset!r} is unknown: use one of {', '.join(PRESETS)}")
     need(moe.variant in ("topk", "sdmoe", "headwise"),
          f"moe.variant={moe.variant!r} is unknown: use topk, sdmoe or headwise")
+    need(moe.shared_expert_ffn_hidden_size >= 0,
+         f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} must not be negative")
+    need(m.preset != "qwen2_moe" or moe.shared_expert_ffn_hidden_size > 0,
+         "model.preset=qwen2_moe has a shared expert: set moe.shared_expert_ffn_hidden_size (e.g. 4 x "
+         "moe.ffn_hidden_size)")
+    need(moe.shared_expert_ffn_hidden_size % par.tensor == 0,
+         f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} is not divisible by "
+         f"parallel.tensor={par.tensor}")
     need(moe.variant != "headwise",
          "moe.variant=headwise is not available in this version yet: use moe.variant=topk or sdmoe")
     if moe.diag_interval:

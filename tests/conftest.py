@@ -22,8 +22,8 @@ DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAST
 
 
 def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_sdmoe.train",
-           check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `module` on CONFIG + SMALL + overrides in `nproc` processes (torchrun when > 1)."""
+           check: bool = True, env: dict | None = None, config: Path = CONFIG) -> subprocess.CompletedProcess:
+    """Run `module` on `config` + SMALL + overrides in `nproc` processes (torchrun when > 1)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", module]
     else:
@@ -33,7 +33,7 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
     # variables must not leak into the launched runs.
     inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd + [str(CONFIG), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO, env=env,
+    proc = subprocess.run(cmd + [str(config), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

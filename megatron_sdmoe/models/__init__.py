@@ -7,9 +7,9 @@ import warnings
 import torch
 
 from megatron_sdmoe.config import Config
-from megatron_sdmoe.models import qwen3_moe
+from megatron_sdmoe.models import qwen2_moe, qwen3_moe
 
-PRESETS = {"qwen3_moe": qwen3_moe}
+PRESETS = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
 
 
 def padded_vocab_size(vocab_size: int, cfg: Config) -> int:

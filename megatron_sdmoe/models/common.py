@@ -27,6 +27,7 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
         moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
         moe_z_loss_coeff=moe.z_loss_coeff or None,
