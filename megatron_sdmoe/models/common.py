@@ -6,6 +6,8 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_sdmoe.config import Config
@@ -70,3 +72,13 @@ def with_expert_impl(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
     layer_spec.submodules.mlp = functools.partial(moe_layer.func, *moe_layer.args,
                                                   **{**moe_layer.keywords, "submodules": submodules})
     return layer_spec
+
+
+# What the Qwen and DeepSeek families share: RMSNorm, bias-free SwiGLU MLPs.
+RMSNORM_SWIGLU = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False)
+
+
+def local_layer_spec(cfg: Config, qk_layernorm: bool) -> ModuleSpec:
+    """megatron-core's local (Transformer-Engine-free) MoE transformer layer with RMSNorm."""
+    return with_expert_impl(get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, moe_grouped_gemm=False,
+                                                     qk_layernorm=qk_layernorm, normalization="RMSNorm"), cfg)
