@@ -6,23 +6,19 @@ tokens/s after warm-up is compared.
         [--steps 30 --repeats 2 --warmup 5]
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from runs import train
 
 VARIANTS = {"topk": ["moe.variant=topk"], "sdmoe": ["moe.variant=sdmoe"]}
 
 
 def run(config: str, overrides: list[str], variant: str, steps: int, run_dir: Path) -> list[float]:
-    cmd = [sys.executable, "-m", "megatron_sdmoe.train", config, *overrides, *VARIANTS[variant],
-           f"run.dir={run_dir}", f"train.max_steps={steps}", "train.log_interval=1", "train.eval_interval=0",
-           "train.save_interval=0"]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return [json.loads(line)["tokens_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = train(config, [*overrides, *VARIANTS[variant], f"train.max_steps={steps}", "train.log_interval=1",
+                          "train.eval_interval=0"], run_dir)
+    return [row["tokens_per_s"] for row in rows]
 
 
 def main() -> None:

@@ -6,10 +6,6 @@ mean inter-expert overlap over time, and prints a markdown table.
         [--steps 300 --diag-interval 25 --out benchmarks/results/specialisation.png]
 """
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,16 +13,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from runs import train  # noqa: E402
 
 VARIANTS = {"topk": ["moe.variant=topk"], "sdmoe": ["moe.variant=sdmoe"]}
 
 
-def train(config: str, overrides: list[str], variant: str, steps: int, diag: int, run_dir: Path) -> list[dict]:
-    subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", config, *overrides, *VARIANTS[variant],
-                    f"run.dir={run_dir}", f"train.max_steps={steps}", f"moe.diag_interval={diag}",
-                    f"train.eval_interval={diag}", "train.save_interval=0", "train.log_interval=5"],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def run(config: str, overrides: list[str], variant: str, steps: int, diag: int, run_dir: Path) -> list[dict]:
+    return train(config, [*overrides, *VARIANTS[variant], f"train.max_steps={steps}", f"moe.diag_interval={diag}",
+                          f"train.eval_interval={diag}", "train.log_interval=5"], run_dir)
 
 
 def layer_mean(row: dict, key: str) -> float:
@@ -44,7 +38,7 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in VARIANTS:
-            runs[variant] = train(args.config, args.overrides, variant, args.steps, args.diag_interval,
+            runs[variant] = run(args.config, args.overrides, variant, args.steps, args.diag_interval,
                                   Path(tmp) / variant)
     fig, (ax_loss, ax_overlap) = plt.subplots(1, 2, figsize=(10, 3.8))
     for variant, rows in runs.items():
