@@ -9,5 +9,5 @@ if not torch.cuda.is_available():
     # DeepSpeed picks its accelerator once, when first asked; without CUDA it must be the CPU one.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Notes that are expected without CUDA: no Transformer Engine / Apex, no CUDA runtime.
-    warnings.filterwarnings("ignore", message=".*Apex is not installed")
+    warnings.filterwarnings("ignore", message=".*Apex (is|are) not installed")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -36,7 +36,12 @@ class ModelConfig:
     rotary_base: int = 1000000
     norm_epsilon: float = 1e-6
     init_method_std: float = 0.02
+    vocab_size: Optional[int] = None  # embedding rows (before padding); empty: the tokenizer's size
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (layout-independent)
+    dense_layers: int = 0  # the first k layers have a dense MLP instead of experts (DeepSeek's first_k_dense)
+    dense_ffn_hidden_size: int = 0  # FFN width of those dense layers (required when dense_layers > 0)
+    mtp_layers: int = 0  # multi-token prediction depth (DeepSeek-V3: 1); 0: off
+    mtp_loss_coeff: float = 0.1  # weight of the mean MTP loss
 
 
 @dataclass
@@ -47,8 +52,16 @@ class MoEConfig:
     topk: int = 2
     ffn_hidden_size: int = 128  # per expert
     shared_expert_ffn_hidden_size: int = 0  # shared expert(s) FFN width, 0: none (qwen2_moe needs one)
+    score_function: Optional[str] = None  # softmax | sigmoid; empty: the family's (qwen: softmax, deepseek: sigmoid)
     aux_loss_coeff: float = 0.01  # load-balancing loss weight
-    z_loss_coeff: float = 0.0
+    aux_loss_type: str = "batch"  # batch (per micro-batch) | sequence (per sequence, DeepSeek-V3)
+    z_loss_coeff: float = 0.0  # router logit z-loss weight
+    expert_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by a routing bias (DeepSeek-V3)
+    num_groups: int = 0  # group-limited routing: experts in this many groups (0: off) ...
+    group_topk: int = 0  # ... and each token picks its experts within this many groups
+    routed_scaling_factor: float = 1.0  # routed experts' output scale (DeepSeek-V3: 2.5)
+    capacity_factor: Optional[float] = None  # tokens an expert takes, relative to an even share; empty: dropless
+    token_drop_policy: str = "probs"  # over capacity, drop the lowest-probability (probs) or latest (position)
     router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
     diag_interval: int = 0  # steps between specialisation diagnostics (0: off); see methods.md section 3
     diag_rank: int = 8  # k of the singular subspaces the diagnostics compare
@@ -95,6 +108,7 @@ class TrainConfig:
     eval_samples: int = 32  # validation sequences per evaluation
     save_interval: int = 50  # 0 saves only at the end
     exit_interval: int = 0  # save and exit when the step count is a multiple of this (0: never)
+    peak_tflops: Optional[float] = None  # per-GPU dense peak for MFU; empty: known GPUs' datasheet value
 
 
 @dataclass
@@ -265,6 +279,37 @@ def validate(cfg: Config, world_size: int) -> None:
         need(par.expert_tensor == 1,
              "moe.variant=sdmoe supports parallel.expert_tensor=1 only in this version (the basis of a "
              "sharded common matrix needs cross-shard SVD products): set parallel.expert_tensor=1")
+    need(moe.score_function in (None, "softmax", "sigmoid"),
+         f"moe.score_function={moe.score_function!r} is unknown: use softmax or sigmoid (or leave it empty)")
+    from megatron_sdmoe.models.common import score_function
+
+    need(moe.expert_bias_update_rate == 0 or score_function(cfg) == "sigmoid",
+         "moe.expert_bias_update_rate needs sigmoid routing scores: set moe.score_function=sigmoid (or "
+         "moe.expert_bias_update_rate=0)")
+    need(moe.aux_loss_type in ("batch", "sequence"), f"moe.aux_loss_type={moe.aux_loss_type!r}: use batch or sequence")
+    need(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be positive")
+    need(moe.capacity_factor is None or moe.capacity_factor > 0,
+         f"moe.capacity_factor={moe.capacity_factor} must be positive (leave it empty for dropless routing)")
+    need(moe.token_drop_policy in ("probs", "position"),
+         f"moe.token_drop_policy={moe.token_drop_policy!r}: use probs or position")
+    need((moe.num_groups == 0) == (moe.group_topk == 0),
+         "group-limited routing needs both moe.num_groups and moe.group_topk (or neither)")
+    if moe.num_groups:
+        need(moe.num_groups > 0 and moe.num_experts % moe.num_groups == 0,
+             f"moe.num_groups={moe.num_groups} does not divide moe.num_experts={moe.num_experts}")
+        need(0 < moe.group_topk <= moe.num_groups,
+             f"moe.group_topk={moe.group_topk} must lie in [1, moe.num_groups={moe.num_groups}]")
+        need(moe.topk <= moe.group_topk * (moe.num_experts // moe.num_groups),
+             f"moe.topk={moe.topk} exceeds the experts in moe.group_topk={moe.group_topk} groups: raise "
+             "moe.group_topk or lower moe.topk")
+    need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
+    need(m.vocab_size is None or m.vocab_size >= 1, f"model.vocab_size={m.vocab_size} must be at least 1")
+    need(0 <= m.dense_layers < m.num_layers,
+         f"model.dense_layers={m.dense_layers} must lie in [0, model.num_layers - 1]: keep at least one MoE layer")
+    need(m.dense_layers == 0 or m.dense_ffn_hidden_size > 0,
+         f"model.dense_layers={m.dense_layers} needs model.dense_ffn_hidden_size (the dense MLP's width)")
+    need(m.dense_ffn_hidden_size % par.tensor == 0,
+         f"model.dense_ffn_hidden_size={m.dense_ffn_hidden_size} is not divisible by parallel.tensor={par.tensor}")
     for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
                        ("model.num_attention_heads", m.num_attention_heads),
                        ("model.num_query_groups", m.num_query_groups), ("moe.num_experts", moe.num_experts),
@@ -276,9 +321,12 @@ def validate(cfg: Config, world_size: int) -> None:
                        ("train.log_interval", tr.log_interval)]:
         need(value >= 1, f"{key}={value} must be at least 1")
     for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
-                       ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval), ("train.eval_samples", tr.eval_samples),
+                       ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval),
+                       ("train.eval_samples", tr.eval_samples),
                        ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
-                       ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr)]:
+                       ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr),
+                       ("moe.expert_bias_update_rate", moe.expert_bias_update_rate),
+                       ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff)]:
         need(value >= 0, f"{key}={value} must not be negative")
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
     need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")

@@ -79,7 +79,11 @@ def setup(cfg: Config) -> Session:
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     seed_everything(tr.seed)
-    model = build_model(cfg, tokenizer.vocab_size, dtype).to(layout.device)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
+                        "raise it or leave it empty")
+    model = build_model(cfg, vocab, dtype).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
     start_step = load_latest(run_dir, engine, layout)
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)

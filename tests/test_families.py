@@ -1,12 +1,16 @@
 """Every model family trains from its tiny config through the real entry point, and its loss does
-not depend on the parallel layout (shared experts and their gate included)."""
+not depend on the parallel layout (shared experts and their gate, dense first layers, sigmoid
+group-limited routing, expert-bias balancing and multi-token prediction included)."""
 import pytest
+import torch
 
 from conftest import REPO, launch, metrics
 
-FAMILIES = {"qwen2_moe": REPO / "configs" / "tiny-qwen2-moe.yaml", "qwen3_moe": REPO / "configs" / "tiny-qwen3-moe.yaml"}
-# SMALL (conftest) shrinks the routed experts; shrink the shared expert with them
-SHRINK = {"qwen2_moe": ["moe.shared_expert_ffn_hidden_size=128"], "qwen3_moe": []}
+FAMILIES = {name: REPO / "configs" / f"tiny-{name.replace('_', '-')}.yaml"
+            for name in ("deepseek", "qwen2_moe", "qwen3_moe")}
+# SMALL (conftest) shrinks the routed experts; shrink the shared expert and dense layers with them
+SHRINK = {"qwen2_moe": ["moe.shared_expert_ffn_hidden_size=128"], "qwen3_moe": [],
+          "deepseek": ["model.num_layers=3", "model.dense_ffn_hidden_size=256"]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -18,13 +22,27 @@ def test_trains_from_its_tiny_config(family, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
 
 
-def test_qwen2_moe_layout_parity(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek"])
+def test_layout_parity(family, tmp_path):
     runs = {"one process": (1, []), "EP2": (2, ["parallel.expert=2"]), "TP2": (2, ["parallel.tensor=2"])}
     results = {}
     for name, (nproc, overrides) in runs.items():
-        launch(tmp_path / name.replace(" ", "_"), nproc, *SHRINK["qwen2_moe"], *overrides, config=FAMILIES["qwen2_moe"])
+        launch(tmp_path / name.replace(" ", "_"), nproc, *SHRINK[family], *overrides, config=FAMILIES[family])
         results[name] = metrics(tmp_path / name.replace(" ", "_"))
     for name in ("EP2", "TP2"):
         for got, want in zip(results[name], results["one process"]):
-            assert got["loss"] == pytest.approx(want["loss"], abs=2e-5), (name, got["step"])
+            for key in ("loss", "aux_loss", "mtp_loss"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], abs=2e-5), (name, key, got["step"])
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (name, got["step"])
+            assert got["expert_load_max_over_mean"] == want["expert_load_max_over_mean"], (name, got["step"])
+        if family == "deepseek":  # the balancing bias moved, and the same way in every layout
+            want, got = (_expert_bias(tmp_path / run) for run in ("one_process", name))
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+def _expert_bias(run_dir):
+    """Every router's expert bias from the run's final checkpoint (rank 0 holds the routers)."""
+    state = torch.load(run_dir / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=False)["model"]
+    return torch.stack([v for k, v in sorted(state.items()) if k.endswith("router.expert_bias")])

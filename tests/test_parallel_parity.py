@@ -17,7 +17,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    launch(run_dir, 1, "train.eval_interval=2", *DIAGNOSTICS)
+    launch(run_dir, 1, "train.eval_interval=2", "train.peak_tflops=0.5", *DIAGNOSTICS)
     return run_dir
 
 
@@ -32,10 +32,18 @@ def test_run_directory_contract(reference_dir, reference):
 
     from megatron_sdmoe.config import load_config
 
-    assert load_config(reference_dir / "config.yaml").run.dir == str(reference_dir)
+    from megatron_sdmoe.estimate import flops_per_token
+
+    cfg = load_config(reference_dir / "config.yaml")
+    assert cfg.run.dir == str(reference_dir)
     for row in reference:
-        assert {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "expert_load_max_over_mean"} <= set(row)
+        assert {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu",
+                "expert_load_max_over_mean", "expert_dropped_fraction"} <= set(row)
+        # the estimator's FLOPs per token (vocab padded to 4096 by the sample tokenizer's 4096 tokens)
+        assert row["tflops_per_gpu"] == pytest.approx(row["tokens_per_s"] * flops_per_token(cfg, 4096) / 1e12)
+        assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / 0.5)
         assert len(row["expert_load_max_over_mean"]) == 2 and all(v >= 1.0 for v in row["expert_load_max_over_mean"])
+        assert row["expert_dropped_fraction"] == [0.0, 0.0]  # dropless by default
     assert [r["step"] for r in reference if "val_loss" in r] == [2, 4]
     diag_rows = [r for r in reference if "expert_overlap" in r]
     assert [r["step"] for r in diag_rows] == [2, 4]

@@ -7,9 +7,9 @@ import warnings
 import torch
 
 from megatron_sdmoe.config import Config
-from megatron_sdmoe.models import qwen2_moe, qwen3_moe
+from megatron_sdmoe.models import deepseek, qwen2_moe, qwen3_moe
 
-PRESETS = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
+PRESETS = {"deepseek": deepseek, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
 
 
 def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
@@ -28,7 +28,7 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_sdmoe.models.common import shared_transformer_kwargs
+    from megatron_sdmoe.models.common import decoder_specs, shared_transformer_kwargs
     from megatron_sdmoe.models.init import init_weights
     from megatron_sdmoe.moe import sdmoe
 
@@ -36,11 +36,12 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     with warnings.catch_warnings():  # megatron-core's own default CUDA-graph scope is deprecated
         warnings.filterwarnings("ignore", message="full scope is deprecated")
         config = TransformerConfig(**shared_transformer_kwargs(cfg, dtype), **family.transformer_kwargs(cfg))
+    block_spec, mtp_spec = decoder_specs(config, cfg)
     # GPTModel logs a deprecation warning pointing at HybridModel; the choice is explained above.
     gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
     level, gpt_logger.level = gpt_logger.level, logging.ERROR
     try:
-        model = GPTModel(config=config, transformer_layer_spec=family.layer_spec(cfg),
+        model = GPTModel(config=config, transformer_layer_spec=block_spec, mtp_block_spec=mtp_spec,
                          vocab_size=padded_vocab_size(vocab_size, cfg),
                          max_sequence_length=cfg.model.max_position_embeddings,
                          position_embedding_type="rope", rotary_base=cfg.model.rotary_base,

@@ -7,8 +7,11 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sdmoe.config import Config
 from megatron_sdmoe.moe.experts import GroupedExperts
@@ -25,14 +28,25 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
         kv_channels=m.kv_channels,
         layernorm_epsilon=m.norm_epsilon,
         init_method_std=m.init_method_std,
-        ffn_hidden_size=moe.ffn_hidden_size,
+        ffn_hidden_size=m.dense_ffn_hidden_size or moe.ffn_hidden_size,  # the dense layers' MLP
+        moe_layer_freq=[0] * m.dense_layers + [1] * (m.num_layers - m.dense_layers),
+        mtp_num_layers=m.mtp_layers or None,
+        mtp_loss_scaling_factor=m.mtp_loss_coeff,
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.topk,
         moe_ffn_hidden_size=moe.ffn_hidden_size,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
+        moe_router_score_function=score_function(cfg),
         moe_aux_loss_coeff=moe.aux_loss_coeff,
-        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_router_load_balancing_type=(AUX_LOSS_TYPES[moe.aux_loss_type] if moe.aux_loss_coeff > 0 else "none"),
         moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_router_enable_expert_bias=moe.expert_bias_update_rate > 0,
+        moe_router_bias_update_rate=moe.expert_bias_update_rate,
+        moe_router_num_groups=moe.num_groups or None,
+        moe_router_group_topk=moe.group_topk or None,
+        moe_router_topk_scaling_factor=moe.routed_scaling_factor,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.token_drop_policy,
         moe_router_dtype=None if moe.router_dtype == "none" else moe.router_dtype,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
@@ -59,26 +73,40 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
 
 
 def with_expert_impl(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
-    """Swap the MoE layer's experts for the configured implementation: grouped-GEMM experts, or
-    SD-MoE's decoupled ones (the spec's default, megatron-core's SequentialMLP, stays the reference)."""
+    """A copy of an MoE layer spec with the configured experts: grouped-GEMM experts, or SD-MoE's
+    decoupled ones (the spec's default, megatron-core's SequentialMLP, stays the reference).
+    Dense layer specs come back unchanged."""
+    moe_layer = layer_spec.submodules.mlp  # functools.partial(MoELayer or MLP, submodules=...)
+    if moe_layer.func is not MoELayer:
+        return layer_spec
     if cfg.moe.variant == "sdmoe":
         experts = functools.partial(SDMoEExperts, sdmoe=cfg.sdmoe, seed=cfg.train.seed)
     elif cfg.moe.expert_impl == "grouped":
         experts = GroupedExperts
     else:
         return layer_spec
-    moe_layer = layer_spec.submodules.mlp  # functools.partial(MoELayer, submodules=MoESubmodules)
     submodules = dataclasses.replace(moe_layer.keywords["submodules"], experts=experts)
-    layer_spec.submodules.mlp = functools.partial(moe_layer.func, *moe_layer.args,
-                                                  **{**moe_layer.keywords, "submodules": submodules})
-    return layer_spec
+    mlp = functools.partial(moe_layer.func, *moe_layer.args, **{**moe_layer.keywords, "submodules": submodules})
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
 
+
+def decoder_specs(config: TransformerConfig, cfg: Config) -> tuple[TransformerBlockSubmodules, ModuleSpec | None]:
+    """The decoder block (dense first layers, then MoE layers, per config.moe_layer_freq) and the
+    multi-token-prediction block, from megatron-core's local (Transformer-Engine-free) layer specs."""
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    block = dataclasses.replace(block, layer_specs=[with_expert_impl(spec, cfg) for spec in block.layer_specs])
+    mtp = (get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)
+           if config.mtp_num_layers else None)
+    return block, mtp
+
+
+def score_function(cfg: Config) -> str:
+    from megatron_sdmoe.models import PRESETS
+
+    return cfg.moe.score_function or PRESETS[cfg.model.preset].SCORE_FUNCTION
+
+
+AUX_LOSS_TYPES = {"batch": "aux_loss", "sequence": "seq_aux_loss"}  # config name -> megatron-core's
 
 # What the Qwen and DeepSeek families share: RMSNorm, bias-free SwiGLU MLPs.
 RMSNORM_SWIGLU = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False)
-
-
-def local_layer_spec(cfg: Config, qk_layernorm: bool) -> ModuleSpec:
-    """megatron-core's local (Transformer-Engine-free) MoE transformer layer with RMSNorm."""
-    return with_expert_impl(get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, moe_grouped_gemm=False,
-                                                     qk_layernorm=qk_layernorm, normalization="RMSNorm"), cfg)

@@ -3,12 +3,11 @@ one shared expert whose output is scaled by a sigmoid gate, softmax top-k withou
 the chosen probabilities, load-balancing aux loss, untied embeddings."""
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import ModuleSpec
-
 from megatron_sdmoe.config import Config
-from megatron_sdmoe.models.common import RMSNORM_SWIGLU, local_layer_spec
+from megatron_sdmoe.models.common import RMSNORM_SWIGLU
 
 TIE_EMBEDDINGS = False
+SCORE_FUNCTION = "softmax"  # the default of moe.score_function
 
 
 def transformer_kwargs(cfg: Config) -> dict:
@@ -16,11 +15,7 @@ def transformer_kwargs(cfg: Config) -> dict:
         **RMSNORM_SWIGLU,
         qk_layernorm=False,
         add_qkv_bias=True,
-        moe_router_score_function="softmax",
         moe_router_pre_softmax=True,  # softmax over all experts, then top-k: no renormalisation
         moe_shared_expert_gate=True,  # shared expert output * sigmoid(gate(x))
     )
 
-
-def layer_spec(cfg: Config) -> ModuleSpec:
-    return local_layer_spec(cfg, qk_layernorm=False)

@@ -2,12 +2,11 @@
 with normalised top-k probabilities, load-balancing aux loss, no shared expert, untied embeddings."""
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import ModuleSpec
-
 from megatron_sdmoe.config import Config
-from megatron_sdmoe.models.common import RMSNORM_SWIGLU, local_layer_spec
+from megatron_sdmoe.models.common import RMSNORM_SWIGLU
 
 TIE_EMBEDDINGS = False
+SCORE_FUNCTION = "softmax"  # the default of moe.score_function
 
 
 def transformer_kwargs(cfg: Config) -> dict:
@@ -15,12 +14,8 @@ def transformer_kwargs(cfg: Config) -> dict:
         **RMSNORM_SWIGLU,
         qk_layernorm=True,
         add_qkv_bias=False,
-        moe_router_score_function="softmax",
         # Top-k on the logits, then softmax over the k chosen = softmax top-k renormalised (Qwen3's
         # norm_topk_prob=True).
         moe_router_pre_softmax=False,
     )
 
-
-def layer_spec(cfg: Config) -> ModuleSpec:
-    return local_layer_spec(cfg, qk_layernorm=True)

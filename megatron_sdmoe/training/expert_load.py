@@ -19,6 +19,7 @@ class ExpertLoadMeter:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         # On the routers' device, so counting adds no host sync to the training step.
         self.counts = torch.zeros(len(self.routers), num_experts, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(len(self.routers), dtype=torch.float64, device=device)  # routed, per router
         for index, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(index))
 
@@ -27,15 +28,18 @@ class ExpertLoadMeter:
             if module.training:
                 _probs, routing_map = output
                 self.counts[index] += routing_map.sum(dim=0).to(self.counts)
+                self.tokens[index] += routing_map.shape[0]
         return count
 
-    def collect(self) -> torch.Tensor:
-        """Global tokens per expert [layers, experts] since the last call (a collective)."""
-        counts, self.counts = self.counts, torch.zeros_like(self.counts)
+    def collect(self) -> dict[str, list[float]]:
+        """Per MoE layer since the last call (a collective): the busiest expert's tokens over the
+        mean (1.0 = perfectly balanced) and the fraction of routed (token, expert) pairs that
+        expert capacity dropped (0 when dropless)."""
+        counts = torch.cat([self.counts, self.tokens[:, None]], dim=1)
+        self.counts.zero_()
+        self.tokens.zero_()
         dist.all_reduce(counts)
-        return counts.cpu()
-
-
-def max_over_mean(counts: torch.Tensor) -> list[float]:
-    """Per layer: the busiest expert's tokens over the mean (1.0 = perfectly balanced)."""
-    return (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).tolist()
+        counts, tokens = counts[:, :-1].cpu(), counts[:, -1].cpu()
+        topk = self.routers[0].topk if self.routers else 1
+        return {"expert_load_max_over_mean": (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).tolist(),
+                "expert_dropped_fraction": (1 - counts.sum(dim=1) / (tokens * topk).clamp_min(1)).tolist()}

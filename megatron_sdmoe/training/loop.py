@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps
@@ -18,8 +16,9 @@ from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.checkpoint import save_checkpoint
-from megatron_sdmoe.training.expert_load import ExpertLoadMeter, max_over_mean
-from megatron_sdmoe.training.metrics import MetricsLogger
+from megatron_sdmoe.training.expert_load import ExpertLoadMeter
+from megatron_sdmoe.training.metrics import MetricsLogger, Throughput
+from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
 
 class Trainer:
@@ -28,11 +27,13 @@ class Trainer:
         self.cfg, self.layout, self.engine = cfg, layout, engine
         self.train_ds, self.valid_ds, self.run_dir, self.metrics = train_ds, valid_ds, run_dir, metrics
         self.grad_accumulation = grad_accumulation_steps(cfg, layout.world_size)
+        self.model_config = engine.module.config  # megatron-core's TransformerConfig
         self.expert_load = ExpertLoadMeter(engine.module)
         self.sdmoe_layers = sdmoe_modules(engine.module)
         self.update_projector = (UpdateProjector(self.sdmoe_layers)
                                  if self.sdmoe_layers and cfg.sdmoe.project_updates else None)
         self.diagnostics = Diagnostics(engine.module, cfg.moe.diag_rank) if cfg.moe.diag_interval else None
+        self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -46,8 +47,8 @@ class Trainer:
     def _loss(self, dataset, first_sample: int, micro: int) -> torch.Tensor:
         batch = {k: v.to(self.layout.device) for k, v in
                  get_batch(dataset, self.micro_batch_indices(first_sample, micro)).items()}
-        per_token = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         mask = batch["loss_mask"]
+        per_token = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask)
         return (per_token.float() * mask).sum() / mask.sum()
 
     def _mean_over_dp(self, values: list[torch.Tensor]) -> float:
@@ -58,9 +59,8 @@ class Trainer:
     # -- steps -------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over global batch `step` (0-based)."""
-        # DeepSpeed divides the LM loss by the accumulation steps; give the aux losses (which
-        # megatron-core injects in backward) the same scale.
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.grad_accumulation, device=self.layout.device))
+        # DeepSpeed divides the LM loss by the accumulation steps; the auxiliary losses get the same scale.
+        set_auxiliary_loss_scale(1.0 / self.grad_accumulation, self.layout.device)
         if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
             for layer in self.sdmoe_layers:  # (the initial split set the step-0 bases)
                 layer.refresh_bases(step)
@@ -74,18 +74,16 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()  # the optimizer steps on the last micro-batch
             losses.append(loss.detach())
+        update_expert_bias(self.model_config, self.engine.module)
         if self.update_projector:
             self.update_projector.project()
         loss = self._mean_over_dp(losses)
         seconds = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
-        aux = {}
-        get_moe_metrics_tracker().report(loss_scale=1.0 / self.grad_accumulation, iteration=step + 1,
-                                         num_layers=self.cfg.model.num_layers, total_loss_dict=aux)
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
-        return {"loss": loss, "aux_loss": float(aux.get("load_balancing_loss", 0.0)), "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens_per_s": tokens / seconds}
+        return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / self.grad_accumulation, step + 1),
+                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                **self.throughput(tokens / seconds)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -117,13 +115,14 @@ class Trainer:
             if evaluating:
                 result["val_loss"] = self.evaluate()
             if evaluating or diagnosing or done % tr.log_interval == 0 or done == tr.max_steps:
-                per_layer["expert_load_max_over_mean"] = max_over_mean(self.expert_load.collect())
+                per_layer.update(self.expert_load.collect())
                 self.metrics.log(done, result, per_layer)
                 if self.layout.is_main:
                     val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
                     bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "
                               f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
-                              f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s{val}")
+                              f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"
+                              + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
             exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
             if (tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting:
                 save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size)

@@ -4,6 +4,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from megatron_sdmoe.config import Config
+from megatron_sdmoe.estimate import flops_per_token, peak_tflops
+
+
+class Throughput:
+    """tokens/s -> tokens/s, TFLOP/s per GPU (sdmoe-estimate's FLOPs per token) and, where the
+    device's peak is known (or train.peak_tflops is set), MFU."""
+
+    def __init__(self, cfg: Config, vocab_size: int, world_size: int, bf16: bool):
+        self.flops_per_token, self.world_size = flops_per_token(cfg, vocab_size), world_size
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.peak = cfg.train.peak_tflops or peak_tflops(device, bf16)
+
+    def __call__(self, tokens_per_s: float) -> dict[str, float]:
+        tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        result = {"tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops}
+        if self.peak:
+            result["mfu"] = tflops / self.peak
+        return result
+
 
 class MetricsLogger:
     """Writes on the main rank only; other ranks hold a disabled logger."""

@@ -1,0 +1,228 @@
+"""`sdmoe-estimate CONFIG`: parameters (total, active), training FLOPs per token and memory per GPU
+of a config's model under its parallel layout, with a verdict whether it fits.
+
+Parameters are counted from the config the way models/ builds them (tests check the count against
+the built model for every tiny config). FLOPs per token are the training matmul FLOPs (3 x forward:
+2 per active weight, plus causal attention scores); the training metrics' TFLOP/s and MFU use the
+same number. Memory is a model of this code base under DeepSpeed ZeRO-1/2 (see `memory`), not a
+measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+from megatron_sdmoe.config import Config, load_config, validate
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+
+GIB = 2**30
+# Dense bf16 / fp32 peak TFLOP/s (vendor datasheets) by device-name fragment, first match wins.
+PEAK_TFLOPS = {"H100 PCIe": (756.0, 51.0), "H100 NVL": (835.0, 60.0), "H100": (989.4, 66.9),
+               "H200": (989.4, 66.9), "GH200": (989.4, 66.9), "A100": (312.0, 19.5)}
+# DeepSpeed's default reduce and all-gather bucket sizes (elements), which this project keeps.
+DEEPSPEED_BUCKET_ELEMENTS = 2 * 500_000_000
+
+
+@dataclass
+class Block:
+    """A group of parameters with one sharding and one activation pattern."""
+
+    name: str
+    params: int
+    shards: int  # ranks it is split over: TP (dense), EP x ETP (routed experts), 1 (replicated)
+    active: float = 1.0  # fraction a token uses (topk / experts for routed experts)
+    matmul: bool = True  # costs 2 FLOPs per weight per token (not embedding lookups or norms)
+    expert: bool = False  # its optimizer states are partitioned over expert-DP, not DP
+
+
+def vocab_size(cfg: Config) -> int:
+    """The embedding's rows before padding: model.vocab_size, else the tokenizer's."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
+    from megatron_sdmoe.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir).vocab_size
+
+
+def parameter_blocks(cfg: Config, vocab: int) -> list[Block]:
+    from megatron_sdmoe.models import PRESETS, padded_vocab_size
+
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    family = PRESETS[m.preset].transformer_kwargs(cfg)
+    h, tp, experts = m.hidden_size, par.tensor, moe.num_experts
+    d = m.kv_channels or h // m.num_attention_heads
+    qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * d
+    layers = m.num_layers + m.mtp_layers  # an MTP depth is one more MoE transformer layer
+    moe_layers = layers - m.dense_layers
+    swiglu = 3 * h  # gate, up (h x f each) and down (f x h) per unit of FFN width
+    routed = swiglu * moe.ffn_hidden_size * experts * moe_layers
+    blocks = [
+        Block("embedding", padded_vocab_size(vocab, cfg) * h, tp, matmul=False),
+        Block("attention", layers * (h * qkv_width + m.num_attention_heads * d * h), tp),
+        Block("attention QKV bias", layers * qkv_width * family["add_qkv_bias"], tp, matmul=False),
+        # per layer: input and pre-MLP norms (+ QK-norms); the final norm; per MTP depth: 3 more
+        Block("norms", layers * (2 * h + 2 * d * family["qk_layernorm"]) + h + m.mtp_layers * 3 * h, 1,
+              matmul=False),
+        Block("dense MLPs", m.dense_layers * swiglu * m.dense_ffn_hidden_size, tp),
+        Block("routers", moe_layers * experts * h, 1),
+        Block("routed experts", routed, par.expert * par.expert_tensor, moe.topk / experts, expert=True),
+        Block("shared experts", moe_layers * swiglu * moe.shared_expert_ffn_hidden_size, tp),
+        Block("shared-expert gates", moe_layers * h * bool(family.get("moe_shared_expert_gate")), 1),
+        Block("MTP projections", m.mtp_layers * 2 * h * h, 1),
+    ]
+    if cfg.moe.variant == "sdmoe":  # C: one per layer (shared) or per expert, whatever sdmoe.rank
+        if cfg.sdmoe.common == "shared":
+            blocks.append(Block("SD-MoE common parts", swiglu * moe.ffn_hidden_size * moe_layers, 1, matmul=False))
+        else:
+            blocks.append(Block("SD-MoE common parts", routed, par.expert * par.expert_tensor, matmul=False,
+                                expert=True))
+    if not PRESETS[m.preset].TIE_EMBEDDINGS:
+        blocks.append(Block("output layer", padded_vocab_size(vocab, cfg) * h, tp))
+    return [b for b in blocks if b.params]
+
+
+def flops_per_token(cfg: Config, vocab: int) -> float:
+    """Training FLOPs per token: 3 x (2 per active matmul weight + causal attention scores).
+    SD-MoE's common parts cost no extra GEMMs: the experts multiply by C + U_e once."""
+    from megatron_sdmoe.models import padded_vocab_size
+
+    m = cfg.model
+    forward = sum(2 * b.params * b.active for b in parameter_blocks(cfg, vocab) if b.matmul)
+    forward += 2 * m.mtp_layers * padded_vocab_size(vocab, cfg) * m.hidden_size  # MTP reuses the output layer
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    # QK^T and AV: 2 x 2 x (mean causal context s/2) x heads x head dim, per layer
+    forward += (m.num_layers + m.mtp_layers) * 2 * cfg.data.seq_length * m.num_attention_heads * d
+    return 3 * forward
+
+
+def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
+    """Saved activations of one micro-batch on one rank (no recomputation), summed over layers.
+
+    Sequence parallelism splits every token-dimension tensor over TP; tensor parallelism splits
+    heads and FFN widths. Local (non-fused) attention keeps the [heads, s, s] probabilities.
+    Routed tokens are counted at an even load (the capacity factor bounds the busiest rank).
+    """
+    from megatron_sdmoe.models import padded_vocab_size
+
+    m, moe = cfg.model, cfg.moe
+    s, b, h, t = cfg.data.seq_length, cfg.train.micro_batch_size, m.hidden_size, cfg.parallel.tensor
+    d = m.kv_channels or h // m.num_attention_heads
+    tokens = s * b / t
+    heads = m.num_attention_heads
+    attention = tokens * (3 * h + (2 * heads + 3 * m.num_query_groups) * d + heads * d) + b * heads / t * s * s
+    swiglu_saved = 5  # fc1 output (2f), silu(gate), silu(gate) * up, its probability-weighted copy
+    moe_mlp = (tokens * 2 * h + tokens * moe.num_experts * 2  # norm in/out, router scores (fp32)
+               + tokens * moe.topk * (2 * h + swiglu_saved * moe.ffn_hidden_size)  # dispatched, experts
+               + tokens * swiglu_saved * moe.shared_expert_ffn_hidden_size)
+    dense_mlp = tokens * (2 * h + swiglu_saved * m.dense_ffn_hidden_size)
+    moe_layers = m.num_layers + m.mtp_layers - m.dense_layers
+    per_micro = (m.num_layers + m.mtp_layers) * attention + moe_layers * moe_mlp + m.dense_layers * dense_mlp
+    logits = (1 + m.mtp_layers) * tokens * padded_vocab_size(vocab, cfg) * (dtype_bytes + 4) / dtype_bytes
+    return (per_micro + logits) * dtype_bytes
+
+
+@dataclass
+class Estimate:
+    params_total: int
+    params_active: int  # used per token, embedding and output layer included (Qwen's convention)
+    params_active_without_embedding: int  # the same without the input embedding (DeepSeek's convention)
+    flops_per_token: float
+    gpus: int
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    buffers_gib: float  # DeepSpeed's communication buckets
+    activations_gib: float
+    total_gib: float
+    gpu_memory_gib: float
+    fits: bool
+
+    def report(self, blocks: list[Block]) -> str:
+        rows = [f"  {b.name:<28}{_count(b.params):>10}" for b in blocks]
+        verdict = (f"fits: {self.total_gib:.1f} of {self.gpu_memory_gib:.0f} GiB per GPU (limit 90%)" if self.fits
+                   else f"DOES NOT FIT: {self.total_gib:.1f} GiB per GPU exceeds 90% of {self.gpu_memory_gib:.0f} GiB; "
+                        "raise parallel.expert / parallel.tensor, use parallel.zero_stage=2, more GPUs or a smaller "
+                        "train.micro_batch_size")
+        return "\n".join([
+            "parameters:", *rows,
+            f"  {'total':<28}{_count(self.params_total):>10}",
+            f"  {'active per token':<28}{_count(self.params_active):>10}",
+            f"  {'  without the embedding':<28}{_count(self.params_active_without_embedding):>10}",
+            f"training FLOPs per token: {self.flops_per_token / 1e9:.4g} GFLOP",
+            f"memory per GPU ({self.gpus} GPUs):",
+            f"  weights {self.weights_gib:.1f} GiB | grads {self.grads_gib:.1f} GiB | optimizer {self.optimizer_gib:.1f} "
+            f"GiB | buffers {self.buffers_gib:.1f} GiB | activations {self.activations_gib:.1f} GiB",
+            verdict])
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | None = None,
+             precision: str = "bf16") -> tuple[Estimate, list[Block]]:
+    """Memory per GPU under ZeRO-1/2 with AdamW (DeepSpeed keeps fp32 master weights and both Adam
+    moments, partitioned over DP for dense and over expert-DP for expert parameters; ZeRO-2 also
+    partitions gradients)."""
+    vocab = vocab or vocab_size(cfg)
+    par = cfg.parallel
+    blocks = parameter_blocks(cfg, vocab)
+    dtype_bytes = 2 if precision == "bf16" else 4
+    dp, expert_dp = gpus // par.tensor, gpus // (par.expert * par.expert_tensor)
+    local = sum(b.params / b.shards for b in blocks)
+    partitioned = sum(b.params / b.shards / (expert_dp if b.expert else dp) for b in blocks)  # ZeRO's share
+    total = sum(b.params for b in blocks)
+    weights = local * dtype_bytes
+    grads = (local if par.zero_stage == 1 else partitioned) * dtype_bytes
+    optimizer = partitioned * 12  # fp32 master + Adam m + v
+    buffers = min(DEEPSPEED_BUCKET_ELEMENTS, local) * dtype_bytes
+    activations = activation_bytes(cfg, vocab, dtype_bytes)
+    used = (weights + grads + optimizer + buffers + activations) / GIB
+    result = Estimate(
+        params_total=total,
+        params_active=round(sum(b.params * b.active for b in blocks)),
+        params_active_without_embedding=round(sum(b.params * b.active for b in blocks if b.name != "embedding")),
+        flops_per_token=flops_per_token(cfg, vocab), gpus=gpus,
+        weights_gib=weights / GIB, grads_gib=grads / GIB, optimizer_gib=optimizer / GIB, buffers_gib=buffers / GIB,
+        activations_gib=activations / GIB, total_gib=used, gpu_memory_gib=gpu_memory_gib,
+        fits=used <= 0.9 * gpu_memory_gib)
+    return result, blocks
+
+
+def peak_tflops(device_name: str, bf16: bool) -> float | None:
+    """The device's dense peak, or None when it is not in the table (MFU is then not reported)."""
+    for fragment, (bf16_peak, fp32_peak) in PEAK_TFLOPS.items():
+        if fragment in device_name:
+            return bf16_peak if bf16 else fp32_peak
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdmoe-estimate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--gpus", type=int, help="GPUs in the job (default: the smallest the layout allows)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        par = cfg.parallel
+        gpus = args.gpus or max(par.tensor, par.expert * par.expert_tensor)
+        if gpus < 1:
+            raise UserError(f"--gpus={gpus} must be at least 1")
+        validate(cfg, gpus)
+        result, blocks = estimate(cfg, gpus, args.gpu_memory_gib)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    print(json.dumps(asdict(result), indent=2) if args.json else result.report(blocks))
+    sys.exit(0 if result.fits else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The estimator against the built model: its parameter count equals the model's for every tiny
+config (and SD-MoE's variants), and its FLOPs per token equal torch's FLOP counter on a forward
+pass (3 x forward for training)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import REPO
+
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.estimate import estimate, flops_per_token
+
+VOCAB = 1000
+CASES = {
+    "qwen3_moe": ("tiny-qwen3-moe.yaml", []),
+    "qwen2_moe": ("tiny-qwen2-moe.yaml", []),
+    "deepseek": ("tiny-deepseek.yaml", []),
+    "sdmoe shared C": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe"]),
+    "sdmoe per-expert C": ("tiny-deepseek.yaml", ["moe.variant=sdmoe", "sdmoe.common=per_expert"]),
+}
+
+
+def build(name, *extra):
+    from megatron_sdmoe.models import build_model
+    from megatron_sdmoe.runtime import seed_everything
+
+    config, overrides = CASES[name]
+    cfg = load_config(REPO / "configs" / config, [*overrides, *extra])
+    seed_everything(cfg.train.seed)
+    return cfg, build_model(cfg, VOCAB, torch.float32)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parameter_count_equals_the_built_model(single_process_groups, name):
+    cfg, model = build(name)
+    result, _ = estimate(cfg, gpus=1, vocab=VOCAB)
+    assert result.params_total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek"])
+def test_flops_per_token_equal_torch_flop_counter(single_process_groups, name):
+    """Sequential experts, so every matmul is one torch counts (it does not count grouped GEMMs)."""
+    s, b = 32, 2
+    cfg, model = build(name, "moe.expert_impl=sequential", f"data.seq_length={s}")
+    m = cfg.model
+    tokens = torch.randint(0, VOCAB, (b, s))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, torch.arange(s).expand(b, s), None, labels=tokens)
+    d = m.hidden_size // m.num_attention_heads
+    # Local attention multiplies the full s x s score matrix; the estimate counts the causal half.
+    full_attention_extra = (m.num_layers + m.mtp_layers) * 2 * s * m.num_attention_heads * d
+    assert counter.get_total_flops() == pytest.approx(b * s * (flops_per_token(cfg, VOCAB) / 3 + full_attention_extra),
+                                                      rel=1e-9)
+
+
+# Published sizes (model cards / papers) of the models the real-scale configs imitate: total and
+# active parameters, and whether the vendor counts the input embedding as active.
+PUBLISHED = {
+    "qwen3-30b-a3b": (32, 30.5e9, 3.3e9, True),  # Qwen3 technical report
+    "deepseek-v2-lite": (16, 15.7e9, 2.4e9, False),  # DeepSeek-V2 paper, appendix
+    "deepseek-v3": (1024, 671e9, 37e9, False),  # DeepSeek-V3 report: the main model, MTP excluded
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_real_scale_configs_match_published_sizes_and_fit(name):
+    from megatron_sdmoe.config import validate
+
+    gpus, total, active, counts_embedding = PUBLISHED[name]
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", ["model.mtp_layers=0"])
+    validate(cfg, gpus)
+    result, _ = estimate(cfg, gpus)
+    assert result.params_total == pytest.approx(total, rel=0.02)
+    got = result.params_active if counts_embedding else result.params_active_without_embedding
+    assert got == pytest.approx(active, rel=0.02)
+    assert estimate(load_config(REPO / "configs" / f"{name}.yaml"), gpus)[0].fits
+
+
+@pytest.mark.parametrize("config, gpus", [("sdmoe-2b.yaml", 8), ("sdmoe-7b.yaml", 16)])
+def test_sdmoe_paper_scales_fit(config, gpus):
+    cfg = load_config(REPO / "configs" / config)
+    result, _ = estimate(cfg, gpus)
+    assert result.fits and 1.5e9 < result.params_total < 8e9
+
+
+def test_cli_verdicts_and_bad_input():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "megatron_sdmoe.estimate", *args], cwd=REPO,
+                              capture_output=True, text=True)
+
+    fits = run("configs/qwen3-30b-a3b.yaml", "--gpus", "32", "--json")
+    assert fits.returncode == 0 and json.loads(fits.stdout)["fits"] is True
+    too_big = run("configs/qwen3-30b-a3b.yaml", "--gpus", "8", "parallel.expert=1", "parallel.tensor=1")
+    assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
+    bad = run("configs/qwen3-30b-a3b.yaml", "--gpus", "12")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: world size 12")
