@@ -112,6 +112,15 @@ class TrainConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of continual training (methods.md section 4)."""
+
+    path: list = field(default_factory=list)  # the stage's blend, as data.path
+    steps: int = 0  # optimizer steps on it
+    name: Optional[str] = None  # label in the stage matrix; default stage_<i>
+
+
+@dataclass
 class DataConfig:
     # Blend of Megatron .bin/.idx prefixes: [prefix] or [weight, prefix, weight, prefix, ...].
     # Empty: the built-in sample corpus (built offline on first use).
@@ -120,6 +129,9 @@ class DataConfig:
     split: str = "98,2,0"  # train,validation,test weights over each prefix's documents
     seq_length: int = 128
     cache_dir: Optional[str] = None  # megatron.core.datasets index cache; default <run.dir>/data_cache
+    # Continual training: an ordered list of {path, steps, name} blends that replaces data.path;
+    # after each stage every seen stage's validation data is evaluated (the stage matrix, BWT).
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -192,8 +204,13 @@ def _build(cls: type, raw: Any, prefix: str):
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(fields)}"
             raise UserError(f"unknown config key {prefix}{key}{hint}")
         hint = hints[key]
+        item_type = (typing.get_args(hint) or [None])[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        elif dataclasses.is_dataclass(item_type):  # a list of sections, e.g. data.stages
+            if not isinstance(value, list):
+                raise UserError(f"{prefix}{key} must be a list of mappings, got {value!r}")
+            kwargs[key] = [_build(item_type, item, f"{prefix}{key}[{i}].") for i, item in enumerate(value)]
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
     return cls(**kwargs)
@@ -342,9 +359,20 @@ def validate(cfg: Config, world_size: int) -> None:
     need(m.num_attention_heads % m.num_query_groups == 0,
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
          f"{m.num_query_groups}: change one of them")
-    need(data.path == [] or data.tokenizer is not None,
-         "data.path is set but data.tokenizer is not: give the Hugging Face tokenizer directory the "
-         "corpus was tokenized with")
+    need((data.path == [] and data.stages == []) or data.tokenizer is not None,
+         "data.path or data.stages is set but data.tokenizer is not: give the Hugging Face tokenizer directory "
+         "the corpus was tokenized with")
+    if data.stages:
+        need(data.path == [], "data.stages replaces data.path: give each stage its own path and leave data.path empty")
+        for i, stage in enumerate(data.stages):
+            need(stage.path != [] and stage.steps >= 1,
+                 f"data.stages[{i}] needs a path (a blend, as data.path) and steps >= 1")
+        total = sum(stage.steps for stage in data.stages)
+        need(total == tr.max_steps,
+             f"data.stages add up to {total} steps but train.max_steps={tr.max_steps}: set train.max_steps={total}")
+        need(tr.eval_samples > 0, "data.stages evaluate every seen stage at each stage's end: set train.eval_samples")
+        names = [stage_name(cfg, i) for i in range(len(data.stages))]
+        need(len(set(names)) == len(names), f"data.stages names {names} repeat: give each stage its own name")
 
     # Parallel layout (megatron-core's rules, checked here so the error is one clear line).
     need(par.zero_stage in (1, 2),
@@ -379,6 +407,10 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.eval_samples % per_step == 0,
          f"train.eval_samples={tr.eval_samples} is not divisible by train.micro_batch_size x data-parallel "
          f"size = {per_step}: make it a multiple of {per_step}")
+
+
+def stage_name(cfg: Config, index: int) -> str:
+    return cfg.data.stages[index].name or f"stage_{index}"
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, save_config, validate
-from megatron_sdmoe.data.datasets import build_datasets
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
@@ -28,6 +27,7 @@ from megatron_sdmoe.training.checkpoint import checkpoint_root, load_latest
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
+from megatron_sdmoe.training.stages import build_stages
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +74,7 @@ def setup(cfg: Config) -> Session:
             ensure_sample_corpus()
         dist.barrier()
     tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
-    train_ds, valid_ds = build_datasets(cfg, tokenizer, tr.max_steps * tr.global_batch_size, tr.eval_samples)
+    stages = build_stages(cfg, tokenizer)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -92,7 +92,7 @@ def setup(cfg: Config) -> Session:
         print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
               + (f"resuming from step {start_step}" if start_step else "starting at step 0"), flush=True)
-    trainer = Trainer(cfg, layout, engine, train_ds, valid_ds, run_dir, metrics)
+    trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics)
     return Session(cfg, layout, run_dir, engine, trainer, start_step)
 
 

@@ -1,6 +1,10 @@
-"""Diagnostics on hand-made subspaces with known answers."""
+"""Diagnostics on hand-made subspaces and routes with known answers."""
+from collections import Counter
+
+import pytest
 import torch
 
+from megatron_sdmoe.moe.composition import effective_composition, route_ids
 from megatron_sdmoe.moe.diagnostics import mean_off_diagonal, router_specificity, subspace_overlap
 
 
@@ -22,3 +26,17 @@ def test_router_specificity():
     torch.testing.assert_close(spec, torch.full((3,), 200.0))
     uniform = router_specificity(torch.ones(3, 6), right_bases)  # a row that favours no expert
     torch.testing.assert_close(uniform, torch.ones(3))
+
+
+def test_route_composition_known_answers():
+    # 100 experts: the sets {0, 70} and {0, 71} differ only past the first 63-bit word
+    routing = torch.zeros(3, 100, dtype=torch.bool)
+    routing[0, [0, 70]] = routing[1, [0, 71]] = routing[2, [0, 70]] = True
+    ids = route_ids(routing)
+    assert ids.shape == (3, 2) and torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])
+    # one route serving one domain: 1; one route with two domains in equal shares: 2
+    assert effective_composition(Counter({(("a",), 0): 10})) == 1.0
+    assert effective_composition(Counter({(("a",), 0): 5, (("a",), 1): 5})) == pytest.approx(2.0)
+    # token-weighted: 30 tokens on a pure route (1), 10 on an even two-domain route (2) -> 1.25
+    mixed = Counter({(("a",), 0): 30, (("b",), 0): 5, (("b",), 1): 5})
+    assert effective_composition(mixed) == pytest.approx((30 * 1 + 10 * 2) / 40)

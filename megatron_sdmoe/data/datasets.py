@@ -102,9 +102,10 @@ def _check_splits_have_tokens(prefixes: list[str], split_matrix: list, sizes: li
                                 "weight")
 
 
-def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int,
-                   num_valid_samples: int) -> tuple[Dataset, Dataset | None]:
-    """Train and validation datasets of exactly the requested lengths (valid: None if 0 requested).
+def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_valid_samples: int,
+                   path: list | None = None) -> tuple[Dataset, Dataset | None]:
+    """Train and validation datasets of exactly the requested lengths (valid: None if 0 requested)
+    from the blend `path` (default data.path; empty: the sample corpus).
 
     Must be called on every rank. Under torch.distributed, megatron's builder already builds each
     dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
@@ -112,8 +113,9 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int,
     """
     _require_helpers()
     _check_split(cfg.data.split)
-    if cfg.data.path:
-        blend = parse_blend(cfg.data.path)
+    path = cfg.data.path if path is None else path
+    if path:
+        blend = parse_blend(path)
     else:
         corpus = ensure_sample_corpus()
         if Path(tokenizer.directory).resolve() != Path(corpus.tokenizer_dir).resolve():
@@ -145,6 +147,9 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int,
 
 
 def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
-    """Stack samples `indices` of `dataset` into [b, s] tensors."""
+    """Stack samples `indices` of `dataset` into [b, s] tensors, plus `domain` [b]: the index of
+    each sample's source dataset in the blend (megatron's BlendedDataset adds it; 0 without a blend)."""
     samples = [dataset[i] for i in indices]
-    return {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in BATCH_DTYPES.items()}
+    batch = {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in BATCH_DTYPES.items()}
+    batch["domain"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.int64)
+    return batch

@@ -1,5 +1,6 @@
 """The training loop: global batches in a layout-independent order, forward/backward/step on the
-DeepSpeed engine, evaluation, metrics and checkpoints."""
+DeepSpeed engine, evaluation (per domain, and the stage matrix at stage ends), metrics and
+checkpoints."""
 from __future__ import annotations
 
 import time
@@ -12,20 +13,24 @@ from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps
 from megatron_sdmoe.data.datasets import get_batch
+from megatron_sdmoe.moe.composition import RouteComposition
 from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput
+from megatron_sdmoe.training.stages import Stage, StageMatrix
 from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
 
 class Trainer:
-    def __init__(self, cfg: Config, layout: Layout, engine, train_ds, valid_ds, run_dir: Path,
+    def __init__(self, cfg: Config, layout: Layout, engine, stages: list[Stage], run_dir: Path,
                  metrics: MetricsLogger):
         self.cfg, self.layout, self.engine = cfg, layout, engine
-        self.train_ds, self.valid_ds, self.run_dir, self.metrics = train_ds, valid_ds, run_dir, metrics
+        self.stages, self.run_dir, self.metrics = stages, run_dir, metrics
+        self.stage_matrix = (StageMatrix(run_dir, [s.name for s in stages], layout.is_main)
+                             if cfg.data.stages else None)
         self.grad_accumulation = grad_accumulation_steps(cfg, layout.world_size)
         self.model_config = engine.module.config  # megatron-core's TransformerConfig
         self.expert_load = ExpertLoadMeter(engine.module)
@@ -33,6 +38,7 @@ class Trainer:
         self.update_projector = (UpdateProjector(self.sdmoe_layers)
                                  if self.sdmoe_layers and cfg.sdmoe.project_updates else None)
         self.diagnostics = Diagnostics(engine.module, cfg.moe.diag_rank) if cfg.moe.diag_interval else None
+        self.composition = RouteComposition(engine.module) if cfg.moe.diag_interval else None
         self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
 
     # -- data order --------------------------------------------------------------------------
@@ -44,12 +50,19 @@ class Trainer:
         start = first_sample + (micro * self.layout.data_parallel + self.layout.data_parallel_rank) * mbs
         return list(range(start, start + mbs))
 
-    def _loss(self, dataset, first_sample: int, micro: int) -> torch.Tensor:
+    def _forward(self, dataset, first_sample: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked per-token losses [b, s], the mask, and each sample's domain [b]."""
         batch = {k: v.to(self.layout.device) for k, v in
                  get_batch(dataset, self.micro_batch_indices(first_sample, micro)).items()}
         mask = batch["loss_mask"]
+        if self.composition:
+            self.composition.domains = batch["domain"]
         per_token = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask)
-        return (per_token.float() * mask).sum() / mask.sum()
+        return per_token.float() * mask, mask, batch["domain"]
+
+    def _loss(self, dataset, first_sample: int, micro: int) -> torch.Tensor:
+        losses, mask, _ = self._forward(dataset, first_sample, micro)
+        return losses.sum() / mask.sum()
 
     def _mean_over_dp(self, values: list[torch.Tensor]) -> float:
         mean = torch.stack(values).mean()
@@ -57,8 +70,12 @@ class Trainer:
         return mean.item() / self.layout.data_parallel
 
     # -- steps -------------------------------------------------------------------------------
+    def stage_at(self, step: int) -> Stage:
+        return next(s for s in self.stages if s.first_step <= step < s.last_step)
+
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over global batch `step` (0-based)."""
+        stage = self.stage_at(step)
         # DeepSpeed divides the LM loss by the accumulation steps; the auxiliary losses get the same scale.
         set_auxiliary_loss_scale(1.0 / self.grad_accumulation, self.layout.device)
         if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
@@ -70,7 +87,7 @@ class Trainer:
             self.update_projector.snapshot()
         losses = []
         for micro in range(self.grad_accumulation):
-            loss = self._loss(self.train_ds, step * self.cfg.train.global_batch_size, micro)
+            loss = self._loss(stage.train, (step - stage.first_step) * self.cfg.train.global_batch_size, micro)
             self.engine.backward(loss)
             self.engine.step()  # the optimizer steps on the last micro-batch
             losses.append(loss.detach())
@@ -86,12 +103,33 @@ class Trainer:
                 **self.throughput(tokens / seconds)}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, stage: Stage) -> dict[str, float]:
+        """`val_loss` on the stage's validation data (the mean of micro-batch means) and, for a
+        blend, `val_loss_<domain>` (token-weighted per source dataset)."""
         self.engine.eval()
         per_step = self.cfg.train.micro_batch_size * self.layout.data_parallel
-        losses = [self._loss(self.valid_ds, 0, micro) for micro in range(self.cfg.train.eval_samples // per_step)]
+        means, sums = [], torch.zeros(2, len(stage.domains), dtype=torch.float64, device=self.layout.device)
+        for micro in range(self.cfg.train.eval_samples // per_step):
+            losses, mask, domain = self._forward(stage.valid, 0, micro)
+            means.append(losses.sum() / mask.sum())
+            sums[0].index_add_(0, domain, losses.sum(1).double())
+            sums[1].index_add_(0, domain, mask.sum(1).double())
         self.engine.train()
-        return self._mean_over_dp(losses)
+        result = {"val_loss": self._mean_over_dp(means)}
+        if len(stage.domains) > 1:
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+            result.update({f"val_loss_{name}": (sums[0, d] / sums[1, d]).item()
+                           for d, name in enumerate(stage.domains) if sums[1, d] > 0})
+        return result
+
+    def end_of_stage(self, stage: Stage) -> dict[str, float]:
+        """L[i][j] for every seen stage j; BWT once there are two rows."""
+        index = self.stages.index(stage)
+        row = [self.evaluate(seen)["val_loss"] for seen in self.stages[:index + 1]]
+        bwt = self.stage_matrix.add(index, row)
+        self.metrics.log_figure(stage.last_step, "stages", self.stage_matrix.figure(bwt))
+        result = {f"stage_loss_{seen.name}": loss for seen, loss in zip(self.stages, row)}
+        return result if bwt is None else {**result, "bwt": bwt}
 
     def run(self, start_step: int) -> None:
         tr = self.cfg.train
@@ -103,22 +141,30 @@ class Trainer:
             diagnosing = self.diagnostics is not None and done % self.cfg.moe.diag_interval == 0
             if diagnosing:
                 self.diagnostics.capture_gradients(True)
+                self.composition.recording = True
             result = self.train_step(step)
             per_layer = {}
             if diagnosing:
                 per_layer, overlaps = self.diagnostics.compute()
+                per_layer["route_neff"] = self.composition.compute()
                 self.diagnostics.capture_gradients(False)
+                self.composition.recording = False
                 self.metrics.log_heatmaps(done, "expert_overlap", overlaps)
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.4f}")
             evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
+            stage = self.stage_at(step)
             if evaluating:
-                result["val_loss"] = self.evaluate()
-            if evaluating or diagnosing or done % tr.log_interval == 0 or done == tr.max_steps:
+                result.update(self.evaluate(stage))
+            stage_end = self.stage_matrix is not None and done == stage.last_step
+            if stage_end:
+                result.update(self.end_of_stage(stage))
+            if evaluating or diagnosing or stage_end or done % tr.log_interval == 0 or done == tr.max_steps:
                 per_layer.update(self.expert_load.collect())
                 self.metrics.log(done, result, per_layer)
                 if self.layout.is_main:
                     val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
+                    val += f" | BWT {result['bwt']:+.4f}" if "bwt" in result else ""
                     bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "
                               f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
                               f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"

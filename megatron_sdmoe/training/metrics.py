@@ -45,7 +45,8 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, **scalars, **per_layer}) + "\n")
         self.jsonl.flush()
         for key, value in scalars.items():
-            tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+            tag = (f"val/{key[4:]}" if key.startswith("val_") else f"stages/{key}"
+                   if key.startswith("stage_") or key == "bwt" else f"train/{key}")
             self.tb.add_scalar(tag, value, step)
         for key, values in per_layer.items():
             for layer, value in enumerate(values):
@@ -68,6 +69,11 @@ class MetricsLogger:
             fig.colorbar(image, ax=ax)
             self.tb.add_figure(f"moe/{tag}/layer_{layer}", fig, step)  # closes the figure
         self.tb.flush()
+
+    def log_figure(self, step: int, tag: str, figure) -> None:
+        if self.enabled:
+            self.tb.add_figure(tag, figure, step)
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:

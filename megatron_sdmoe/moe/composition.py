@@ -1,0 +1,67 @@
+"""Route-wise effective composition number (methods.md section 3).
+
+For each route r (the set of experts a token is sent to) N_eff(r) = 1 / sum_c p(c|r)^2, where c
+is the token's composition label: the source dataset of its sample in the blend (its domain).
+N_eff = 1 means a route serves one domain; N_eff = number of domains means it does not tell them
+apart. Reported per MoE layer as the token-weighted mean over routes.
+
+Routers are observed by forward hooks while `recording`; tokens reach a router as [s, b] flattened
+sequence-major, each rank holding a contiguous slice of positions under sequence parallelism, so a
+token's label is its sample's domain whatever the slice. Counts are summed over all ranks (each
+token is routed on exactly one rank).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+def route_ids(routing_map: torch.Tensor) -> torch.Tensor:
+    """[T, E] bool -> [T, W] int64 words that identify each row's expert set (63 experts per word)."""
+    tokens, experts = routing_map.shape
+    width = -(-experts // 63)
+    padded = torch.zeros(tokens, width * 63, dtype=torch.int64, device=routing_map.device)
+    padded[:, :experts] = routing_map.long()
+    bits = torch.arange(63, device=routing_map.device, dtype=torch.int64)
+    return (padded.view(tokens, width, 63) << bits).sum(-1)
+
+
+def effective_composition(counts: Counter) -> float:
+    """{(route, label): tokens} -> token-weighted mean over routes of 1 / sum_c p(c|r)^2."""
+    per_route: dict = {}
+    for (route, _label), n in counts.items():
+        per_route.setdefault(route, []).append(n)
+    total = sum(sum(ns) for ns in per_route.values())
+    return sum(sum(ns) ** 3 / sum(n * n for n in ns) for ns in per_route.values()) / total
+
+
+class RouteComposition:
+    def __init__(self, model: torch.nn.Module):
+        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        self.counts = [Counter() for _ in self.routers]
+        self.domains: torch.Tensor | None = None  # [b] of the micro-batch being run
+        self.recording = False
+        for index, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        def count(module, _inputs, output):
+            if self.recording and module.training:
+                _probs, routing_map = output
+                labels = self.domains.to(routing_map.device).repeat(routing_map.shape[0] // len(self.domains))
+                rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
+                pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
+                for pair, n in zip(pairs.tolist(), tokens.tolist()):
+                    self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
+        return count
+
+    def compute(self) -> list[float]:
+        """N_eff per router over the tokens recorded since the last call (a collective)."""
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.counts)
+        self.counts = [Counter() for _ in self.routers]
+        return [effective_composition(sum((rank[i] for rank in gathered), Counter()))
+                for i in range(len(self.routers))]

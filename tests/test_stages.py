@@ -1,0 +1,62 @@
+"""Domains and stages on two tiny corpora: a blended run reports per-domain validation loss and
+the routes' effective composition number (layout-independent), and a two-stage run writes the stage
+matrix and BWT, and keeps them across a restart at the stage boundary."""
+import json
+
+import pytest
+
+from conftest import launch, metrics
+
+from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer, sample_documents, write_indexed
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    """Two corpora from the sample documents: the even ones as written, the odd ones upper-cased."""
+    root = tmp_path_factory.mktemp("domains")
+    tokenizer_dir = ensure_sample_corpus().tokenizer_dir
+    tok = load_tokenizer(tokenizer_dir)
+    docs = sample_documents()
+    for name, texts in (("prose", docs[0::2]), ("shout", [d.upper() for d in docs[1::2]])):
+        write_indexed(str(root / name), ([*tok.tokenize(t), tok.eod] for t in texts), tok.vocab_size)
+    return {"prose": str(root / "prose"), "shout": str(root / "shout"), "tokenizer": tokenizer_dir}
+
+
+def test_blend_reports_domains_and_route_composition(domains, tmp_path):
+    blend = [f"data.path=[1, {domains['prose']}, 1, {domains['shout']}]", f"data.tokenizer={domains['tokenizer']}",
+             "moe.diag_interval=2", "moe.diag_rank=4", "train.eval_interval=2"]
+    runs = {"one": (1, []), "TP2": (2, ["parallel.tensor=2"]), "EP2": (2, ["parallel.expert=2"])}
+    results = {}
+    for name, (nproc, overrides) in runs.items():
+        launch(tmp_path / name, nproc, *blend, *overrides)
+        results[name] = {row["step"]: row for row in metrics(tmp_path / name)}
+    one = results["one"]
+    for step in (2, 4):
+        # both domains are evaluated; an upper-cased corpus is a different distribution
+        assert abs(one[step]["val_loss_prose"] - one[step]["val_loss_shout"]) > 0.01
+        assert all(1.0 <= n <= 2.0 for n in one[step]["route_neff"])  # two domains at most
+        for name in ("TP2", "EP2"):
+            got = results[name][step]
+            for key in ("val_loss", "val_loss_prose", "val_loss_shout"):
+                assert got[key] == pytest.approx(one[step][key], abs=2e-5), (name, key)
+            assert got["route_neff"] == pytest.approx(one[step]["route_neff"], abs=1e-9), name
+
+
+def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_path):
+    stages = [f"data.stages=[{{name: prose, steps: 3, path: [{domains['prose']}]}}, "
+              f"{{name: shout, steps: 3, path: [{domains['shout']}]}}]",
+              f"data.tokenizer={domains['tokenizer']}", "train.max_steps=6"]
+    launch(tmp_path / "straight", 1, *stages)
+    result = json.loads((tmp_path / "straight" / "stages.json").read_text())
+    (l00,), (l10, l11) = result["loss"]
+    assert result["stages"] == ["prose", "shout"]
+    assert result["bwt"] == pytest.approx(l10 - l00)
+    assert (tmp_path / "straight" / "stages.png").stat().st_size > 0
+    rows = {row["step"]: row for row in metrics(tmp_path / "straight")}
+    assert rows[3]["stage_loss_prose"] == pytest.approx(l00) and "bwt" not in rows[3]
+    assert rows[6]["bwt"] == pytest.approx(result["bwt"])
+    # stop at the stage boundary, start again: the same matrix, bit for bit
+    launch(tmp_path / "restarted", 1, *stages, "train.exit_interval=3")
+    assert len(json.loads((tmp_path / "restarted" / "stages.json").read_text())["loss"]) == 1
+    launch(tmp_path / "restarted", 1, *stages)
+    assert json.loads((tmp_path / "restarted" / "stages.json").read_text()) == result
