@@ -65,6 +65,7 @@ class MoEConfig:
     router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
     diag_interval: int = 0  # steps between specialisation diagnostics (0: off); see methods.md section 3
     diag_rank: int = 8  # k of the singular subspaces the diagnostics compare
+    diag_position_buckets: int = 1  # route composition labels: source dataset x this many position buckets
 
 
 @dataclass
@@ -116,6 +117,7 @@ class StageConfig:
     """One stage of continual training (methods.md section 4)."""
 
     path: list = field(default_factory=list)  # the stage's blend, as data.path
+    valid_path: list = field(default_factory=list)  # its validation blend, as data.valid_path
     steps: int = 0  # optimizer steps on it
     name: Optional[str] = None  # label in the stage matrix; default stage_<i>
 
@@ -127,6 +129,7 @@ class DataConfig:
     path: list = field(default_factory=list)
     tokenizer: Optional[str] = None  # Hugging Face tokenizer directory; required with data.path
     split: str = "98,2,0"  # train,validation,test weights over each prefix's documents
+    valid_path: list = field(default_factory=list)  # a separate validation blend (then data.split is unused)
     seq_length: int = 128
     cache_dir: Optional[str] = None  # megatron.core.datasets index cache; default <run.dir>/data_cache
     # Continual training: an ordered list of {path, steps, name} blends that replaces data.path;
@@ -279,6 +282,8 @@ def validate(cfg: Config, world_size: int) -> None:
         need(moe.diag_interval > 0, f"moe.diag_interval={moe.diag_interval} must not be negative")
         need(moe.expert_impl == "grouped" and par.expert_tensor == 1,
              "moe.diag_interval needs moe.expert_impl=grouped and parallel.expert_tensor=1")
+        need(moe.diag_position_buckets >= 1,
+             f"moe.diag_position_buckets={moe.diag_position_buckets} must be at least 1")
         need(1 <= moe.diag_rank <= min(m.hidden_size, moe.ffn_hidden_size),
              f"moe.diag_rank={moe.diag_rank} must lie in [1, {min(m.hidden_size, moe.ffn_hidden_size)}]")
     if moe.variant == "sdmoe":
@@ -359,6 +364,8 @@ def validate(cfg: Config, world_size: int) -> None:
     need(m.num_attention_heads % m.num_query_groups == 0,
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
          f"{m.num_query_groups}: change one of them")
+    need(data.valid_path == [] or data.path != [], "data.valid_path needs data.path (the sample corpus has its "
+         "own split): set data.path or drop data.valid_path")
     need((data.path == [] and data.stages == []) or data.tokenizer is not None,
          "data.path or data.stages is set but data.tokenizer is not: give the Hugging Face tokenizer directory "
          "the corpus was tokenized with")

@@ -132,7 +132,9 @@ def test_build_datasets_sample_corpus_and_batch(tmp_path, tok):
     batch = get_batch(train, list(range(16, 32)))
     assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == {
         "tokens": ((16, 64), torch.int64), "labels": ((16, 64), torch.int64),
-        "loss_mask": ((16, 64), torch.float32), "position_ids": ((16, 64), torch.int64)}
+        "loss_mask": ((16, 64), torch.float32), "position_ids": ((16, 64), torch.int64),
+        "domain": ((16,), torch.int64)}
+    assert not batch["domain"].any()  # one dataset, no blend: domain 0
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
     assert torch.equal(batch["position_ids"][0], torch.arange(64))
     # Same seed, fresh index cache: the same samples (what resuming relies on).

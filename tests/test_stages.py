@@ -24,7 +24,7 @@ def domains(tmp_path_factory):
 
 def test_blend_reports_domains_and_route_composition(domains, tmp_path):
     blend = [f"data.path=[1, {domains['prose']}, 1, {domains['shout']}]", f"data.tokenizer={domains['tokenizer']}",
-             "moe.diag_interval=2", "moe.diag_rank=4", "train.eval_interval=2"]
+             "moe.diag_interval=2", "moe.diag_rank=4", "moe.diag_position_buckets=2", "train.eval_interval=2"]
     runs = {"one": (1, []), "TP2": (2, ["parallel.tensor=2"]), "EP2": (2, ["parallel.expert=2"])}
     results = {}
     for name, (nproc, overrides) in runs.items():
@@ -34,7 +34,7 @@ def test_blend_reports_domains_and_route_composition(domains, tmp_path):
     for step in (2, 4):
         # both domains are evaluated; an upper-cased corpus is a different distribution
         assert abs(one[step]["val_loss_prose"] - one[step]["val_loss_shout"]) > 0.01
-        assert all(1.0 <= n <= 2.0 for n in one[step]["route_neff"])  # two domains at most
+        assert all(1.0 <= n <= 4.0 for n in one[step]["route_neff"])  # 2 domains x 2 position buckets
         for name in ("TP2", "EP2"):
             got = results[name][step]
             for key in ("val_loss", "val_loss_prose", "val_loss_shout"):
@@ -60,3 +60,20 @@ def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_
     assert len(json.loads((tmp_path / "restarted" / "stages.json").read_text())["loss"]) == 1
     launch(tmp_path / "restarted", 1, *stages)
     assert json.loads((tmp_path / "restarted" / "stages.json").read_text()) == result
+
+
+@pytest.mark.filterwarnings("ignore:Could not determine rank")
+def test_separate_validation_blend(domains, tmp_path):
+    """data.valid_path: validation samples come from that blend only (here: the upper-cased corpus)."""
+    from megatron_sdmoe.config import load_config
+    from megatron_sdmoe.data import build_datasets
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", f"data.path=[{domains['prose']}]",
+                             f"data.valid_path=[{domains['shout']}]", f"data.tokenizer={domains['tokenizer']}"])
+    tok = load_tokenizer(domains["tokenizer"])
+    train, valid = build_datasets(cfg, tok, 16, 16)
+    def text(dataset, i):  # without the end-of-document token's own (lower-case) text
+        return tok.detokenize([t for t in dataset[i]["tokens"].tolist() if t != tok.eod])
+
+    assert all(text(valid, i) == text(valid, i).upper() for i in range(16))
+    assert any(text(train, i) != text(train, i).upper() for i in range(16))

@@ -103,9 +103,10 @@ def _check_splits_have_tokens(prefixes: list[str], split_matrix: list, sizes: li
 
 
 def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_valid_samples: int,
-                   path: list | None = None) -> tuple[Dataset, Dataset | None]:
+                   path: list | None = None, valid_path: list | None = None) -> tuple[Dataset, Dataset | None]:
     """Train and validation datasets of exactly the requested lengths (valid: None if 0 requested)
-    from the blend `path` (default data.path; empty: the sample corpus).
+    from the blend `path` (default data.path; empty: the sample corpus), split by data.split, or
+    validated on the separate blend `valid_path` (default data.valid_path) when one is given.
 
     Must be called on every rank. Under torch.distributed, megatron's builder already builds each
     dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
@@ -114,6 +115,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
     _require_helpers()
     _check_split(cfg.data.split)
     path = cfg.data.path if path is None else path
+    valid_path = cfg.data.valid_path if valid_path is None else valid_path
     if path:
         blend = parse_blend(path)
     else:
@@ -129,8 +131,8 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
         config = GPTDatasetConfig(
             random_seed=cfg.train.seed,
             sequence_length=cfg.data.seq_length,
-            blend=blend,
-            split=cfg.data.split,
+            **({"blend_per_split": [blend, parse_blend(valid_path), None]} if valid_path else
+               {"blend": blend, "split": cfg.data.split}),
             path_to_cache=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"),
             tokenizer=tokenizer,
             reset_position_ids=False,
@@ -139,7 +141,8 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             create_attention_mask=False,  # attention kernels build the causal mask themselves
         )
         sizes = [num_train_samples, num_valid_samples, 0]
-        _check_splits_have_tokens(blend[0], config.split_matrix, sizes, cfg.data.split)
+        if not valid_path:
+            _check_splits_have_tokens(blend[0], config.split_matrix, sizes, cfg.data.split)
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only.
     return Subset(train, range(num_train_samples)), (Subset(valid, range(num_valid_samples))

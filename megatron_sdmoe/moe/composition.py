@@ -1,13 +1,13 @@
 """Route-wise effective composition number (methods.md section 3).
 
 For each route r (the set of experts a token is sent to) N_eff(r) = 1 / sum_c p(c|r)^2, where c
-is the token's composition label: the source dataset of its sample in the blend (its domain).
+is the token's composition label: the source dataset of its sample in the blend (its domain),
+crossed with the bucket of its position when `moe.diag_position_buckets` > 1.
 N_eff = 1 means a route serves one domain; N_eff = number of domains means it does not tell them
 apart. Reported per MoE layer as the token-weighted mean over routes.
 
 Routers are observed by forward hooks while `recording`; tokens reach a router as [s, b] flattened
-sequence-major, each rank holding a contiguous slice of positions under sequence parallelism, so a
-token's label is its sample's domain whatever the slice. Counts are summed over all ranks (each
+sequence-major, each TP rank holding a contiguous slice of positions under sequence parallelism. Counts are summed over all ranks (each
 token is routed on exactly one rank).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import TopKRouter
 
 
@@ -39,7 +40,8 @@ def effective_composition(counts: Counter) -> float:
 
 
 class RouteComposition:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, position_buckets: int = 1):
+        self.position_buckets = position_buckets
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         self.counts = [Counter() for _ in self.routers]
         self.domains: torch.Tensor | None = None  # [b] of the micro-batch being run
@@ -51,12 +53,21 @@ class RouteComposition:
         def count(module, _inputs, output):
             if self.recording and module.training:
                 _probs, routing_map = output
-                labels = self.domains.to(routing_map.device).repeat(routing_map.shape[0] // len(self.domains))
+                labels = self.labels(routing_map.shape[0]).to(routing_map.device)
                 rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
                 pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
                 for pair, n in zip(pairs.tolist(), tokens.tolist()):
                     self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
         return count
+
+    def labels(self, tokens: int) -> torch.Tensor:
+        """Labels of the router's `tokens` = [s_local, b] flattened: domain x position bucket."""
+        batch = len(self.domains)
+        local = tokens // batch
+        tp = ps.get_tensor_model_parallel_world_size()  # sequence parallel whenever TP > 1
+        positions = ps.get_tensor_model_parallel_rank() * local + torch.arange(local) if tp > 1 else torch.arange(local)
+        buckets = positions * self.position_buckets // (local * tp)
+        return (self.domains.cpu()[None, :] * self.position_buckets + buckets[:, None]).reshape(-1)
 
     def compute(self) -> list[float]:
         """N_eff per router over the tokens recorded since the last call (a collective)."""

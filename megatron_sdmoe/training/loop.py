@@ -38,7 +38,8 @@ class Trainer:
         self.update_projector = (UpdateProjector(self.sdmoe_layers)
                                  if self.sdmoe_layers and cfg.sdmoe.project_updates else None)
         self.diagnostics = Diagnostics(engine.module, cfg.moe.diag_rank) if cfg.moe.diag_interval else None
-        self.composition = RouteComposition(engine.module) if cfg.moe.diag_interval else None
+        self.composition = (RouteComposition(engine.module, cfg.moe.diag_position_buckets)
+                            if cfg.moe.diag_interval else None)
         self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
 
     # -- data order --------------------------------------------------------------------------

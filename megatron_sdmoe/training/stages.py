@@ -27,7 +27,7 @@ class Stage:
     steps: int
     train: Dataset
     valid: Dataset | None
-    domains: list[str]  # the blend's datasets, in the order of their dataset ids
+    domains: list[str]  # the validation blend's datasets, in the order of their dataset ids
 
     @property
     def last_step(self) -> int:  # 1-based step count at which the stage ends
@@ -44,12 +44,12 @@ def domain_names(path: list) -> list[str]:
 
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     tr = cfg.train
-    blends = ([(stage_name(cfg, i), s.path, s.steps) for i, s in enumerate(cfg.data.stages)]
-              or [("main", cfg.data.path, tr.max_steps)])
+    blends = ([(stage_name(cfg, i), s.path, s.valid_path, s.steps) for i, s in enumerate(cfg.data.stages)]
+              or [("main", cfg.data.path, cfg.data.valid_path, tr.max_steps)])
     stages, first = [], 0
-    for name, path, steps in blends:
-        train, valid = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path)
-        stages.append(Stage(name, first, steps, train, valid, domain_names(path)))
+    for name, path, valid_path, steps in blends:
+        train, valid = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path)
+        stages.append(Stage(name, first, steps, train, valid, domain_names(valid_path or path)))
         first += steps
     return stages
 
