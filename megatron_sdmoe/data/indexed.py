@@ -1,11 +1,18 @@
-"""Writer for Megatron's .bin/.idx token format (read back by megatron's IndexedDataset)."""
+"""Writer and checker for Megatron's .bin/.idx token format (read by megatron's IndexedDataset)."""
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder, _IndexReader
+
+from megatron_sdmoe.errors import UserError
+
+# .idx header: magic (9 bytes), version (8), dtype code (1), sequence count (8), document count (8).
+IDX_HEADER_BYTES = 34
 
 
 def write_indexed(prefix: str, docs: Iterable[Sequence[int]], vocab_size: int) -> None:
@@ -20,3 +27,44 @@ def write_indexed(prefix: str, docs: Iterable[Sequence[int]], vocab_size: int) -
         builder.add_item(torch.from_numpy(arr))
         builder.end_document()
     builder.finalize(prefix + ".idx")
+
+
+def open_checked(prefix: str) -> IndexedDataset:
+    """megatron-core's IndexedDataset over `prefix`, after checking that its .idx describes its .bin.
+
+    Megatron's reader trusts the index: a .bin that is truncated or belongs to another index is
+    only noticed, if ever, as garbage tokens in training. Raises UserError on any mismatch.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found: give the prefix of an existing .bin/.idx pair (without the "
+                            "extension)")
+    try:
+        index = _IndexReader(idx, multimodal=False)
+    except (AssertionError, ValueError, struct.error) as e:  # bad magic or version, dtype code, truncation
+        raise UserError(f"{idx} is not a readable Megatron index ({e or type(e).__name__}): re-create it with "
+                        "sdmoe-preprocess") from e
+    lengths = index.sequence_lengths.astype(np.int64)
+    pointers, bounds, itemsize = index.sequence_pointers, index.document_indices, index.dtype_size
+    idx_bytes, bin_bytes = os.path.getsize(idx), os.path.getsize(bin_)
+    starts = (np.cumsum(lengths) - lengths) * itemsize  # where each sequence begins in a consistent .bin
+    expected_idx = IDX_HEADER_BYTES + len(lengths) * (4 + 8) + len(bounds) * 8
+    problem = None
+    if idx_bytes not in (expected_idx, expected_idx + len(lengths)):  # + one mode byte per sequence if multimodal
+        problem = (f"the .idx has {idx_bytes} bytes where {len(lengths)} sequences and {len(bounds)} document "
+                   f"boundaries take {expected_idx}")
+    elif (lengths < 0).any():
+        problem = "it lists negative sequence lengths"
+    elif lengths.sum() * itemsize != bin_bytes:
+        problem = (f"its sequence lengths add up to {lengths.sum()} tokens of {itemsize} bytes, but the .bin has "
+                   f"{bin_bytes} bytes")
+    elif not np.array_equal(pointers, starts):
+        first = int(np.argmax(pointers != starts))
+        problem = f"sequence {first} starts at byte {pointers[first]} instead of {starts[first]}"
+    elif not len(bounds) or bounds[0] != 0 or bounds[-1] != len(lengths) or (np.diff(bounds) < 0).any():
+        problem = f"its document boundaries do not run from sequence 0 to sequence {len(lengths)} in order"
+    if problem:
+        raise UserError(f"{idx} does not match {bin_}: {problem}: re-create both with sdmoe-preprocess, or restore "
+                        "the pair from the same run")
+    return IndexedDataset(prefix)
