@@ -298,9 +298,9 @@ def validate(cfg: Config, world_size: int) -> None:
         need(sd.rank <= min(m.hidden_size, moe.ffn_hidden_size),
              f"sdmoe.rank={sd.rank} exceeds the smaller side of the expert matrices "
              f"({min(m.hidden_size, moe.ffn_hidden_size)}): lower sdmoe.rank")
-        need(par.expert_tensor == 1,
-             "moe.variant=sdmoe supports parallel.expert_tensor=1 only in this version (the basis of a "
-             "sharded common matrix needs cross-shard SVD products): set parallel.expert_tensor=1")
+        need(par.expert_tensor in (1, par.tensor),
+             f"moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor "
+             f"equals parallel.tensor ({par.tensor}) or is 1: set parallel.expert_tensor to one of them")
     need(moe.score_function in (None, "softmax", "sigmoid"),
          f"moe.score_function={moe.score_function!r} is unknown: use softmax or sigmoid (or leave it empty)")
     from megatron_sdmoe.models.common import score_function

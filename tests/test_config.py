@@ -52,6 +52,8 @@ def test_load_errors(override, message):
     (["model.dense_layers=4"], 1, "model.dense_layers=4 must lie in [0, model.num_layers - 1]"),
     (["model.dense_layers=1"], 1, "model.dense_layers=1 needs model.dense_ffn_hidden_size"),
     (["moe.capacity_factor=0"], 1, "moe.capacity_factor=0.0 must be positive"),
+    (["moe.variant=sdmoe", "parallel.expert_tensor=2"], 2,
+     "moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor equals"),
 ])
 def test_validation_errors(overrides, world, message):
     cfg = load_config(CONFIG, overrides)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sdmoe.config import SDMoEConfig
-from megatron_sdmoe.moe.sdmoe import SDMoEExperts, SpectralSplit, complement, top_singular_vectors
+from megatron_sdmoe.moe.sdmoe import UNSHARDED, SDMoEExperts, SpectralSplit, complement, top_singular_vectors
 
 
 def orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -22,7 +22,7 @@ def test_gradient_routing_bookkeeping(shared):
     common = torch.zeros(*lead, m, n, dtype=torch.float64, requires_grad=True)
     unique = torch.randn(experts, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(experts, m, n, generator=gen, dtype=torch.float64)
-    SpectralSplit.apply(common, unique, 1, q, v).backward(grad)
+    SpectralSplit.apply(common, unique, 1, UNSHARDED, q, v).backward(grad)
 
     eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
     p, r = q @ q.transpose(-2, -1), v @ v.transpose(-2, -1)

@@ -19,6 +19,7 @@ LAYOUTS = {
     "EP2": (2, ["parallel.expert=2"]),
     "EP4": (4, ["parallel.expert=4"]),
     "TP2": (2, ["parallel.tensor=2"]),
+    "TP2 ETP2 (sharded common matrices)": (2, ["parallel.tensor=2", "parallel.expert_tensor=2"]),
     "EP2 x DP2 ZeRO-2": (4, ["parallel.expert=2", "parallel.zero_stage=2"]),
 }
 
@@ -64,9 +65,13 @@ def test_sdmoe_resume_across_a_refresh_is_exact(tmp_path):
     assert resumed[-1]["expert_overlap"] == reference[-1]["expert_overlap"]
 
 
-def test_project_updates_keeps_adamw_changes_in_the_complement(tmp_path):
-    proc = launch(tmp_path, 4, *SDMOE, "sdmoe.project_updates=true", "sdmoe.refresh_interval=8", "train.max_steps=3",
-                  "parallel.expert=2", "parallel.zero_stage=2", module="tests.workers.sdmoe_complement")
+@pytest.mark.parametrize("nproc, layout", [
+    (4, ["parallel.expert=2", "parallel.zero_stage=2"]),
+    (2, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.zero_stage=2", "sdmoe.common=per_expert"]),
+], ids=["EP2 x DP2", "TP2 ETP2 per-expert C"])
+def test_project_updates_keeps_adamw_changes_in_the_complement(tmp_path, nproc, layout):
+    proc = launch(tmp_path, nproc, *SDMOE, "sdmoe.project_updates=true", "sdmoe.refresh_interval=8", "train.max_steps=3",
+                  *layout, module="tests.workers.sdmoe_complement")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("COMPLEMENT "))
     result = json.loads(line.removeprefix("COMPLEMENT "))
     assert result["min_change"] > 0  # every unique matrix moved

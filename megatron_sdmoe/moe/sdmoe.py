@@ -8,7 +8,12 @@ steps by a randomized SVD of C, identically on every rank.
 
 `common: shared` (default) keeps one C per layer and projection, a dense parameter replicated on
 every expert-parallel rank; `per_expert` gives each expert its own C_e and basis (an expert
-parameter). A projection left out of `sdmoe.projections`, or rank 0, has C = 0 and an empty basis:
+parameter).
+
+Under expert tensor parallelism (ETP > 1) C is sharded like U (gate/up by rows, down by columns);
+the basis vectors of the sharded side are sharded the same way, and the gradient routing sums its
+one small cross-shard product over the expert-TP group. Bases are computed from C gathered whole,
+so every layout computes the same basis. A projection left out of `sdmoe.projections`, or rank 0, has C = 0 and an empty basis:
 the layer is then exactly the baseline MoE.
 """
 from __future__ import annotations
@@ -19,25 +24,69 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sdmoe.config import SDMoEConfig
 from megatron_sdmoe.moe.experts import GroupedExperts
 
 PROJECTIONS = ("gate", "up", "down")
+# Which side of each projection's matrix [m, n] expert tensor parallelism splits: fc1 = [gate; up]
+# by rows, fc2 (down) by columns (megatron-core's column- and row-parallel expert linears).
+SHARDED_SIDE = {"gate": "rows", "up": "rows", "down": "cols"}
 
 
-def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(I - QQ^T) G (I - VV^T): G [..., m, n], Q [..., m, k], V [..., n, k]."""
-    return _routed(grad, q, v)[0]
+class Shards:
+    """An expert-TP group and the side of a matrix split over it (None: not sharded)."""
+
+    def __init__(self, group, side: str | None):
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.side = side if self.group is not None else None
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole matrix from its shards (rank order)."""
+        if self.side is None:
+            return local
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-2 if self.side == "rows" else -1)
+
+    def local(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        return full.chunk(dist.get_world_size(self.group), dim=dim)[dist.get_rank(self.group)].contiguous()
+
+    def local_matrix(self, full: torch.Tensor) -> torch.Tensor:
+        return full if self.side is None else self.local(full, -2 if self.side == "rows" else -1)
+
+    def local_basis(self, q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the basis of the whole matrix: Q's for split rows, V's for split columns."""
+        if self.side is None:
+            return q, v
+        return (self.local(q, -2), v) if self.side == "rows" else (q, self.local(v, -2))
 
 
-def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor):
+UNSHARDED = Shards(None, None)
+
+
+def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED) -> torch.Tensor:
+    """(I - QQ^T) G (I - VV^T): G [..., m, n], Q [..., m, k], V [..., n, k] (this rank's shards)."""
+    return _routed(grad, q, v, shards)[0]
+
+
+def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED):
     """Split G [E, m, n] against the basis Q [(E,) m, k], V [(E,) n, k] in O(k m n) with one pass
     over G: G = comp + Q A + B V^T, comp = (I - P) G (I - R), A = Q^T G, B = (I - P) G V.
-    Returns comp and the small factors A [E, k, n], B [E, m, k] of the part that goes to C."""
+    Returns comp and the small factors A [E, k, n], B [E, m, k] of the part that goes to C.
+    Row-split G and Q: A sums over the shards; column-split G and V: B does."""
     a = q.transpose(-2, -1) @ grad
+    if shards.side == "rows":
+        a = shards.sum(a)
     b = grad @ v - q @ (a @ v)
+    if shards.side == "cols":
+        b = shards.sum(b)
     batch, (m, k), n = grad.shape[:-2], q.shape[-2:], v.shape[-2]
     if k == 0:  # rank 0: everything goes to U, exactly
         return grad, a, b
@@ -52,13 +101,13 @@ class SpectralSplit(torch.autograd.Function):
     """W = C + U forward; backward routes dL/dW into the complement (to U) and the rest (to C).
 
     W's rows may hold several projections with their own bases (fc1 = [gate; up]): `blocks` equal
-    row blocks, each with a (Q, V) pair among `bases`.
+    row blocks, each with a (Q, V) pair among `bases`, all split over expert TP as `shards` says.
     """
 
     @staticmethod
-    def forward(ctx, common, unique, blocks, *bases):
+    def forward(ctx, common, unique, blocks, shards, *bases):
         ctx.save_for_backward(*bases)
-        ctx.blocks, ctx.shared = blocks, common.dim() < unique.dim()
+        ctx.blocks, ctx.shards, ctx.shared = blocks, shards, common.dim() < unique.dim()
         return common.unsqueeze(0) + unique if ctx.shared else common + unique
 
     @staticmethod
@@ -66,14 +115,14 @@ class SpectralSplit(torch.autograd.Function):
         bases = ctx.saved_tensors
         grad_unique, grad_common = [], []
         for block, (q, v) in zip(grad.chunk(ctx.blocks, dim=-2), zip(bases[0::2], bases[1::2])):
-            comp, a, b = _routed(block, q, v)
+            comp, a, b = _routed(block, q, v, ctx.shards)
             grad_unique.append(comp)
             if ctx.shared:  # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T: no pass over G
                 grad_common.append(q @ a.sum(0) + b.sum(0) @ v.transpose(-2, -1))
             else:
                 grad_common.append(torch.baddbmm(q @ a, b, v.transpose(-2, -1)))
         cat = (lambda parts: parts[0]) if ctx.blocks == 1 else (lambda parts: torch.cat(parts, dim=-2))
-        return (cat(grad_common), cat(grad_unique), None, *([None] * len(bases)))
+        return (cat(grad_common), cat(grad_unique), None, None, *([None] * len(bases)))
 
 
 def top_singular_vectors(matrix: torch.Tensor, rank: int, seed: int, power_iterations: int,
@@ -101,6 +150,8 @@ class SDMoEExperts(GroupedExperts):
         self.layer_key = ""  # the module's name in the model, set by prepare(); seeds the SVDs
         cfg, ffn = sdmoe, self.linear_fc2.shape[-1]
         self.ranks = {p: cfg.rank if p in cfg.projections else 0 for p in PROJECTIONS}
+        expert_tp = pg_collection.expt_tp if pg_collection is not None else ps.get_expert_tensor_parallel_group()
+        self.shards = {p: Shards(expert_tp, SHARDED_SIDE[p]) for p in PROJECTIONS}
         self.shared = cfg.common == "shared"
         lead = () if self.shared else (num_local_experts,)
         self.common_fc1 = self._common(self.linear_fc1, lead, config)
@@ -113,12 +164,18 @@ class SDMoEExperts(GroupedExperts):
 
     def _common(self, unique: torch.nn.Parameter, lead: tuple, config: TransformerConfig) -> torch.nn.Parameter:
         param = torch.nn.Parameter(torch.zeros(*lead, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
-        if self.shared:
-            # A dense parameter, replicated on every rank (expert-TP is 1, see config validation).
-            # Its gradient must sum the terms of every expert on every rank: the data-parallel
-            # reduction covers the ranks of one TP position; under TP the engine's sequence-
-            # parallel hook sums over TP as well.
+        if self.shared and self.shards["down"].group is None:
+            # A dense parameter, replicated on every rank. Its gradient must sum the terms of every
+            # expert on every rank: the data-parallel reduction covers the ranks of one TP position;
+            # under TP the engine's sequence-parallel hook sums over TP as well (each TP rank's
+            # experts saw only its part of the sequence).
             param.sequence_parallel = config.tensor_model_parallel_size > 1
+        elif self.shared:
+            # Split like U over expert TP, which equals TP (config validation): a TP-sharded dense
+            # parameter. Each shard's experts saw all tokens of the TP group, so the data-parallel
+            # reduction alone completes its gradient.
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=unique.partition_dim - 1,
+                                                 stride=unique.partition_stride)
         else:  # one C_e per expert: an expert parameter like the unique part
             param.allreduce, param.stacked_experts = unique.allreduce, True
             for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
@@ -127,8 +184,9 @@ class SDMoEExperts(GroupedExperts):
 
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        fc1 = SpectralSplit.apply(self.common_fc1, self.linear_fc1, 2, self.q_gate, self.v_gate, self.q_up, self.v_up)
-        fc2 = SpectralSplit.apply(self.common_fc2, self.linear_fc2, 1, self.q_down, self.v_down)
+        fc1 = SpectralSplit.apply(self.common_fc1, self.linear_fc1, 2, self.shards["gate"], self.q_gate, self.v_gate,
+                                  self.q_up, self.v_up)
+        fc2 = SpectralSplit.apply(self.common_fc2, self.linear_fc2, 1, self.shards["down"], self.q_down, self.v_down)
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
@@ -146,13 +204,18 @@ class SDMoEExperts(GroupedExperts):
     @torch.no_grad()
     def refresh_bases(self, step: int) -> None:
         """Q, V <- top-k singular vectors of the current C (same result on every rank: C is
-        replicated and the random range finder is seeded by layer, projection and step)."""
+        replicated, or gathered whole over expert TP, and the random range finder is seeded by
+        layer, projection and step)."""
         cfg = self.sdmoe
         for proj, common in self.commons().items():
-            q, v = top_singular_vectors(common, self.ranks[proj], self._seed(proj, step), cfg.power_iterations,
-                                        cfg.oversample)
-            getattr(self, f"q_{proj}").copy_(q)
-            getattr(self, f"v_{proj}").copy_(v)
+            shards = self.shards[proj]
+            q, v = top_singular_vectors(shards.gather(common), self.ranks[proj], self._seed(proj, step),
+                                        cfg.power_iterations, cfg.oversample)
+            self._set_basis(proj, *shards.local_basis(q, v))
+
+    def _set_basis(self, proj: str, q: torch.Tensor, v: torch.Tensor) -> None:
+        getattr(self, f"q_{proj}").copy_(q)
+        getattr(self, f"v_{proj}").copy_(v)
 
     @torch.no_grad()
     def split_initial_weights(self) -> None:
@@ -160,20 +223,21 @@ class SDMoEExperts(GroupedExperts):
         truncation of the mean expert (shared) or of W_e itself (per_expert), U_e = the two-sided
         complement projection of W_e - C, and the basis of C."""
         for proj, unique in self.uniques().items():
-            k = self.ranks[proj]
+            k, shards = self.ranks[proj], self.shards[proj]
             if self.shared:
                 mean = unique.sum(0, dtype=torch.float32)
                 dist.all_reduce(mean, group=ps.get_expert_model_parallel_group())
                 target = (mean / self.config.num_moe_experts).to(unique.dtype)
             else:
                 target = unique
+            target = shards.gather(target)
             q, v = top_singular_vectors(target, k, self._seed(proj, -1), self.sdmoe.power_iterations,
                                         self.sdmoe.oversample)
-            common = q @ (q.transpose(-2, -1) @ target @ v) @ v.transpose(-2, -1)  # rank-k truncation
+            common = shards.local_matrix(q @ (q.transpose(-2, -1) @ target @ v) @ v.transpose(-2, -1))  # rank k
+            q, v = shards.local_basis(q, v)
             self.commons()[proj].copy_(common)
-            unique.copy_(complement(unique - common, q, v))
-            getattr(self, f"q_{proj}").copy_(q)
-            getattr(self, f"v_{proj}").copy_(v)
+            unique.copy_(complement(unique - common, q, v, shards))
+            self._set_basis(proj, q, v)
 
 
 def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
@@ -214,6 +278,6 @@ class UpdateProjector:
                 new = safe_get_full_fp32_param(param)
                 for proj, rows in parts:
                     q, v = getattr(layer, f"q_{proj}").float(), getattr(layer, f"v_{proj}").float()
-                    new[:, rows] = old[:, rows] + complement(new[:, rows] - old[:, rows], q, v)
+                    new[:, rows] = old[:, rows] + complement(new[:, rows] - old[:, rows], q, v, layer.shards[proj])
                 safe_set_full_fp32_param(param, new)
                 param.copy_(new.to(param.dtype))

@@ -27,7 +27,8 @@ def main() -> None:
         for proj, unique in layer.uniques().items():
             delta = unique.detach() - old[proj]
             q, v = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}")
-            worst = max(worst, ((delta - complement(delta, q, v)).norm() / delta.norm()).item())
+            inside = complement(delta, q, v, layer.shards[proj])
+            worst = max(worst, ((delta - inside).norm() / delta.norm()).item())
             smallest_change = min(smallest_change, delta.norm().item())
     result = torch.tensor([worst, -smallest_change], dtype=torch.float64)
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
