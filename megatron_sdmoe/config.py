@@ -25,12 +25,25 @@ class RunConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (model.attention: mla), DeepSeek-V2/V3's."""
+
+    q_lora_rank: Optional[int] = None  # query latent width; empty: a full query projection (V2-Lite)
+    kv_lora_rank: int = 512  # key/value latent width
+    qk_head_dim: int = 128  # per-head query/key width without RoPE
+    qk_rope_head_dim: int = 64  # per-head query/key width with RoPE (the key's part is shared by all heads)
+    v_head_dim: int = 128  # per-head value width
+
+
+@dataclass
 class ModelConfig:
     preset: str = "qwen3_moe"  # model family (models/)
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: int = 2  # GQA key/value heads
+    attention: str = "gqa"  # gqa | mla (multi-head latent attention, the deepseek preset; see model.mla)
+    mla: MLAConfig = field(default_factory=MLAConfig)
     kv_channels: Optional[int] = None  # head dim; default hidden_size / num_attention_heads
     max_position_embeddings: int = 4096
     rotary_base: int = 1000000
@@ -325,6 +338,20 @@ def validate(cfg: Config, world_size: int) -> None:
              f"moe.topk={moe.topk} exceeds the experts in moe.group_topk={moe.group_topk} groups: raise "
              "moe.group_topk or lower moe.topk")
     need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
+    need(m.attention in ("gqa", "mla"), f"model.attention={m.attention!r}: use gqa or mla")
+    need(m.attention == "gqa" or m.preset == "deepseek",
+         f"model.attention=mla is DeepSeek's: use model.preset=deepseek (not {m.preset})")
+    if m.attention == "mla":
+        # megatron-core 0.19.2's Transformer-Engine-free MLA down-projections are column-parallel: under
+        # TP each rank keeps only its own heads' share of the RoPE key gradient (measured: TP2 drifts
+        # from one process from step 2 on), so TP is refused rather than trained wrong.
+        need(par.tensor == 1, "model.attention=mla supports parallel.tensor=1 only (megatron-core's TE-free MLA "
+             "loses part of the RoPE key gradient under tensor parallelism): use expert/data parallelism, or "
+             "model.attention=gqa")
+        for key in ("kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            need(getattr(m.mla, key) >= 1, f"model.mla.{key}={getattr(m.mla, key)} must be at least 1")
+        need(m.mla.q_lora_rank is None or m.mla.q_lora_rank >= 1,
+             f"model.mla.q_lora_rank={m.mla.q_lora_rank} must be at least 1 (or empty)")
     need(m.vocab_size is None or m.vocab_size >= 1, f"model.vocab_size={m.vocab_size} must be at least 1")
     need(0 <= m.dense_layers < m.num_layers,
          f"model.dense_layers={m.dense_layers} must lie in [0, model.num_layers - 1]: keep at least one MoE layer")

@@ -47,25 +47,45 @@ def vocab_size(cfg: Config) -> int:
     return load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir).vocab_size
 
 
+def head_dims(cfg: Config) -> tuple[int, int]:
+    """Per-head query/key and value widths."""
+    m = cfg.model
+    if m.attention == "mla":
+        return m.mla.qk_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    return d, d
+
+
+def attention_parameters(cfg: Config, family: dict) -> tuple[int, int, int]:
+    """Per layer: projection weights, QKV bias, and norm weights (QK-norms, MLA's latent norms)."""
+    m, h, heads = cfg.model, cfg.model.hidden_size, cfg.model.num_attention_heads
+    (qk, v), out = head_dims(cfg), heads * head_dims(cfg)[1] * h
+    if m.attention == "mla":
+        mla = m.mla
+        query = (h * mla.q_lora_rank + mla.q_lora_rank * heads * qk) if mla.q_lora_rank else h * heads * qk
+        key_value = h * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank * heads * (mla.qk_head_dim + v)
+        return query + key_value + out, 0, (mla.q_lora_rank or 0) + mla.kv_lora_rank
+    qkv_width = (heads + 2 * m.num_query_groups) * qk
+    return h * qkv_width + out, qkv_width * family["add_qkv_bias"], 2 * qk * family["qk_layernorm"]
+
+
 def parameter_blocks(cfg: Config, vocab: int) -> list[Block]:
     from megatron_sdmoe.models import PRESETS, padded_vocab_size
 
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     family = PRESETS[m.preset].transformer_kwargs(cfg)
     h, tp, experts = m.hidden_size, par.tensor, moe.num_experts
-    d = m.kv_channels or h // m.num_attention_heads
-    qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * d
+    attention, qkv_bias, attention_norms = attention_parameters(cfg, family)
     layers = m.num_layers + m.mtp_layers  # an MTP depth is one more MoE transformer layer
     moe_layers = layers - m.dense_layers
     swiglu = 3 * h  # gate, up (h x f each) and down (f x h) per unit of FFN width
     routed = swiglu * moe.ffn_hidden_size * experts * moe_layers
     blocks = [
         Block("embedding", padded_vocab_size(vocab, cfg) * h, tp, matmul=False),
-        Block("attention", layers * (h * qkv_width + m.num_attention_heads * d * h), tp),
-        Block("attention QKV bias", layers * qkv_width * family["add_qkv_bias"], tp, matmul=False),
-        # per layer: input and pre-MLP norms (+ QK-norms); the final norm; per MTP depth: 3 more
-        Block("norms", layers * (2 * h + 2 * d * family["qk_layernorm"]) + h + m.mtp_layers * 3 * h, 1,
-              matmul=False),
+        Block("attention", layers * attention, tp),
+        Block("attention QKV bias", layers * qkv_bias, tp, matmul=False),
+        # per layer: input and pre-MLP norms (+ attention's); the final norm; per MTP depth: 3 more
+        Block("norms", layers * (2 * h + attention_norms) + h + m.mtp_layers * 3 * h, 1, matmul=False),
         Block("dense MLPs", m.dense_layers * swiglu * m.dense_ffn_hidden_size, tp),
         Block("routers", moe_layers * experts * h, 1),
         Block("routed experts", routed, par.expert * par.expert_tensor, moe.topk / experts, expert=True),
@@ -92,9 +112,9 @@ def flops_per_token(cfg: Config, vocab: int) -> float:
     m = cfg.model
     forward = sum(2 * b.params * b.active for b in parameter_blocks(cfg, vocab) if b.matmul)
     forward += 2 * m.mtp_layers * padded_vocab_size(vocab, cfg) * m.hidden_size  # MTP reuses the output layer
-    d = m.kv_channels or m.hidden_size // m.num_attention_heads
-    # QK^T and AV: 2 x 2 x (mean causal context s/2) x heads x head dim, per layer
-    forward += (m.num_layers + m.mtp_layers) * 2 * cfg.data.seq_length * m.num_attention_heads * d
+    qk, v = head_dims(cfg)
+    # QK^T and AV: 2 x (mean causal context s/2) x heads x (query/key + value head dims), per layer
+    forward += (m.num_layers + m.mtp_layers) * cfg.data.seq_length * m.num_attention_heads * (qk + v)
     return 3 * forward
 
 
@@ -102,17 +122,18 @@ def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
     """Saved activations of one micro-batch on one rank (no recomputation), summed over layers.
 
     Sequence parallelism splits every token-dimension tensor over TP; tensor parallelism splits
-    heads and FFN widths. Local (non-fused) attention keeps the [heads, s, s] probabilities.
+    heads and FFN widths. The fused attention kernel keeps no [heads, s, s] matrix (on GPUs).
     Routed tokens are counted at an even load (the capacity factor bounds the busiest rank).
     """
     from megatron_sdmoe.models import padded_vocab_size
 
     m, moe = cfg.model, cfg.moe
     s, b, h, t = cfg.data.seq_length, cfg.train.micro_batch_size, m.hidden_size, cfg.parallel.tensor
-    d = m.kv_channels or h // m.num_attention_heads
+    (qk, v), heads = head_dims(cfg), m.num_attention_heads
+    kv_heads = heads if m.attention == "mla" else m.num_query_groups
     tokens = s * b / t
-    heads = m.num_attention_heads
-    attention = tokens * (3 * h + (2 * heads + 3 * m.num_query_groups) * d + heads * d) + b * heads / t * s * s
+    # norm input/output and residual, query, key, value (after RoPE), attention output
+    attention = tokens * (3 * h + heads * qk + kv_heads * (qk + v) + heads * v)
     swiglu_saved = 5  # fc1 output (2f), silu(gate), silu(gate) * up, its probability-weighted copy
     moe_mlp = (tokens * 2 * h + tokens * moe.num_experts * 2  # norm in/out, router scores (fp32)
                + tokens * moe.topk * (2 * h + swiglu_saved * moe.ffn_hidden_size)  # dispatched, experts

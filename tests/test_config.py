@@ -52,6 +52,9 @@ def test_load_errors(override, message):
     (["model.dense_layers=4"], 1, "model.dense_layers=4 must lie in [0, model.num_layers - 1]"),
     (["model.dense_layers=1"], 1, "model.dense_layers=1 needs model.dense_ffn_hidden_size"),
     (["moe.capacity_factor=0"], 1, "moe.capacity_factor=0.0 must be positive"),
+    (["model.attention=mla"], 1, "model.attention=mla is DeepSeek's: use model.preset=deepseek"),
+    (["model.preset=deepseek", "model.attention=mla", "parallel.tensor=2"], 2,
+     "model.attention=mla supports parallel.tensor=1 only"),
     (["moe.variant=sdmoe", "parallel.expert_tensor=2"], 2,
      "moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor equals"),
 ])

@@ -18,6 +18,13 @@ def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def mla_kwargs(cfg: Config) -> dict:
+    mla = cfg.model.mla
+    return dict(q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_head_dim=mla.qk_head_dim,
+                qk_pos_emb_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim, rope_type="rope",
+                rotary_base=cfg.model.rotary_base)
+
+
 def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     """A megatron-core GPTModel with the preset's MoE layers, initialised layout-independently.
 
@@ -26,7 +33,7 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     (TE-free) transformer-layer spec with the MoE MLP inside, which runs on CPU and GPU alike.
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     from megatron_sdmoe.models.common import decoder_specs, shared_transformer_kwargs
     from megatron_sdmoe.models.init import init_weights
@@ -35,7 +42,9 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     family = PRESETS[cfg.model.preset]
     with warnings.catch_warnings():  # megatron-core's own default CUDA-graph scope is deprecated
         warnings.filterwarnings("ignore", message="full scope is deprecated")
-        config = TransformerConfig(**shared_transformer_kwargs(cfg, dtype), **family.transformer_kwargs(cfg))
+        kwargs = {**shared_transformer_kwargs(cfg, dtype), **family.transformer_kwargs(cfg)}
+        config = MLATransformerConfig(**kwargs, **mla_kwargs(cfg)) if cfg.model.attention == "mla" else \
+            TransformerConfig(**kwargs)
     block_spec, mtp_spec = decoder_specs(config, cfg)
     # GPTModel logs a deprecation warning pointing at HybridModel; the choice is explained above.
     gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")

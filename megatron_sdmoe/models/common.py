@@ -8,12 +8,14 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sdmoe.config import Config
+from megatron_sdmoe.models.attention import SDPAttention
 from megatron_sdmoe.moe.experts import GroupedExperts
 from megatron_sdmoe.moe.sdmoe import SDMoEExperts
 
@@ -90,11 +92,25 @@ def with_expert_impl(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
 
 
+def with_sdpa_attention(layer_spec: ModuleSpec, config: TransformerConfig) -> ModuleSpec:
+    """A copy of a layer spec whose core attention is torch's fused kernel (models/attention.py).
+    MLA without a query latent has no query norm (megatron-core refuses one there)."""
+    attention = layer_spec.submodules.self_attention
+    changes = {"core_attention": SDPAttention}
+    if config.multi_latent_attention and config.q_lora_rank is None:
+        changes["q_layernorm"] = IdentityOp
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **changes))
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules,
+                                                                          self_attention=attention))
+
+
 def decoder_specs(config: TransformerConfig, cfg: Config) -> tuple[TransformerBlockSubmodules, ModuleSpec | None]:
     """The decoder block (dense first layers, then MoE layers, per config.moe_layer_freq) and the
-    multi-token-prediction block, from megatron-core's local (Transformer-Engine-free) layer specs."""
+    multi-token-prediction block, from megatron-core's local (Transformer-Engine-free) layer specs
+    with this project's experts and core attention."""
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    block = dataclasses.replace(block, layer_specs=[with_expert_impl(spec, cfg) for spec in block.layer_specs])
+    block = dataclasses.replace(block, layer_specs=[with_sdpa_attention(with_expert_impl(spec, cfg), config)
+                                                    for spec in block.layer_specs])
     mtp = (get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)
            if config.mtp_num_layers else None)
     return block, mtp
