@@ -43,4 +43,3 @@ def test_grouped_matches_sequential(single_process_groups):
         torch.testing.assert_close(grouped.linear_fc1.grad[e], expert.linear_fc1.weight.grad, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grouped.linear_fc2.grad[e], expert.linear_fc2.weight.grad, rtol=1e-6, atol=1e-6)
     assert grouped.linear_fc1.grad[1].abs().sum() == 0  # an expert without tokens gets no gradient
-
