@@ -122,6 +122,8 @@ class TrainConfig:
     eval_samples: int = 32  # validation sequences per evaluation
     save_interval: int = 50  # 0 saves only at the end
     exit_interval: int = 0  # save and exit when the step count is a multiple of this (0: never)
+    keep_checkpoints: int = 0  # keep the newest N checkpoints (0: all)
+    time_budget_minutes: float = 0.0  # save and exit (requeue code 3) before this wall-clock budget ends; 0: none
     peak_tflops: Optional[float] = None  # per-GPU dense peak for MFU; empty: known GPUs' datasheet value
 
 
@@ -371,7 +373,8 @@ def validate(cfg: Config, world_size: int) -> None:
         need(value >= 1, f"{key}={value} must be at least 1")
     for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
                        ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval),
-                       ("train.eval_samples", tr.eval_samples),
+                       ("train.eval_samples", tr.eval_samples), ("train.keep_checkpoints", tr.keep_checkpoints),
+                       ("train.time_budget_minutes", tr.time_budget_minutes),
                        ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
                        ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr),
                        ("moe.expert_bias_update_rate", moe.expert_bias_update_rate),

@@ -23,6 +23,7 @@ from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 from megatron_sdmoe.models import build_model
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
+from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.training.checkpoint import checkpoint_root, load_latest
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Trainer
@@ -97,14 +98,18 @@ def setup(cfg: Config) -> Session:
 
 
 def train(cfg: Config) -> None:
+    """Train; exits with EXIT_REQUEUE after a checkpoint when a signal or the time budget stops it."""
     session = setup(cfg)
-    session.trainer.run(session.start_step)
+    stopped = session.trainer.run(session.start_step)
     session.trainer.metrics.close()
     if session.layout.is_main:
         tb, root = session.run_dir / "tb", checkpoint_root(session.run_dir)
-        print(f"done. TensorBoard: tensorboard --logdir {tb} | checkpoint: {root / (root / 'latest').read_text()}"
-              f" | metrics: {session.run_dir / 'metrics.jsonl'}", flush=True)
+        print(f"{f'stopped early ({stopped}), requeue to resume' if stopped else 'done'}. TensorBoard: "
+              f"tensorboard --logdir {tb} | checkpoint: {root / (root / 'latest').read_text()} | metrics: "
+              f"{session.run_dir / 'metrics.jsonl'}", flush=True)
     shutdown()
+    if stopped:
+        sys.exit(EXIT_REQUEUE)
 
 
 def main(argv: list[str] | None = None) -> None:

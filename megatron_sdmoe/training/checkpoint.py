@@ -63,7 +63,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_samples: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_samples: int, keep: int = 0) -> Path:
+    """Write step `step` atomically, point `latest` at it, then keep only the newest `keep` (0: all)."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp_{name}"
@@ -84,6 +85,9 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
         os.replace(tmp, final)
         _write_synced(root / f".{LATEST}.tmp", name)
         os.replace(root / f".{LATEST}.tmp", root / LATEST)
+        if keep:
+            for old in sorted(root.glob("step_*"))[:-keep]:  # zero-padded names sort by step
+                shutil.rmtree(old)
     dist.barrier()
     return final
 

@@ -17,6 +17,7 @@ from megatron_sdmoe.moe.composition import RouteComposition
 from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
+from megatron_sdmoe.runtime.preemption import StopRequest
 from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput
@@ -132,12 +133,17 @@ class Trainer:
         result = {f"stage_loss_{seen.name}": loss for seen, loss in zip(self.stages, row)}
         return result if bwt is None else {**result, "bwt": bwt}
 
-    def run(self, start_step: int) -> None:
+    def run(self, start_step: int) -> str | None:
+        """Train to train.max_steps; returns why it stopped early with a checkpoint (a signal, the
+        time budget) or None."""
         tr = self.cfg.train
         bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step",
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
+        stop = StopRequest(tr.time_budget_minutes, self.layout.device)
+        stopped = None
         for step in range(start_step, tr.max_steps):
+            started = time.perf_counter()
             done = step + 1
             diagnosing = self.diagnostics is not None and done % self.cfg.moe.diag_interval == 0
             if diagnosing:
@@ -170,9 +176,12 @@ class Trainer:
                               f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
                               f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"
                               + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
+            stopped = stop.after_step(time.perf_counter() - started)
             exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
-            if (tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting:
-                save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size)
-            if exiting:
+            if (tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting or stopped:
+                save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
+                                tr.keep_checkpoints)
+            if exiting or stopped:
                 break
         bar.close()
+        return stopped

@@ -1,0 +1,39 @@
+"""Stopping early without losing work: SLURM's warning signal (`--signal=USR1@120`), SIGTERM
+(preemption, scancel) and a wall-clock budget all end training after the current step with a
+checkpoint, and the process exits with EXIT_REQUEUE so the job script requeues it; the next start
+resumes from `latest`.
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+EXIT_REQUEUE = 3  # "saved, stopped early: requeue me" (launch scripts act on it)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Set by a signal on any rank or by the time budget; every rank learns it at the same step."""
+
+    def __init__(self, budget_minutes: float, device: torch.device):
+        self.deadline = time.monotonic() + budget_minutes * 60 if budget_minutes > 0 else None
+        self.device, self.reason = device, None
+        self.longest_step = 0.0
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.reason = signal.Signals(signum).name  # acted on after the current step
+
+    def after_step(self, step_seconds: float) -> str | None:
+        """Called by every rank after every step (a collective): why to stop now, or None.
+        The budget keeps room for one more step of the longest length seen so far."""
+        self.longest_step = max(self.longest_step, step_seconds)
+        if self.reason is None and self.deadline is not None and time.monotonic() + self.longest_step > self.deadline:
+            self.reason = "time budget"
+        flag = torch.tensor([self.reason is not None], dtype=torch.float32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (self.reason or "a stop request on another rank") if flag.item() else None
