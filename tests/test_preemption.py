@@ -26,18 +26,27 @@ def uninterrupted(tmp_path_factory):
 
 
 def start(run_dir, *overrides) -> subprocess.Popen:
+    """The entry point in the background, its output in run_dir/../<name>.log (a file: a full pipe
+    would stall it)."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = open(log_path(run_dir), "w")
     return subprocess.Popen([sys.executable, "-m", "megatron_sdmoe.train", str(CONFIG), f"run.dir={run_dir}", *SMALL,
-                             *RUN, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             *RUN, *overrides], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for_step(proc, run_dir, step: int) -> None:
-    while proc.poll() is None:
+def log_path(run_dir):
+    return run_dir.with_name(run_dir.name + ".log")
+
+
+def wait_for_step(proc, run_dir, step: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
         if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= step:
             return
         time.sleep(0.05)
-    raise AssertionError(f"the run ended before step {step}: {proc.stdout.read().decode()[-2000:]}")
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s: {log_path(run_dir).read_text()[-2000:]}")
 
 
 def assert_resumed_exactly(run_dir, uninterrupted) -> None:
@@ -53,7 +62,8 @@ def test_signal_saves_and_exits_for_requeue(sig, tmp_path, uninterrupted):
     proc = start(tmp_path)
     wait_for_step(proc, tmp_path, 3)
     proc.send_signal(sig)
-    output = proc.communicate(timeout=300)[0].decode()
+    proc.wait(timeout=300)
+    output = log_path(tmp_path).read_text()
     assert proc.returncode == EXIT_REQUEUE, output[-2000:]
     assert f"stopped early ({sig.name})" in output
     stopped_at = int((tmp_path / "checkpoints" / "latest").read_text().removeprefix("step_"))
