@@ -1,0 +1,1 @@
+"""Launching on clusters: SLURM batch scripts (slurm.py)."""
