@@ -123,6 +123,7 @@ class TrainConfig:
     save_interval: int = 50  # 0 saves only at the end
     exit_interval: int = 0  # save and exit when the step count is a multiple of this (0: never)
     keep_checkpoints: int = 0  # keep the newest N checkpoints (0: all)
+    max_skipped_steps: int = 10  # stop after this many steps in a row skipped for non-finite gradients (0: never)
     time_budget_minutes: float = 0.0  # save and exit (requeue code 3) before this wall-clock budget ends; 0: none
     peak_tflops: Optional[float] = None  # per-GPU dense peak for MFU; empty: known GPUs' datasheet value
 
@@ -374,6 +375,7 @@ def validate(cfg: Config, world_size: int) -> None:
     for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
                        ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval),
                        ("train.eval_samples", tr.eval_samples), ("train.keep_checkpoints", tr.keep_checkpoints),
+                       ("train.max_skipped_steps", tr.max_skipped_steps),
                        ("train.time_budget_minutes", tr.time_budget_minutes),
                        ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
                        ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr),

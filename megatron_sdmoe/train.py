@@ -26,9 +26,11 @@ from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_en
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.training.checkpoint import checkpoint_root, load_latest
 from megatron_sdmoe.training.engine import build_engine
-from megatron_sdmoe.training.loop import Trainer
+from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
 from megatron_sdmoe.training.stages import build_stages
+
+EXIT_DIVERGED = 4  # stopped after too many non-finite steps, with a checkpoint of the last good weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+    except Diverged as e:
+        if rank_from_env() == 0:
+            print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

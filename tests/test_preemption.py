@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, metrics
 
@@ -98,3 +99,34 @@ def test_time_budget_and_retention(tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_00000011", "step_00000012"]
     assert json.loads((tmp_path / "checkpoints" / "step_00000012" / "meta.json").read_text())["step"] == 12
+
+
+def _model(run_dir, step):
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "rank_00000.pt", weights_only=False)["model"]
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_non_finite_steps_are_skipped(tmp_path):
+    launch(tmp_path, 1, "train.max_steps=6", "train.save_interval=1", module="tests.workers.nan_loss",
+           env={"NAN_STEPS": "3,4"})
+    rows = {row["step"]: row for row in metrics(tmp_path)}
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
+    assert rows[3]["grad_norm"] == rows[4]["grad_norm"] == float("inf")
+    assert rows[5]["lr"] == rows[3]["lr"]  # the schedule waits too
+    assert _same_weights(_model(tmp_path, 4), _model(tmp_path, 2))  # no update from the NaN steps
+    assert not _same_weights(_model(tmp_path, 5), _model(tmp_path, 4))
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path):
+    proc = launch(tmp_path, 1, "train.max_steps=12", "train.save_interval=0", "train.max_skipped_steps=3",
+                  module="tests.workers.nan_loss", env={"NAN_STEPS": "3-100"}, check=False)
+    assert proc.returncode == 4
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: training diverged: 3 optimizer steps in a row had a non-finite gradient norm and were skipped "
+        "(steps 3-5)")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000005"
+    launch(tmp_path / "two", 1, "train.max_steps=2", "train.save_interval=1")
+    assert _same_weights(_model(tmp_path, 5), _model(tmp_path / "two", 2))

@@ -25,6 +25,10 @@ from megatron_sdmoe.training.stages import Stage, StageMatrix
 from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
 
+class Diverged(Exception):
+    """Too many optimizer steps in a row were skipped for non-finite gradients."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, layout: Layout, engine, stages: list[Stage], run_dir: Path,
                  metrics: MetricsLogger):
@@ -100,9 +104,10 @@ class Trainer:
         seconds = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        # DeepSpeed skips the update (and the LR schedule) when the gradient norm is not finite.
         return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / self.grad_accumulation, step + 1),
                 "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                **self.throughput(tokens / seconds)}
+                "skipped_steps": self.engine.skipped_steps, **self.throughput(tokens / seconds)}
 
     @torch.no_grad()
     def evaluate(self, stage: Stage) -> dict[str, float]:
@@ -141,7 +146,7 @@ class Trainer:
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
         stop = StopRequest(tr.time_budget_minutes, self.layout.device)
-        stopped = None
+        stopped, skipped_in_a_row = None, 0
         for step in range(start_step, tr.max_steps):
             started = time.perf_counter()
             done = step + 1
@@ -177,10 +182,18 @@ class Trainer:
                               f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"
                               + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
             stopped = stop.after_step(time.perf_counter() - started)
+            skipped_in_a_row = 0 if self.engine.was_step_applied() else skipped_in_a_row + 1
+            diverged = 0 < tr.max_skipped_steps <= skipped_in_a_row
             exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
-            if (tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting or stopped:
+            if ((tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting or stopped
+                    or diverged):
                 save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
                                 tr.keep_checkpoints)
+            if diverged:
+                bar.close()
+                raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and were "
+                               f"skipped (steps {done - skipped_in_a_row + 1}-{done}); the checkpoint of step {done} "
+                               "holds the last good weights: lower train.lr or raise train.warmup_steps, then resume")
             if exiting or stopped:
                 break
         bar.close()
