@@ -59,10 +59,10 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    variant: str = "topk"  # topk | sdmoe | headwise
+    variant: str = "topk"  # topk | sdmoe | headwise | headwise_sdmoe (head-wise routing with SD-MoE experts)
     expert_impl: str = "grouped"  # grouped (torch._grouped_mm) | sequential (megatron-core's SequentialMLP)
-    num_experts: int = 8
-    topk: int = 2
+    num_experts: int = 8  # routed experts per layer (head-wise variants: see the headwise section)
+    topk: int = 2  # experts each token picks (head-wise variants: headwise.topk per head)
     ffn_hidden_size: int = 128  # per expert
     shared_expert_ffn_hidden_size: int = 0  # shared expert(s) FFN width, 0: none (qwen2_moe needs one)
     score_function: Optional[str] = None  # softmax | sigmoid; empty: the family's (qwen: softmax, deepseek: sigmoid)
@@ -93,6 +93,20 @@ class SDMoEConfig:
     project_updates: bool = False  # keep each step's change of U_e in the complement (exact under Adam)
     power_iterations: int = 2  # randomized SVD
     oversample: int = 8  # randomized SVD
+
+
+@dataclass
+class HeadwiseConfig:
+    """Head-wise routing (moe.variant: headwise or headwise_sdmoe); see docs/headwise.md."""
+
+    heads: int = 4  # H: the MoE input splits into H slices of model.hidden_size / H
+    experts_per_head: int = 4  # experts each head routes among
+    topk: int = 1  # experts each head picks
+    ffn_hidden_size: int = 0  # each expert's FFN width; 0: moe.ffn_hidden_size
+    # per_head: a router and an expert bank per head, experts map d/H -> d, heads summed (MH-MoE,
+    # arXiv 2602.12587). shared: Wu et al. (arXiv 2404.15045): a d x d mixing projection, one bank
+    # of experts (d/H -> d/H) shared by all heads, the heads concatenated and a d x d merge projection.
+    bank: str = "per_head"
 
 
 @dataclass
@@ -159,6 +173,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     sdmoe: SDMoEConfig = field(default_factory=SDMoEConfig)
+    headwise: HeadwiseConfig = field(default_factory=HeadwiseConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -282,8 +297,13 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_sdmoe.models import PRESETS
 
     need(m.preset in PRESETS, f"model.preset={m.preset!r} is unknown: use one of {', '.join(PRESETS)}")
-    need(moe.variant in ("topk", "sdmoe", "headwise"),
-         f"moe.variant={moe.variant!r} is unknown: use topk, sdmoe or headwise")
+    need(moe.variant in VARIANTS, f"moe.variant={moe.variant!r} is unknown: use one of {', '.join(VARIANTS)}")
+    need(moe.expert_impl in ("grouped", "sequential"),
+         f"moe.expert_impl={moe.expert_impl!r} is unknown: use grouped or sequential")
+    if is_headwise(cfg):
+        _validate_headwise(cfg, need)
+    experts, topk, ffn, expert_input = routed_experts(cfg), routed_topk(cfg), expert_ffn_hidden_size(cfg), \
+        expert_input_size(cfg)
     need(moe.shared_expert_ffn_hidden_size >= 0,
          f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} must not be negative")
     need(m.preset != "qwen2_moe" or moe.shared_expert_ffn_hidden_size > 0,
@@ -292,30 +312,28 @@ def validate(cfg: Config, world_size: int) -> None:
     need(moe.shared_expert_ffn_hidden_size % par.tensor == 0,
          f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} is not divisible by "
          f"parallel.tensor={par.tensor}")
-    need(moe.variant != "headwise",
-         "moe.variant=headwise is not available in this version yet: use moe.variant=topk or sdmoe")
     if moe.diag_interval:
         need(moe.diag_interval > 0, f"moe.diag_interval={moe.diag_interval} must not be negative")
         need(moe.expert_impl == "grouped" and par.expert_tensor == 1,
              "moe.diag_interval needs moe.expert_impl=grouped and parallel.expert_tensor=1")
         need(moe.diag_position_buckets >= 1,
              f"moe.diag_position_buckets={moe.diag_position_buckets} must be at least 1")
-        need(1 <= moe.diag_rank <= min(m.hidden_size, moe.ffn_hidden_size),
-             f"moe.diag_rank={moe.diag_rank} must lie in [1, {min(m.hidden_size, moe.ffn_hidden_size)}]")
-    if moe.variant == "sdmoe":
+        need(1 <= moe.diag_rank <= min(expert_input, ffn),
+             f"moe.diag_rank={moe.diag_rank} must lie in [1, {min(expert_input, ffn)}] (the experts' smaller side)")
+    if is_sdmoe(cfg):
         sd = cfg.sdmoe
-        need(moe.expert_impl == "grouped", "moe.variant=sdmoe needs moe.expert_impl=grouped")
+        need(moe.expert_impl == "grouped", f"moe.variant={moe.variant} needs moe.expert_impl=grouped")
         need(sd.rank >= 0, f"sdmoe.rank={sd.rank} must not be negative")
         need(sd.refresh_interval >= 1, f"sdmoe.refresh_interval={sd.refresh_interval} must be at least 1")
         need(set(sd.projections) <= {"gate", "up", "down"},
              f"sdmoe.projections={sd.projections}: choose from gate, up, down")
         need(sd.common in ("shared", "per_expert"), f"sdmoe.common={sd.common!r}: use shared or per_expert")
         need(sd.common_lr_scale > 0, f"sdmoe.common_lr_scale={sd.common_lr_scale} must be positive")
-        need(sd.rank <= min(m.hidden_size, moe.ffn_hidden_size),
+        need(sd.rank <= min(expert_input, ffn),
              f"sdmoe.rank={sd.rank} exceeds the smaller side of the expert matrices "
-             f"({min(m.hidden_size, moe.ffn_hidden_size)}): lower sdmoe.rank")
+             f"({min(expert_input, ffn)}): lower sdmoe.rank")
         need(par.expert_tensor in (1, par.tensor),
-             f"moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor "
+             f"moe.variant={moe.variant} shards the common matrices with the experts only when parallel.expert_tensor "
              f"equals parallel.tensor ({par.tensor}) or is 1: set parallel.expert_tensor to one of them")
     need(moe.score_function in (None, "softmax", "sigmoid"),
          f"moe.score_function={moe.score_function!r} is unknown: use softmax or sigmoid (or leave it empty)")
@@ -333,13 +351,14 @@ def validate(cfg: Config, world_size: int) -> None:
     need((moe.num_groups == 0) == (moe.group_topk == 0),
          "group-limited routing needs both moe.num_groups and moe.group_topk (or neither)")
     if moe.num_groups:
-        need(moe.num_groups > 0 and moe.num_experts % moe.num_groups == 0,
-             f"moe.num_groups={moe.num_groups} does not divide moe.num_experts={moe.num_experts}")
+        bank, bank_key = router_bank_size(cfg), "headwise.experts_per_head" if is_headwise(cfg) else "moe.num_experts"
+        need(moe.num_groups > 0 and bank % moe.num_groups == 0,
+             f"moe.num_groups={moe.num_groups} does not divide {bank_key}={bank} (the experts one router picks among)")
         need(0 < moe.group_topk <= moe.num_groups,
              f"moe.group_topk={moe.group_topk} must lie in [1, moe.num_groups={moe.num_groups}]")
-        need(moe.topk <= moe.group_topk * (moe.num_experts // moe.num_groups),
-             f"moe.topk={moe.topk} exceeds the experts in moe.group_topk={moe.group_topk} groups: raise "
-             "moe.group_topk or lower moe.topk")
+        need(topk <= moe.group_topk * (bank // moe.num_groups),
+             f"top-k={topk} exceeds the experts in moe.group_topk={moe.group_topk} groups: raise "
+             "moe.group_topk or lower the top-k")
     need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
     need(m.attention in ("gqa", "mla"), f"model.attention={m.attention!r}: use gqa or mla")
     need(m.attention == "gqa" or m.preset == "deepseek",
@@ -386,8 +405,6 @@ def validate(cfg: Config, world_size: int) -> None:
     need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
     need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
     need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
-    need(moe.expert_impl in ("grouped", "sequential"),
-         f"moe.expert_impl={moe.expert_impl!r} is unknown: use grouped or sequential")
     need(moe.topk <= moe.num_experts,
          f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")
     need(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
@@ -423,14 +440,21 @@ def validate(cfg: Config, world_size: int) -> None:
     need(world_size % (ep * etp) == 0,
          f"world size {world_size} is not divisible by parallel.expert x parallel.expert_tensor = {ep * etp}: "
          f"launch a multiple of {ep * etp} processes or lower parallel.expert")
-    need(moe.num_experts % ep == 0,
-         f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert={ep}: choose an expert-"
+    experts_key = ("moe.num_experts" if not is_headwise(cfg) else "headwise.experts_per_head"
+                   if cfg.headwise.bank == "shared" else "headwise.heads x headwise.experts_per_head")
+    need(experts % ep == 0,
+         f"{experts_key}={experts} is not divisible by parallel.expert={ep}: choose an expert-"
          "parallel size that divides the number of experts")
+    if is_sdmoe(cfg) and cfg.sdmoe.common == "shared":
+        group, local = sdmoe_group_size(cfg), experts // ep
+        need(group % local == 0 or local % group == 0,
+             f"SD-MoE shares a common matrix among {group} experts, which parallel.expert={ep} splits unevenly "
+             f"({local} per rank): choose an expert-parallel size whose share of experts divides {group} or is "
+             "a multiple of it")
     for key, value in [("model.num_attention_heads", m.num_attention_heads),
                        ("model.num_query_groups", m.num_query_groups)]:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor={tp}: change one of them")
-    need(moe.ffn_hidden_size % etp == 0,
-         f"moe.ffn_hidden_size={moe.ffn_hidden_size} is not divisible by parallel.expert_tensor={etp}")
+    need(ffn % etp == 0, f"the experts' FFN width {ffn} is not divisible by parallel.expert_tensor={etp}")
     need(m.make_vocab_size_divisible_by % tp == 0,
          f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} is not divisible by "
          f"parallel.tensor={tp}: make it a multiple of {tp}")
@@ -448,6 +472,19 @@ def validate(cfg: Config, world_size: int) -> None:
          f"size = {per_step}: make it a multiple of {per_step}")
 
 
+def _validate_headwise(cfg: Config, need) -> None:
+    hw, m = cfg.headwise, cfg.model
+    need(hw.bank in ("per_head", "shared"), f"headwise.bank={hw.bank!r}: use per_head or shared")
+    need(hw.heads >= 1 and m.hidden_size % hw.heads == 0,
+         f"headwise.heads={hw.heads} must divide model.hidden_size={m.hidden_size} (each head takes a slice)")
+    need(hw.experts_per_head >= 1, f"headwise.experts_per_head={hw.experts_per_head} must be at least 1")
+    need(1 <= hw.topk <= hw.experts_per_head,
+         f"headwise.topk={hw.topk} must lie in [1, headwise.experts_per_head={hw.experts_per_head}]")
+    need(hw.ffn_hidden_size >= 0, f"headwise.ffn_hidden_size={hw.ffn_hidden_size} must not be negative")
+    need(cfg.moe.expert_impl == "grouped",
+         f"moe.variant={cfg.moe.variant} needs moe.expert_impl=grouped (head-wise experts take d/H wide inputs)")
+
+
 def stage_name(cfg: Config, index: int) -> str:
     return cfg.data.stages[index].name or f"stage_{index}"
 
@@ -458,3 +495,47 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 
 def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg, world_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MoE variant builds
+
+VARIANTS = ("topk", "sdmoe", "headwise", "headwise_sdmoe")
+
+
+def is_headwise(cfg: Config) -> bool:
+    return cfg.moe.variant in ("headwise", "headwise_sdmoe")
+
+
+def is_sdmoe(cfg: Config) -> bool:
+    return cfg.moe.variant in ("sdmoe", "headwise_sdmoe")
+
+
+def router_bank_size(cfg: Config) -> int:
+    """Experts one router picks among: the layer's, or one head's bank."""
+    return cfg.headwise.experts_per_head if is_headwise(cfg) else cfg.moe.num_experts
+
+
+def routed_experts(cfg: Config) -> int:
+    """Routed experts in one MoE layer (every head's bank with headwise.bank=per_head)."""
+    per_head = is_headwise(cfg) and cfg.headwise.bank == "per_head"
+    return router_bank_size(cfg) * (cfg.headwise.heads if per_head else 1)
+
+
+def routed_topk(cfg: Config) -> int:
+    """Experts one token (head-wise: one head's slice of it) is sent to."""
+    return cfg.headwise.topk if is_headwise(cfg) else cfg.moe.topk
+
+
+def expert_ffn_hidden_size(cfg: Config) -> int:
+    return (is_headwise(cfg) and cfg.headwise.ffn_hidden_size) or cfg.moe.ffn_hidden_size
+
+
+def expert_input_size(cfg: Config) -> int:
+    """Width of what a routed expert reads: the hidden size, or one head's slice of it."""
+    return cfg.model.hidden_size // (cfg.headwise.heads if is_headwise(cfg) else 1)
+
+
+def sdmoe_group_size(cfg: Config) -> int:
+    """Experts that share one SD-MoE common matrix (sdmoe.common=shared): the layer's, or one head's bank."""
+    return router_bank_size(cfg)

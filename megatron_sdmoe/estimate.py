@@ -3,9 +3,10 @@ of a config's model under its parallel layout, with a verdict whether it fits.
 
 Parameters are counted from the config the way models/ builds them (tests check the count against
 the built model for every tiny config). FLOPs per token are the training matmul FLOPs (3 x forward:
-2 per active weight, plus causal attention scores); the training metrics' TFLOP/s and MFU use the
-same number. Memory is a model of this code base under DeepSpeed ZeRO-1/2 (see `memory`), not a
-measurement.
+2 per weight use, plus causal attention scores); the training metrics' TFLOP/s and MFU use the
+same number. Head-wise routing (moe.variant: headwise*) is counted per sub-token: each of a
+token's H slices (d/H wide) goes to experts of its own. Memory is a model of this code base under
+DeepSpeed ZeRO-1/2 (see `memory`), not a measurement.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from megatron_sdmoe.config import Config, load_config, validate
+from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
+                                   load_config, routed_experts, routed_topk, router_bank_size, sdmoe_group_size,
+                                   validate)
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 
 GIB = 2**30
@@ -32,9 +35,16 @@ class Block:
     name: str
     params: int
     shards: int  # ranks it is split over: TP (dense), EP x ETP (routed experts), 1 (replicated)
-    active: float = 1.0  # fraction a token uses (topk / experts for routed experts)
-    matmul: bool = True  # costs 2 FLOPs per weight per token (not embedding lookups or norms)
+    # uses per token and weight: a fraction for routed experts (topk / experts); above 1 where a
+    # token's sub-tokens each use the weight (head-wise routing's shared bank)
+    active: float = 1.0
+    matmul: bool = True  # costs 2 FLOPs per weight per use (not embedding lookups or norms)
     expert: bool = False  # its optimizer states are partitioned over expert-DP, not DP
+
+    @property
+    def active_params(self) -> float:
+        """Parameters a token uses; a weight several of its sub-tokens use counts once."""
+        return self.params * min(self.active, 1.0)
 
 
 def vocab_size(cfg: Config) -> int:
@@ -69,17 +79,42 @@ def attention_parameters(cfg: Config, family: dict) -> tuple[int, int, int]:
     return h * qkv_width + out, qkv_width * family["add_qkv_bias"], 2 * qk * family["qk_layernorm"]
 
 
+def shared_bank(cfg: Config) -> bool:
+    """Head-wise routing with one expert bank for all heads (headwise.bank=shared)."""
+    return is_headwise(cfg) and cfg.headwise.bank == "shared"
+
+
+def sub_tokens(cfg: Config) -> int:
+    """Parts of a token routed on their own: its H head slices under head-wise routing."""
+    return cfg.headwise.heads if is_headwise(cfg) else 1
+
+
+def expert_output_size(cfg: Config) -> int:
+    """Width a routed expert writes: the hidden size, or one head's slice with the shared bank."""
+    return expert_input_size(cfg) if shared_bank(cfg) else cfg.model.hidden_size
+
+
+def expert_parameters(cfg: Config) -> int:
+    """One routed expert (SwiGLU): gate and up (f x d_in each), down (d_out x f)."""
+    return expert_ffn_hidden_size(cfg) * (2 * expert_input_size(cfg) + expert_output_size(cfg))
+
+
+def routed_active(cfg: Config) -> float:
+    """Uses per token of a layer's routed-expert weights: every sub-token goes to top-k experts."""
+    return sub_tokens(cfg) * routed_topk(cfg) / routed_experts(cfg)
+
+
 def parameter_blocks(cfg: Config, vocab: int) -> list[Block]:
     from megatron_sdmoe.models import PRESETS, padded_vocab_size
 
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     family = PRESETS[m.preset].transformer_kwargs(cfg)
-    h, tp, experts = m.hidden_size, par.tensor, moe.num_experts
+    h, tp, experts = m.hidden_size, par.tensor, routed_experts(cfg)
     attention, qkv_bias, attention_norms = attention_parameters(cfg, family)
     layers = m.num_layers + m.mtp_layers  # an MTP depth is one more MoE transformer layer
     moe_layers = layers - m.dense_layers
     swiglu = 3 * h  # gate, up (h x f each) and down (f x h) per unit of FFN width
-    routed = swiglu * moe.ffn_hidden_size * experts * moe_layers
+    routed = expert_parameters(cfg) * experts * moe_layers
     blocks = [
         Block("embedding", padded_vocab_size(vocab, cfg) * h, tp, matmul=False),
         Block("attention", layers * attention, tp),
@@ -87,15 +122,20 @@ def parameter_blocks(cfg: Config, vocab: int) -> list[Block]:
         # per layer: input and pre-MLP norms (+ attention's); the final norm; per MTP depth: 3 more
         Block("norms", layers * (2 * h + attention_norms) + h + m.mtp_layers * 3 * h, 1, matmul=False),
         Block("dense MLPs", m.dense_layers * swiglu * m.dense_ffn_hidden_size, tp),
-        Block("routers", moe_layers * experts * h, 1),
-        Block("routed experts", routed, par.expert * par.expert_tensor, moe.topk / experts, expert=True),
+        # a router row per expert, d_in wide; every sub-token is scored against its bank
+        Block("routers", moe_layers * experts * expert_input_size(cfg), 1,
+              sub_tokens(cfg) * router_bank_size(cfg) / experts),
+        Block("routed experts", routed, par.expert * par.expert_tensor, routed_active(cfg), expert=True),
+        Block("head mixing and merge", moe_layers * 2 * h * h * shared_bank(cfg), 1),  # d x d each, replicated
         Block("shared experts", moe_layers * swiglu * moe.shared_expert_ffn_hidden_size, tp),
         Block("shared-expert gates", moe_layers * h * bool(family.get("moe_shared_expert_gate")), 1),
         Block("MTP projections", m.mtp_layers * 2 * h * h, 1),
     ]
-    if cfg.moe.variant == "sdmoe":  # C: one per layer (shared) or per expert, whatever sdmoe.rank
+    if is_sdmoe(cfg):  # C: one per group of experts (shared) or per expert, whatever sdmoe.rank
         if cfg.sdmoe.common == "shared":
-            blocks.append(Block("SD-MoE common parts", swiglu * moe.ffn_hidden_size * moe_layers, 1, matmul=False))
+            groups = experts // sdmoe_group_size(cfg)
+            blocks.append(Block("SD-MoE common parts", expert_parameters(cfg) * groups * moe_layers, 1,
+                                matmul=False))
         else:
             blocks.append(Block("SD-MoE common parts", routed, par.expert * par.expert_tensor, matmul=False,
                                 expert=True))
@@ -105,7 +145,7 @@ def parameter_blocks(cfg: Config, vocab: int) -> list[Block]:
 
 
 def flops_per_token(cfg: Config, vocab: int) -> float:
-    """Training FLOPs per token: 3 x (2 per active matmul weight + causal attention scores).
+    """Training FLOPs per token: 3 x (2 per matmul weight use + causal attention scores).
     SD-MoE's common parts cost no extra GEMMs: the experts multiply by C + U_e once."""
     from megatron_sdmoe.models import padded_vocab_size
 
@@ -124,6 +164,7 @@ def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
     Sequence parallelism splits every token-dimension tensor over TP; tensor parallelism splits
     heads and FFN widths. The fused attention kernel keeps no [heads, s, s] matrix (on GPUs).
     Routed tokens are counted at an even load (the capacity factor bounds the busiest rank).
+    Head-wise routing dispatches sub-tokens: H per token, d/H wide.
     """
     from megatron_sdmoe.models import padded_vocab_size
 
@@ -135,8 +176,11 @@ def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
     # norm input/output and residual, query, key, value (after RoPE), attention output
     attention = tokens * (3 * h + heads * qk + kv_heads * (qk + v) + heads * v)
     swiglu_saved = 5  # fc1 output (2f), silu(gate), silu(gate) * up, its probability-weighted copy
-    moe_mlp = (tokens * 2 * h + tokens * moe.num_experts * 2  # norm in/out, router scores (fp32)
-               + tokens * moe.topk * (2 * h + swiglu_saved * moe.ffn_hidden_size)  # dispatched, experts
+    sub, dispatched = tokens * sub_tokens(cfg), tokens * sub_tokens(cfg) * routed_topk(cfg)
+    moe_mlp = (tokens * 2 * h + sub * router_bank_size(cfg) * 2  # norm in/out, router scores (fp32)
+               + dispatched * (expert_input_size(cfg) + expert_output_size(cfg))  # expert inputs, outputs
+               + dispatched * swiglu_saved * expert_ffn_hidden_size(cfg)
+               + tokens * 2 * h * shared_bank(cfg)  # the shared bank's mixed input and concatenated heads
                + tokens * swiglu_saved * moe.shared_expert_ffn_hidden_size)
     dense_mlp = tokens * (2 * h + swiglu_saved * m.dense_ffn_hidden_size)
     moe_layers = m.num_layers + m.mtp_layers - m.dense_layers
@@ -204,8 +248,8 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | 
     used = (weights + grads + optimizer + buffers + activations) / GIB
     result = Estimate(
         params_total=total,
-        params_active=round(sum(b.params * b.active for b in blocks)),
-        params_active_without_embedding=round(sum(b.params * b.active for b in blocks if b.name != "embedding")),
+        params_active=round(sum(b.active_params for b in blocks)),
+        params_active_without_embedding=round(sum(b.active_params for b in blocks if b.name != "embedding")),
         flops_per_token=flops_per_token(cfg, vocab), gpus=gpus,
         weights_gib=weights / GIB, grads_gib=grads / GIB, optimizer_gib=optimizer / GIB, buffers_gib=buffers / GIB,
         activations_gib=activations / GIB, total_gib=used, gpu_memory_gib=gpu_memory_gib,

@@ -12,28 +12,29 @@ def orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, k, generator=gen, dtype=torch.float64))[0]
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
-def test_gradient_routing_bookkeeping(shared):
+@pytest.mark.parametrize("groups, per_group", [(1, 5), (5, 1), (2, 3)],
+                         ids=["shared by the layer", "per_expert", "shared by each head's bank"])
+def test_gradient_routing_bookkeeping(groups, per_group):
     gen = torch.Generator().manual_seed(0)
-    experts, m, n, k = 5, 12, 9, 3
-    lead = () if shared else (experts,)
-    q = torch.stack([orthonormal(m, k, gen) for _ in range(experts)]) if not shared else orthonormal(m, k, gen)
-    v = torch.stack([orthonormal(n, k, gen) for _ in range(experts)]) if not shared else orthonormal(n, k, gen)
-    common = torch.zeros(*lead, m, n, dtype=torch.float64, requires_grad=True)
-    unique = torch.randn(experts, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(experts, m, n, generator=gen, dtype=torch.float64)
+    m, n, k = 12, 9, 3
+    q = torch.stack([orthonormal(m, k, gen) for _ in range(groups)])
+    v = torch.stack([orthonormal(n, k, gen) for _ in range(groups)])
+    common = torch.zeros(groups, m, n, dtype=torch.float64, requires_grad=True)
+    unique = torch.randn(groups * per_group, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(groups * per_group, m, n, generator=gen, dtype=torch.float64)
     SpectralSplit.apply(common, unique, 1, UNSHARDED, q, v).backward(grad)
 
     eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
-    p, r = q @ q.transpose(-2, -1), v @ v.transpose(-2, -1)
+    q_e, v_e = q.repeat_interleave(per_group, 0), v.repeat_interleave(per_group, 0)  # each expert's group's
+    p, r = q_e @ q_e.transpose(-2, -1), v_e @ v_e.transpose(-2, -1)
     expected_unique = (eye_m - p) @ grad @ (eye_n - r)  # the two-sided complement, with explicit projectors
     torch.testing.assert_close(unique.grad, expected_unique, rtol=0, atol=1e-12)
-    # nothing is lost: grad C + sum_e grad U_e = sum_e G_e (per expert for per_expert commons)
-    total = common.grad + unique.grad.sum(0) if shared else common.grad + unique.grad
-    torch.testing.assert_close(total, grad.sum(0) if shared else grad, rtol=0, atol=1e-12)
+    # nothing is lost: grad C_g + sum_{e in g} grad U_e = sum_{e in g} G_e
+    by_group = lambda t: t.unflatten(0, (groups, per_group)).sum(1)  # noqa: E731
+    torch.testing.assert_close(common.grad + by_group(unique.grad), by_group(grad), rtol=0, atol=1e-12)
     # the unique gradient lies in the complement on both sides
-    assert (q.transpose(-2, -1) @ unique.grad).abs().max() < 1e-12
-    assert (unique.grad @ v).abs().max() < 1e-12
+    assert (q_e.transpose(-2, -1) @ unique.grad).abs().max() < 1e-12
+    assert (unique.grad @ v_e).abs().max() < 1e-12
 
 
 def test_rank_zero_routes_everything_to_the_unique_part():
@@ -76,7 +77,7 @@ def build_layer(single_process_groups, common: str, rank: int = 4) -> SDMoEExper
 def test_initial_split(single_process_groups, common):
     layer = build_layer(single_process_groups, common)
     for proj, c in layer.commons().items():
-        q, v, u = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}"), layer.uniques()[proj]
+        (q, v), u = layer.expert_basis(proj), layer.uniques()[proj]
         singular_values = torch.linalg.svdvals(c.detach().double())
         assert (singular_values > 1e-5 * singular_values.max()).sum(-1).max() <= 4  # rank k (fp32 noise aside)
         torch.testing.assert_close(q.transpose(-2, -1) @ q, torch.eye(4).expand_as(q.transpose(-2, -1) @ q),
@@ -105,7 +106,7 @@ def off_complement(layer: SDMoEExperts, deltas: dict[str, torch.Tensor]) -> floa
     """Largest relative size of the part of a change that leaves the complement."""
     worst = 0.0
     for proj, delta in deltas.items():
-        q, v = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}")
+        q, v = layer.expert_basis(proj)
         outside = delta - complement(delta, q, v)
         worst = max(worst, (outside.norm() / delta.norm()).item())
     return worst

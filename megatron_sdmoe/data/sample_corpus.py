@@ -50,14 +50,19 @@ def corpus_dir(root: Path | None = None) -> Path:
     return (root or default_cache_root()) / f"sample-corpus-{VERSION}-py{v.major}.{v.minor}.{v.micro}"
 
 
+def stdlib_sources() -> list[Path]:
+    """The standard library's own .py files (no tests, demos or third-party packages), sorted."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in stdlib.rglob("*.py")
+                  if not SKIP_DIRS.intersection(p.relative_to(stdlib).parts[:-1])
+                  and not p.relative_to(stdlib).parts[0].startswith("config-"))
+
+
 def sample_documents() -> list[str]:
     """The corpus documents, in corpus order (deterministic for a given stdlib)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.rglob("*.py")
-                   if not SKIP_DIRS.intersection(p.relative_to(stdlib).parts[:-1])
-                   and not p.relative_to(stdlib).parts[0].startswith("config-"))
     docs: dict[str, None] = {}  # insertion-ordered set: repeated docstrings are kept once
-    for path in files:
+    for path in stdlib_sources():
         for doc in _docstrings(path):
             if len(doc) >= MIN_DOC_CHARS:
                 docs.setdefault(doc)

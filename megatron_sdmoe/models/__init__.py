@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import Config, is_sdmoe
 from megatron_sdmoe.models import deepseek, qwen2_moe, qwen3_moe
 
 PRESETS = {"deepseek": deepseek, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe}
@@ -58,6 +58,6 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     finally:
         gpt_logger.setLevel(level)
     init_weights(model, cfg)
-    if cfg.moe.variant == "sdmoe":
+    if is_sdmoe(cfg):
         sdmoe.prepare(model)
     return model

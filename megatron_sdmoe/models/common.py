@@ -14,9 +14,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, is_headwise, is_sdmoe, routed_experts,
+                                   routed_topk, sdmoe_group_size)
 from megatron_sdmoe.models.attention import SDPAttention
 from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.headwise import HeadwiseMoELayer
 from megatron_sdmoe.moe.sdmoe import SDMoEExperts
 
 
@@ -34,9 +36,9 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
         moe_layer_freq=[0] * m.dense_layers + [1] * (m.num_layers - m.dense_layers),
         mtp_num_layers=m.mtp_layers or None,
         mtp_loss_scaling_factor=m.mtp_loss_coeff,
-        num_moe_experts=moe.num_experts,
-        moe_router_topk=moe.topk,
-        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        num_moe_experts=routed_experts(cfg),
+        moe_router_topk=routed_topk(cfg),
+        moe_ffn_hidden_size=expert_ffn_hidden_size(cfg),
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
         moe_router_score_function=score_function(cfg),
         moe_aux_loss_coeff=moe.aux_loss_coeff,
@@ -74,21 +76,18 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
     )
 
 
-def with_expert_impl(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
-    """A copy of an MoE layer spec with the configured experts: grouped-GEMM experts, or SD-MoE's
-    decoupled ones (the spec's default, megatron-core's SequentialMLP, stays the reference).
-    Dense layer specs come back unchanged."""
+def with_moe_variant(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
+    """A copy of an MoE layer spec with the configured variant: grouped-GEMM experts or SD-MoE's
+    decoupled ones (the spec's default, megatron-core's SequentialMLP, stays the reference), in
+    megatron-core's MoE layer or the head-wise one. Dense layer specs come back unchanged."""
     moe_layer = layer_spec.submodules.mlp  # functools.partial(MoELayer or MLP, submodules=...)
-    if moe_layer.func is not MoELayer:
+    if moe_layer.func is not MoELayer or cfg.moe.expert_impl == "sequential":
         return layer_spec
-    if cfg.moe.variant == "sdmoe":
-        experts = functools.partial(SDMoEExperts, sdmoe=cfg.sdmoe, seed=cfg.train.seed)
-    elif cfg.moe.expert_impl == "grouped":
-        experts = GroupedExperts
-    else:
-        return layer_spec
+    experts = (functools.partial(SDMoEExperts, sdmoe=cfg.sdmoe, seed=cfg.train.seed, group_size=sdmoe_group_size(cfg))
+               if is_sdmoe(cfg) else GroupedExperts)
+    layer = functools.partial(HeadwiseMoELayer, headwise=cfg.headwise) if is_headwise(cfg) else MoELayer
     submodules = dataclasses.replace(moe_layer.keywords["submodules"], experts=experts)
-    mlp = functools.partial(moe_layer.func, *moe_layer.args, **{**moe_layer.keywords, "submodules": submodules})
+    mlp = functools.partial(layer, *moe_layer.args, **{**moe_layer.keywords, "submodules": submodules})
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
 
 
@@ -109,7 +108,7 @@ def decoder_specs(config: TransformerConfig, cfg: Config) -> tuple[TransformerBl
     multi-token-prediction block, from megatron-core's local (Transformer-Engine-free) layer specs
     with this project's experts and core attention."""
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    block = dataclasses.replace(block, layer_specs=[with_sdpa_attention(with_expert_impl(spec, cfg), config)
+    block = dataclasses.replace(block, layer_specs=[with_sdpa_attention(with_moe_variant(spec, cfg), config)
                                                     for spec in block.layer_specs])
     mtp = (get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)
            if config.mtp_num_layers else None)

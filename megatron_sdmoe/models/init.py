@@ -14,7 +14,7 @@ import zlib
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import Config, routed_experts
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj", "linear_fc2")
@@ -51,7 +51,7 @@ def draw(key: str, local: torch.Tensor, param: torch.nn.Parameter, dim_offset: i
 def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     std = cfg.model.init_method_std
     output_std = std / math.sqrt(2.0 * cfg.model.num_layers)  # megatron-core's scaled init
-    num_local = cfg.moe.num_experts // cfg.parallel.expert
+    num_local = routed_experts(cfg) // cfg.parallel.expert
     first_expert = ps.get_expert_model_parallel_rank() * num_local
     for name, param in model.named_parameters():
         if param.dim() == 1:  # norm weights (no biases in these families)

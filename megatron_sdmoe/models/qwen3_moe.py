@@ -2,7 +2,7 @@
 with normalised top-k probabilities, load-balancing aux loss, no shared expert, untied embeddings."""
 from __future__ import annotations
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import Config, routed_topk
 from megatron_sdmoe.models.common import RMSNORM_SWIGLU
 
 TIE_EMBEDDINGS = False
@@ -15,7 +15,9 @@ def transformer_kwargs(cfg: Config) -> dict:
         qk_layernorm=True,
         add_qkv_bias=False,
         # Top-k on the logits, then softmax over the k chosen = softmax top-k renormalised (Qwen3's
-        # norm_topk_prob=True).
-        moe_router_pre_softmax=False,
+        # norm_topk_prob=True). Over one chosen expert that is a constant 1 and the router would learn
+        # nothing from the LM loss, so top-1 routing (head-wise routing's usual) keeps the softmax
+        # over all experts.
+        moe_router_pre_softmax=routed_topk(cfg) == 1,
     )
 

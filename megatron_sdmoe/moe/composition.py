@@ -1,14 +1,17 @@
 """Route-wise effective composition number (methods.md section 3).
 
-For each route r (the set of experts a token is sent to) N_eff(r) = 1 / sum_c p(c|r)^2, where c
+For each route r (the set of experts a token is sent to; under head-wise routing, the experts one
+head of the token is sent to, which identify the head) N_eff(r) = 1 / sum_c p(c|r)^2, where c
 is the token's composition label: the source dataset of its sample in the blend (its domain),
 crossed with the bucket of its position when `moe.diag_position_buckets` > 1.
 N_eff = 1 means a route serves one domain; N_eff = number of domains means it does not tell them
 apart. Reported per MoE layer as the token-weighted mean over routes.
 
-Routers are observed by forward hooks while `recording`; tokens reach a router as [s, b] flattened
-sequence-major, each TP rank holding a contiguous slice of positions under sequence parallelism. Counts are summed over all ranks (each
-token is routed on exactly one rank).
+Recorded on the diagnostics' training steps (labels: source dataset) and, with data.stages, at each
+stage end over every seen stage's validation tokens (labels: stage), where a single stage's data
+would give one label. Routers are observed by forward hooks while `recording`; tokens reach a
+router as [s, b] flattened sequence-major, each TP rank holding a contiguous slice of positions
+under sequence parallelism. Counts are summed over all ranks (each token is routed on exactly one rank).
 """
 from __future__ import annotations
 
@@ -45,29 +48,35 @@ class RouteComposition:
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         self.counts = [Counter() for _ in self.routers]
         self.domains: torch.Tensor | None = None  # [b] of the micro-batch being run
+        self.fixed_label: int | None = None  # label every token with this instead (e.g. its stage)
         self.recording = False
         for index, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(index))
 
     def _hook(self, index: int):
         def count(module, _inputs, output):
-            if self.recording and module.training:
-                _probs, routing_map = output
-                labels = self.labels(routing_map.shape[0]).to(routing_map.device)
-                rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
-                pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
-                for pair, n in zip(pairs.tolist(), tokens.tolist()):
-                    self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
+            if self.recording:
+                self.add(index, output[1], getattr(module, "heads", 1))
         return count
+
+    def add(self, index: int, routing_map: torch.Tensor, heads: int = 1) -> None:
+        """Count router `index`'s routes [tokens x heads, experts] (a head-wise router's rows are
+        sub-tokens, heads innermost) against the labels of the micro-batch's tokens."""
+        labels = self.labels(routing_map.shape[0] // heads).repeat_interleave(heads).to(routing_map.device)
+        rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
+        pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
+        for pair, n in zip(pairs.tolist(), tokens.tolist()):
+            self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
 
     def labels(self, tokens: int) -> torch.Tensor:
         """Labels of the router's `tokens` = [s_local, b] flattened: domain x position bucket."""
-        batch = len(self.domains)
+        domains = self.domains if self.fixed_label is None else torch.full_like(self.domains, self.fixed_label)
+        batch = len(domains)
         local = tokens // batch
         tp = ps.get_tensor_model_parallel_world_size()  # sequence parallel whenever TP > 1
         positions = ps.get_tensor_model_parallel_rank() * local + torch.arange(local) if tp > 1 else torch.arange(local)
         buckets = positions * self.position_buckets // (local * tp)
-        return (self.domains.cpu()[None, :] * self.position_buckets + buckets[:, None]).reshape(-1)
+        return (domains.cpu()[None, :] * self.position_buckets + buckets[:, None]).reshape(-1)
 
     def compute(self) -> list[float]:
         """N_eff per router over the tokens recorded since the last call (a collective)."""

@@ -44,19 +44,22 @@ class GroupedExperts(MegatronModule):
 
     weight_grads: dict | None = None  # set to {} by the diagnostics to collect a step's gradients
 
-    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, name=None):
+    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, name=None, *,
+                 input_size: int | None = None, output_size: int | None = None):
+        """input_size / output_size: the widths an expert reads and writes (default the hidden size;
+        head-wise routing's experts read one head's slice)."""
         super().__init__(config=config)
         assert config.gated_linear_unit and config.activation_func is F.silu and not config.add_bias_linear, \
             "GroupedExperts implements bias-free SwiGLU experts"
         self.num_local_experts = num_local_experts
         etp = pg_collection.expt_tp.size() if pg_collection is not None else config.expert_tensor_parallel_size
         ffn = config.moe_ffn_hidden_size // etp
-        h, dtype = config.hidden_size, config.params_dtype
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.linear_fc1 = expert_param(torch.empty(num_local_experts, 2 * ffn, h, dtype=dtype, device=device),
-                                       config, partition_dim=1, stride=2, expert_tp_size=etp)
-        self.linear_fc2 = expert_param(torch.empty(num_local_experts, h, ffn, dtype=dtype, device=device),
-                                       config, partition_dim=2, stride=1, expert_tp_size=etp)
+        self.input_size, self.output_size = input_size or config.hidden_size, output_size or config.hidden_size
+        dtype, device = config.params_dtype, "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.linear_fc1 = expert_param(torch.empty(num_local_experts, 2 * ffn, self.input_size, dtype=dtype,
+                                                   device=device), config, partition_dim=1, stride=2, expert_tp_size=etp)
+        self.linear_fc2 = expert_param(torch.empty(num_local_experts, self.output_size, ffn, dtype=dtype,
+                                                   device=device), config, partition_dim=2, stride=1, expert_tp_size=etp)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Effective fc1, fc2 weights (SD-MoE overrides this)."""

@@ -6,9 +6,10 @@ U_e gets the two-sided complement (I - P) G_e (I - R) of the common basis (P = Q
 top-k singular vectors of C), C gets the rest, summed over experts. Q, V are refreshed every T
 steps by a randomized SVD of C, identically on every rank.
 
-`common: shared` (default) keeps one C per layer and projection, a dense parameter replicated on
-every expert-parallel rank; `per_expert` gives each expert its own C_e and basis (an expert
-parameter).
+`common: shared` (default) keeps one C per group of experts and projection, a dense parameter
+replicated on every expert-parallel rank: the group is the layer's experts, or under head-wise
+routing one head's bank; `per_expert` gives each expert its own C_e and basis (an expert parameter).
+Either way the experts a common matrix serves are consecutive, `group_size` of them per group.
 
 Under expert tensor parallelism (ETP > 1) C is sharded like U (gate/up by rows, down by columns);
 the basis vectors of the sharded side are sharded the same way, and the gradient routing sums its
@@ -98,29 +99,31 @@ def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards
 
 
 class SpectralSplit(torch.autograd.Function):
-    """W = C + U forward; backward routes dL/dW into the complement (to U) and the rest (to C).
+    """W_e = C_g(e) + U_e forward; backward routes dL/dW into the complement (to U) and the rest (to C).
 
+    common [G, m, n] holds the local groups' C, unique [G * S, m, n] their S experts each.
     W's rows may hold several projections with their own bases (fc1 = [gate; up]): `blocks` equal
-    row blocks, each with a (Q, V) pair among `bases`, all split over expert TP as `shards` says.
+    row blocks, each with a (Q [G, m, k], V [G, n, k]) pair among `bases`, all split over expert TP
+    as `shards` says.
     """
 
     @staticmethod
     def forward(ctx, common, unique, blocks, shards, *bases):
         ctx.save_for_backward(*bases)
-        ctx.blocks, ctx.shards, ctx.shared = blocks, shards, common.dim() < unique.dim()
-        return common.unsqueeze(0) + unique if ctx.shared else common + unique
+        ctx.blocks, ctx.shards = blocks, shards
+        groups = common.shape[0]
+        return (unique.unflatten(0, (groups, -1)) + common.unsqueeze(1)).flatten(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
         bases = ctx.saved_tensors
         grad_unique, grad_common = [], []
+        groups = bases[0].shape[0]
         for block, (q, v) in zip(grad.chunk(ctx.blocks, dim=-2), zip(bases[0::2], bases[1::2])):
-            comp, a, b = _routed(block, q, v, ctx.shards)
-            grad_unique.append(comp)
-            if ctx.shared:  # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T: no pass over G
-                grad_common.append(q @ a.sum(0) + b.sum(0) @ v.transpose(-2, -1))
-            else:
-                grad_common.append(torch.baddbmm(q @ a, b, v.transpose(-2, -1)))
+            comp, a, b = _routed(block.unflatten(0, (groups, -1)), q.unsqueeze(1), v.unsqueeze(1), ctx.shards)
+            grad_unique.append(comp.flatten(0, 1))
+            # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T over a group: no pass over G
+            grad_common.append(torch.baddbmm(q @ a.sum(1), b.sum(1), v.transpose(-2, -1)))
         cat = (lambda parts: parts[0]) if ctx.blocks == 1 else (lambda parts: torch.cat(parts, dim=-2))
         return (cat(grad_common), cat(grad_unique), None, None, *([None] * len(bases)))
 
@@ -144,8 +147,9 @@ class SDMoEExperts(GroupedExperts):
     (same layout and parallel attributes as GroupedExperts), `common_fc1` / `common_fc2` the common ones."""
 
     def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, name=None, *,
-                 sdmoe: SDMoEConfig, seed: int):
-        super().__init__(num_local_experts, config, pg_collection, name)
+                 sdmoe: SDMoEConfig, seed: int, group_size: int | None = None, **sizes):
+        """group_size: experts per common matrix with sdmoe.common=shared (default: all the layer's)."""
+        super().__init__(num_local_experts, config, pg_collection, name, **sizes)
         self.sdmoe, self.seed = sdmoe, seed
         self.layer_key = ""  # the module's name in the model, set by prepare(); seeds the SVDs
         cfg, ffn = sdmoe, self.linear_fc2.shape[-1]
@@ -153,17 +157,27 @@ class SDMoEExperts(GroupedExperts):
         expert_tp = pg_collection.expt_tp if pg_collection is not None else ps.get_expert_tensor_parallel_group()
         self.shards = {p: Shards(expert_tp, SHARDED_SIDE[p]) for p in PROJECTIONS}
         self.shared = cfg.common == "shared"
-        lead = () if self.shared else (num_local_experts,)
-        self.common_fc1 = self._common(self.linear_fc1, lead, config)
-        self.common_fc2 = self._common(self.linear_fc2, lead, config)
-        h, dtype, device = config.hidden_size, self.linear_fc1.dtype, self.linear_fc1.device
-        for proj, (m, n) in {"gate": (ffn, h), "up": (ffn, h), "down": (h, ffn)}.items():
-            k = self.ranks[proj]
-            self.register_buffer(f"q_{proj}", torch.zeros(*lead, m, k, dtype=dtype, device=device))
-            self.register_buffer(f"v_{proj}", torch.zeros(*lead, n, k, dtype=dtype, device=device))
+        ep_rank = pg_collection.ep.rank() if pg_collection is not None else ps.get_expert_model_parallel_rank()
+        first = ep_rank * num_local_experts  # global index of the first local expert
+        size = (group_size or config.num_moe_experts) if self.shared else 1
+        local_groups = max(num_local_experts // size, 1)  # config validation: one divides the other
+        self.group_size = size
+        self.group_ids = [first // size + g for g in range(local_groups)]  # global ids of the local groups
+        # what each basis belongs to (seeds its SVD): a group, or an expert
+        self.basis_ids = self.group_ids if self.shared else list(range(first, first + num_local_experts))
+        # shared: every group's C on every rank (dense); per_expert: the local experts' own (expert parameter)
+        groups = config.num_moe_experts // size if self.shared else num_local_experts
+        self.local_groups = slice(self.group_ids[0], self.group_ids[-1] + 1) if self.shared else slice(None)
+        self.common_fc1 = self._common(self.linear_fc1, groups, config)
+        self.common_fc2 = self._common(self.linear_fc2, groups, config)
+        d_in, d_out, dtype, device = self.input_size, self.output_size, self.linear_fc1.dtype, self.linear_fc1.device
+        for proj, (m, n) in {"gate": (ffn, d_in), "up": (ffn, d_in), "down": (d_out, ffn)}.items():
+            k = self.ranks[proj]  # bases of the local groups only
+            self.register_buffer(f"q_{proj}", torch.zeros(local_groups, m, k, dtype=dtype, device=device))
+            self.register_buffer(f"v_{proj}", torch.zeros(local_groups, n, k, dtype=dtype, device=device))
 
-    def _common(self, unique: torch.nn.Parameter, lead: tuple, config: TransformerConfig) -> torch.nn.Parameter:
-        param = torch.nn.Parameter(torch.zeros(*lead, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
+    def _common(self, unique: torch.nn.Parameter, groups: int, config: TransformerConfig) -> torch.nn.Parameter:
+        param = torch.nn.Parameter(torch.zeros(groups, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
         if self.shared and self.shards["down"].group is None:
             # A dense parameter, replicated on every rank. Its gradient must sum the terms of every
             # expert on every rank: the data-parallel reduction covers the ranks of one TP position;
@@ -174,7 +188,7 @@ class SDMoEExperts(GroupedExperts):
             # Split like U over expert TP, which equals TP (config validation): a TP-sharded dense
             # parameter. Each shard's experts saw all tokens of the TP group, so the data-parallel
             # reduction alone completes its gradient.
-            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=unique.partition_dim - 1,
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=unique.partition_dim,
                                                  stride=unique.partition_stride)
         else:  # one C_e per expert: an expert parameter like the unique part
             param.allreduce, param.stacked_experts = unique.allreduce, True
@@ -184,34 +198,53 @@ class SDMoEExperts(GroupedExperts):
 
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        fc1 = SpectralSplit.apply(self.common_fc1, self.linear_fc1, 2, self.shards["gate"], self.q_gate, self.v_gate,
+        common_fc1, common_fc2 = self.common_fc1[self.local_groups], self.common_fc2[self.local_groups]
+        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, 2, self.shards["gate"], self.q_gate, self.v_gate,
                                   self.q_up, self.v_up)
-        fc2 = SpectralSplit.apply(self.common_fc2, self.linear_fc2, 1, self.shards["down"], self.q_down, self.v_down)
+        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, 1, self.shards["down"], self.q_down, self.v_down)
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
-    def commons(self) -> dict[str, torch.Tensor]:
+    def _by_projection(self, fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
         ffn = self.linear_fc2.shape[-1]
-        return {"gate": self.common_fc1[..., :ffn, :], "up": self.common_fc1[..., ffn:, :], "down": self.common_fc2}
+        return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
+
+    def commons(self, groups: slice | None = None) -> dict[str, torch.Tensor]:
+        """Common matrices per projection, [groups, m, n] (this rank's shards): the local groups'
+        by default."""
+        groups = self.local_groups if groups is None else groups
+        return self._by_projection(self.common_fc1[groups], self.common_fc2[groups])
+
+    def expert_basis(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, V of `proj` for every local expert (its group's), [experts, m, k] and [experts, n, k]."""
+        q, v = getattr(self, f"q_{proj}"), getattr(self, f"v_{proj}")
+        repeat = self.num_local_experts // q.shape[0]
+        return q.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
 
     def uniques(self) -> dict[str, torch.Tensor]:
-        ffn = self.linear_fc2.shape[-1]
-        return {"gate": self.linear_fc1[:, :ffn], "up": self.linear_fc1[:, ffn:], "down": self.linear_fc2}
+        return self._by_projection(self.linear_fc1, self.linear_fc2)
 
-    def _seed(self, proj: str, step: int) -> int:
-        return (self.seed * 1_000_003 + zlib.crc32(f"{self.layer_key}.{proj}".encode()) + 7919 * step) % 2**63
+    def _seed(self, proj: str, step: int, group: int) -> int:
+        key = zlib.crc32(f"{self.layer_key}.{proj}".encode())
+        return (self.seed * 1_000_003 + key + 7919 * step + 104_729 * group) % 2**63
+
+    def _bases(self, proj: str, matrices: torch.Tensor, step: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k singular vectors of each group's whole matrix [groups, m, n], one randomized SVD
+        per group seeded by its global id (`ids`), so every layout computes the same basis."""
+        cfg, pairs = self.sdmoe, []
+        for matrix, group in zip(matrices, ids):
+            pairs.append(top_singular_vectors(matrix, self.ranks[proj], self._seed(proj, step, group),
+                                              cfg.power_iterations, cfg.oversample))
+        return torch.stack([q for q, _ in pairs]), torch.stack([v for _, v in pairs])
 
     @torch.no_grad()
     def refresh_bases(self, step: int) -> None:
         """Q, V <- top-k singular vectors of the current C (same result on every rank: C is
         replicated, or gathered whole over expert TP, and the random range finder is seeded by
-        layer, projection and step)."""
-        cfg = self.sdmoe
+        layer, projection, group and step)."""
         for proj, common in self.commons().items():
             shards = self.shards[proj]
-            q, v = top_singular_vectors(shards.gather(common), self.ranks[proj], self._seed(proj, step),
-                                        cfg.power_iterations, cfg.oversample)
-            self._set_basis(proj, *shards.local_basis(q, v))
+            self._set_basis(proj, *shards.local_basis(*self._bases(proj, shards.gather(common), step, self.basis_ids)))
 
     def _set_basis(self, proj: str, q: torch.Tensor, v: torch.Tensor) -> None:
         getattr(self, f"q_{proj}").copy_(q)
@@ -221,23 +254,27 @@ class SDMoEExperts(GroupedExperts):
     def split_initial_weights(self) -> None:
         """From baseline-drawn expert weights W_e (held in the unique parameters): C = rank-k
         truncation of the mean expert (shared) or of W_e itself (per_expert), U_e = the two-sided
-        complement projection of W_e - C, and the basis of C."""
+        complement projection of W_e - C, and the basis of C.
+
+        Shared commons are dense parameters (DeepSpeed broadcasts them from one rank), so every
+        rank computes every group's C, not only the groups of its own experts."""
+        every_group = slice(None)
         for proj, unique in self.uniques().items():
-            k, shards = self.ranks[proj], self.shards[proj]
-            if self.shared:
-                mean = unique.sum(0, dtype=torch.float32)
-                dist.all_reduce(mean, group=ps.get_expert_model_parallel_group())
-                target = (mean / self.config.num_moe_experts).to(unique.dtype)
+            shards, local = self.shards[proj], len(self.commons()[proj])
+            if self.shared:  # each group's mean expert: sums of the local experts, completed over EP
+                sums = unique.new_zeros(self.common_fc1.shape[0], *unique.shape[1:], dtype=torch.float32)
+                sums[self.local_groups] = unique.unflatten(0, (local, -1)).sum(1, dtype=torch.float32)
+                dist.all_reduce(sums, group=ps.get_expert_model_parallel_group())
+                target, ids = (sums / self.group_size).to(unique.dtype), list(range(len(sums)))
             else:
-                target = unique
+                target, ids = unique, self.basis_ids
             target = shards.gather(target)
-            q, v = top_singular_vectors(target, k, self._seed(proj, -1), self.sdmoe.power_iterations,
-                                        self.sdmoe.oversample)
+            q, v = self._bases(proj, target, -1, ids)
             common = shards.local_matrix(q @ (q.transpose(-2, -1) @ target @ v) @ v.transpose(-2, -1))  # rank k
-            q, v = shards.local_basis(q, v)
-            self.commons()[proj].copy_(common)
-            unique.copy_(complement(unique - common, q, v, shards))
-            self._set_basis(proj, q, v)
+            self.commons(every_group)[proj].copy_(common)
+            self._set_basis(proj, *shards.local_basis(q[self.local_groups], v[self.local_groups]))
+            common = common[self.local_groups].repeat_interleave(unique.shape[0] // local, 0)
+            unique.copy_(complement(unique - common, *self.expert_basis(proj), shards))
 
 
 def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
@@ -277,7 +314,7 @@ class UpdateProjector:
                                       (layer.linear_fc2, old_fc2, (("down", slice(None)),))):
                 new = safe_get_full_fp32_param(param)
                 for proj, rows in parts:
-                    q, v = getattr(layer, f"q_{proj}").float(), getattr(layer, f"v_{proj}").float()
+                    q, v = (basis.float() for basis in layer.expert_basis(proj))
                     new[:, rows] = old[:, rows] + complement(new[:, rows] - old[:, rows], q, v, layer.shards[proj])
                 safe_set_full_fp32_param(param, new)
                 param.copy_(new.to(param.dtype))

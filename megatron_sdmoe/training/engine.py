@@ -19,7 +19,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups as ds_groups
 from megatron.core import parallel_state as ps
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import Config, routed_experts
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.schedule import warmup_cosine
 
@@ -132,7 +132,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
         register_expert_groups(group)
         for param in expert_params:
             param.group_name = group
-        model.expert_group_marker = ExpertGroupMarker(cfg.moe.num_experts, group, cfg.parallel.expert)
+        model.expert_group_marker = ExpertGroupMarker(routed_experts(cfg), group, cfg.parallel.expert)
     reduce_sequence_parallel_grads_over_tp(model)
 
     tr = cfg.train

@@ -129,14 +129,25 @@ class Trainer:
                            for d, name in enumerate(stage.domains) if sums[1, d] > 0})
         return result
 
-    def end_of_stage(self, stage: Stage) -> dict[str, float]:
-        """L[i][j] for every seen stage j; BWT once there are two rows."""
+    def end_of_stage(self, stage: Stage) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """L[i][j] for every seen stage j; BWT once there are two rows. With the diagnostics on,
+        also `stage_route_neff` per MoE layer: the routes' composition over every seen stage's
+        validation tokens, labelled by stage."""
         index = self.stages.index(stage)
-        row = [self.evaluate(seen)["val_loss"] for seen in self.stages[:index + 1]]
+        composition = self.composition
+        row = []
+        for label, seen in enumerate(self.stages[:index + 1]):
+            if composition:
+                composition.recording, composition.fixed_label = True, label
+            row.append(self.evaluate(seen)["val_loss"])
+        per_layer = {}
+        if composition:
+            composition.recording, composition.fixed_label = False, None
+            per_layer["stage_route_neff"] = composition.compute()
         bwt = self.stage_matrix.add(index, row)
         self.metrics.log_figure(stage.last_step, "stages", self.stage_matrix.figure(bwt))
         result = {f"stage_loss_{seen.name}": loss for seen, loss in zip(self.stages, row)}
-        return result if bwt is None else {**result, "bwt": bwt}
+        return (result if bwt is None else {**result, "bwt": bwt}), per_layer
 
     def run(self, start_step: int) -> str | None:
         """Train to train.max_steps; returns why it stopped early with a checkpoint (a signal, the
@@ -170,7 +181,9 @@ class Trainer:
                 result.update(self.evaluate(stage))
             stage_end = self.stage_matrix is not None and done == stage.last_step
             if stage_end:
-                result.update(self.end_of_stage(stage))
+                scalars, stage_per_layer = self.end_of_stage(stage)
+                result.update(scalars)
+                per_layer.update(stage_per_layer)
             if evaluating or diagnosing or stage_end or done % tr.log_interval == 0 or done == tr.max_steps:
                 per_layer.update(self.expert_load.collect())
                 self.metrics.log(done, result, per_layer)

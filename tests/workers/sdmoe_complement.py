@@ -26,7 +26,7 @@ def main() -> None:
     for layer, old in zip(layers, before):
         for proj, unique in layer.uniques().items():
             delta = unique.detach() - old[proj]
-            q, v = getattr(layer, f"q_{proj}"), getattr(layer, f"v_{proj}")
+            q, v = layer.expert_basis(proj)
             inside = complement(delta, q, v, layer.shards[proj])
             worst = max(worst, ((delta - inside).norm() / delta.norm()).item())
             smallest_change = min(smallest_change, delta.norm().item())
