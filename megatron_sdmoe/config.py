@@ -55,6 +55,9 @@ class ModelConfig:
     dense_ffn_hidden_size: int = 0  # FFN width of those dense layers (required when dense_layers > 0)
     mtp_layers: int = 0  # multi-token prediction depth (DeepSeek-V3: 1); 0: off
     mtp_loss_coeff: float = 0.1  # weight of the mean MTP loss
+    # start from these weights instead of a random draw: a directory of whole tensors in this
+    # system's names (`sdmoe-convert from-hf` writes one); tensors it lacks are drawn as usual
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, save_config, validate
+from megatron_sdmoe.config import Config, grad_accumulation_steps, save_config
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 from megatron_sdmoe.models import build_model
+from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
@@ -45,13 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
     run_dir = Path(cfg.run.dir)
     if is_main:
-        try:
+        with writing_into(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = run_dir / ".config.yaml.tmp"
             save_config(cfg, tmp)
             os.replace(tmp, run_dir / "config.yaml")
-        except OSError as e:
-            raise UserError(f"run.dir {run_dir} is not writable ({e.strerror}): choose another run.dir")
     return run_dir
 
 
@@ -71,21 +70,21 @@ def setup(cfg: Config) -> Session:
     """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
-    run_dir = prepare_run_dir(cfg, layout.is_main)
     if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
         if layout.is_main:
             ensure_sample_corpus()
         dist.barrier()
     tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:  # refused before the run directory is written
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
+                        "raise it or leave it empty")
+    run_dir = prepare_run_dir(cfg, layout.is_main)
     stages = build_stages(cfg, tokenizer)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     seed_everything(tr.seed)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
-                        "raise it or leave it empty")
     model = build_model(cfg, vocab, dtype).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
     start_step = load_latest(run_dir, engine, layout)
@@ -117,9 +116,7 @@ def train(cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg, world_size_from_env())
-        train(cfg)
+        train(checked_config(args.config, args.overrides, world_size_from_env()))
     except UserError as e:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "moe.ffn_hidden_size=64",
 DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def run_env(**extra: str) -> dict:
+    """The environment for a launched run. The test process may hold a process group of its own
+    (single_process_groups): its rendezvous variables must not leak into the launched runs."""
+    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    return {**inherited, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_sdmoe.train",
            check: bool = True, env: dict | None = None, config: Path = CONFIG) -> subprocess.CompletedProcess:
     """Run `module` on `config` + SMALL + overrides in `nproc` processes (torchrun when > 1)."""
@@ -29,15 +37,26 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", module]
-    # The test process may hold a process group of its own (single_process_groups): its rendezvous
-    # variables must not leak into the launched runs.
-    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd + [str(config), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd + [str(config), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO,
+                          env=run_env(**(env or {})), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def log_path(run_dir: Path) -> Path:
+    """Where a run started in the background writes its output (a file: a full pipe would stall it)."""
+    return run_dir.with_name(run_dir.name + ".log")
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s: {log_path(run_dir).read_text()[-2000:]}")
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, metrics
+from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, log_path, metrics, wait_for_step
 
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
@@ -34,20 +33,6 @@ def start(run_dir, *overrides) -> subprocess.Popen:
     log = open(log_path(run_dir), "w")
     return subprocess.Popen([sys.executable, "-m", "megatron_sdmoe.train", str(CONFIG), f"run.dir={run_dir}", *SMALL,
                              *RUN, *overrides], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def log_path(run_dir):
-    return run_dir.with_name(run_dir.name + ".log")
-
-
-def wait_for_step(proc, run_dir, step: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= step:
-            return
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no step {step} within {timeout} s: {log_path(run_dir).read_text()[-2000:]}")
 
 
 def assert_resumed_exactly(run_dir, uninterrupted) -> None:

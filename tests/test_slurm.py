@@ -1,14 +1,14 @@
 """The batch script sdmoe-submit writes runs unchanged under a local SLURM stand-in (tests/
-slurm_standin: srun starts the tasks here with SLURM's variables, scontrol answers for 2 "nodes"):
-ranks and rendezvous are right (the 2-task EP2 run equals one process) and a stop for time ends
-in a requeue."""
-import os
+slurm_standin: srun starts the tasks here with SLURM's variables, scontrol answers for 2 "nodes"),
+in both launch modes: one task per GPU, and one task per node running torchrun (--per-node, c10d
+rendezvous). Ranks and rendezvous are right (the EP2 run on 2 "nodes" x 1 GPU equals one process)
+and a stop for time ends in a requeue."""
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, metrics
+from conftest import CONFIG, REPO, SMALL, launch, metrics, run_env
 
 STANDIN = REPO / "tests" / "slurm_standin"
 
@@ -24,29 +24,43 @@ def submit(run_dir, *args, check=True):
 
 def run_job(run_dir, tmp_path):
     """Run the batch script as SLURM would on a 2-node allocation, with the stand-ins on PATH."""
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env = run_env()
     env.update(PATH=f"{STANDIN}:{env['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]",
                SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", MASTER_PORT="29517",
-               STANDIN_LOG=str(tmp_path / "scontrol.log"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+               STANDIN_LOG=str(tmp_path / "scontrol.log"))
     return subprocess.run(["bash", str(run_dir / "slurm" / "job.sbatch")], env=env, capture_output=True, text=True,
                           timeout=900)
 
 
-def test_batch_script_trains_on_two_standin_nodes(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    launch(run_dir, 1)
+    return metrics(run_dir)
+
+
+@pytest.mark.parametrize("mode", [[], ["--per-node"]], ids=["per-gpu", "per-node"])
+def test_batch_script_trains_on_two_standin_nodes(mode, tmp_path, one_process):
     run_dir = tmp_path / "job"
-    script = submit(run_dir, "parallel.expert=2").stdout
+    script = submit(run_dir, "parallel.expert=2", *mode).stdout
     assert "#SBATCH --nodes=2" in script and "#SBATCH --signal=USR1@120" in script and "--requeue" in script
+    if mode:  # one task per node, torchrun meeting at the first node under the job's id
+        assert "#SBATCH --ntasks-per-node=1" in script and "--nproc-per-node=1 --rdzv-backend=c10d" in script
+        assert "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID" in script
     job = run_job(run_dir, tmp_path)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
-    launch(tmp_path / "one", 1)
-    for got, want in zip(metrics(run_dir), metrics(tmp_path / "one")):
-        assert got["loss"] == pytest.approx(want["loss"], abs=2e-5)
+    assert "world 2 (TP 1, EP 2, DP 2)" in job.stdout
+    got = metrics(run_dir)
+    assert [row["step"] for row in got] == [1, 2, 3, 4]
+    for g, w in zip(got, one_process):
+        assert g["loss"] == pytest.approx(w["loss"], abs=2e-5)
     assert not (tmp_path / "scontrol.log").exists()  # finished: no requeue
 
 
-def test_stop_for_time_requeues(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--per-node"]], ids=["per-gpu", "per-node"])
+def test_stop_for_time_requeues(mode, tmp_path):
     run_dir = tmp_path / "job"
-    submit(run_dir, "train.time_budget_minutes=0.001")
+    submit(run_dir, "train.time_budget_minutes=0.001", *mode)
     job = run_job(run_dir, tmp_path)
     assert job.returncode == 3, job.stdout[-2000:] + job.stderr[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
@@ -57,3 +71,18 @@ def test_submit_bad_input(tmp_path):
     proc = submit(tmp_path / "job", "parallel.expert=4", check=False)  # 2 GPUs cannot hold EP4
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: world size 2")
     assert not (tmp_path / "job").exists()
+
+
+def test_profile_sets_site_defaults(tmp_path):
+    """A site profile's directives, container and environment land in the script; its env comes
+    after the NCCL defaults, so it overrides them; in the container its python is used."""
+    profile = tmp_path / "site.yaml"
+    profile.write_text("partition: gpu\naccount: proj1\ncontainer: registry/sdmoe:1\ncpus_per_gpu: 4\n"
+                       "env: {NCCL_IB_TIMEOUT: 23, NCCL_SOCKET_IFNAME: ib0}\n")
+    script = submit(tmp_path / "job", "--profile", str(profile), "--per-node").stdout
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --account=proj1" in script
+    assert "#SBATCH --cpus-per-task=4" in script  # one GPU per node here
+    assert "srun --kill-on-bad-exit=1 --container-image=registry/sdmoe:1" in script
+    assert " python -m megatron_sdmoe.launch.torchrun" in script
+    assert script.index("NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}") < script.index("export NCCL_IB_TIMEOUT=23")
+    assert "export NCCL_SOCKET_IFNAME=ib0" in script

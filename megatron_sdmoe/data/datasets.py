@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import megatron.core.datasets
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                    parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset, Subset
@@ -84,22 +87,44 @@ def _check_split(split: str) -> None:
                         "train weight: use e.g. 98,2,0")
 
 
-def _check_splits_have_tokens(prefixes: list[str], split_matrix: list, sizes: list[int], split: str) -> None:
-    # Megatron loops forever adding epochs when asked for samples from a split without tokens.
-    for prefix in prefixes:
-        dataset = IndexedDataset(prefix)  # kept referenced: its arrays view an mmap closed on deletion
-        lengths = dataset.sequence_lengths
-        for name, bounds, size in zip(("train", "validation"), split_matrix, sizes):
-            if not size:
-                continue
+@contextmanager
+def _single_process_is_fine():
+    # A single process is a supported layout: megatron's "defaulting to rank 0" warning is right there.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not determine rank")
+        yield
+
+
+def checked_blends(cfg: Config, path: list, valid_path: list, num_valid_samples: int) -> tuple[tuple, tuple | None]:
+    """The blend `path` and the validation blend `valid_path` (None if empty) parsed, refused when their
+    files cannot give whole samples: each split that is read (with a validation blend, each prefix)
+    must hold at least one sequence + 1 tokens, or megatron fills every sample by repeating those
+    few tokens (and, with none at all, loops forever adding epochs). Reads only the .idx files."""
+    _check_split(cfg.data.split)
+    blend, valid_blend = parse_blend(path), parse_blend(valid_path) if valid_path else None
+    if valid_blend:
+        parts = [("train", prefix, (0.0, 1.0)) for prefix in blend[0]]
+        parts += [("validation", prefix, (0.0, 1.0)) for prefix in valid_blend[0] if num_valid_samples]
+    else:
+        names = ("train", "validation")[:1 + bool(num_valid_samples)]
+        split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.data.split))
+        for name, bounds in zip(names, split_matrix):
             if bounds is None:
-                raise UserError(f"data.split={split!r} gives the {name} set no documents: give it a weight "
+                raise UserError(f"data.split={cfg.data.split!r} gives the {name} set no documents: give it a weight "
                                 "(e.g. 98,2,0) or set train.eval_interval=0")
-            beg, end = (int(round(b * len(lengths))) for b in bounds)  # megatron's rounding
-            if lengths[beg:end].sum() == 0:
-                raise UserError(f"data.split={split!r} leaves the {name} split of {prefix} ({len(lengths)} "
-                                f"documents) without tokens: use a larger corpus or give {name} a larger "
-                                "weight")
+        parts = [(name, prefix, bounds) for prefix in blend[0] for name, bounds in zip(names, split_matrix)]
+    need = cfg.data.seq_length + 1  # a sample's tokens and the label after the last
+    for name, prefix, bounds in parts:
+        with _single_process_is_fine():
+            dataset = IndexedDataset(prefix)  # kept referenced: its arrays view an mmap closed on deletion
+        beg, end = (int(round(b * len(dataset.sequence_lengths))) for b in bounds)  # megatron's rounding
+        tokens = int(dataset.sequence_lengths[beg:end].sum())
+        if tokens < need:
+            fix = "a larger corpus or a lower data.seq_length" + (
+                "" if valid_blend else f", or give the {name} split a larger weight in data.split")
+            raise UserError(f"the {name} split of {prefix} holds {tokens} tokens ({end - beg} documents), fewer "
+                            f"than one sample (data.seq_length + 1 = {need}): use {fix}")
+    return blend, valid_blend
 
 
 def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_valid_samples: int,
@@ -113,25 +138,21 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
     ranks (reading the cache); without torch.distributed it builds in this process.
     """
     _require_helpers()
-    _check_split(cfg.data.split)
     path = cfg.data.path if path is None else path
     valid_path = cfg.data.valid_path if valid_path is None else valid_path
-    if path:
-        blend = parse_blend(path)
-    else:
+    if not path:
         corpus = ensure_sample_corpus()
         if Path(tokenizer.directory).resolve() != Path(corpus.tokenizer_dir).resolve():
             raise UserError(f"data.path is empty (the built-in sample corpus) but the tokenizer is "
                             f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
                             "data.tokenizer")
-        blend = ([corpus.prefix], None)
-    with warnings.catch_warnings():
-        # A single process is a supported layout: megatron's "defaulting to rank 0" is right there.
-        warnings.filterwarnings("ignore", message="Could not determine rank")
+        path = [corpus.prefix]
+    blend, valid_blend = checked_blends(cfg, path, valid_path, num_valid_samples)
+    with _single_process_is_fine():
         config = GPTDatasetConfig(
             random_seed=cfg.train.seed,
             sequence_length=cfg.data.seq_length,
-            **({"blend_per_split": [blend, parse_blend(valid_path), None]} if valid_path else
+            **({"blend_per_split": [blend, valid_blend, None]} if valid_blend else
                {"blend": blend, "split": cfg.data.split}),
             path_to_cache=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"),
             tokenizer=tokenizer,
@@ -141,8 +162,6 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             create_attention_mask=False,  # attention kernels build the causal mask themselves
         )
         sizes = [num_train_samples, num_valid_samples, 0]
-        if not valid_path:
-            _check_splits_have_tokens(blend[0], config.split_matrix, sizes, cfg.data.split)
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only.
     return Subset(train, range(num_train_samples)), (Subset(valid, range(num_valid_samples))

@@ -1,1 +1,2 @@
-"""Launching on clusters: SLURM batch scripts (slurm.py)."""
+"""Launching: on this machine (local.py, sdmoe-launch), on SLURM clusters (slurm.py, sdmoe-submit), and
+torchrun that keeps the exit code and passes SIGUSR1 on (torchrun.py)."""

@@ -1,8 +1,12 @@
 """`sdmoe-submit CONFIG --nodes N --gpus-per-node G [...]`: write a SLURM batch script for the run
 into `<run.dir>/slurm/job.sbatch` and submit it with sbatch (or, with --dry-run, print it).
 
-The job runs one task per GPU; each task takes its rank from SLURM (SLURM_PROCID, SLURM_LOCALID,
-SLURM_NTASKS) and meets the others at the first node of the allocation (torch's env:// rendezvous).
+Two launch modes. By default the job runs one task per GPU; each task takes its rank from SLURM
+(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS) and meets the others at the first node of the
+allocation (torch's env:// rendezvous). With --per-node it runs one task per node, torchrun (through
+megatron_sdmoe.launch.torchrun, which keeps the exit code and passes SIGUSR1 on), starting the
+node's G processes; the nodes meet in a c10d rendezvous at the first node (id: the job id), which
+also gives each node its rank.
 SLURM sends SIGUSR1 two minutes before the time limit (`--signal=USR1@120`); training then saves
 and exits with code 3, on which the script requeues the job (`--requeue`), and the requeued job
 resumes from `latest` in the same run directory.
@@ -19,14 +23,15 @@ from string import Template
 
 import yaml
 
-from megatron_sdmoe.config import load_config, validate
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
 SCRIPT = Template("""#!/bin/bash
 #SBATCH --job-name=$job_name
 #SBATCH --nodes=$nodes
-#SBATCH --ntasks-per-node=$gpus
+#SBATCH --ntasks-per-node=$tasks_per_node
+#SBATCH --cpus-per-task=$cpus_per_task
 #SBATCH --gpus-per-node=$gpus
 #SBATCH --time=$time
 #SBATCH --signal=USR1@120
@@ -38,15 +43,13 @@ $extra_directives
 set -u
 export MASTER_ADDR=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$${MASTER_PORT:-29500}
+# NCCL / InfiniBand defaults; a site profile's env (exported below) overrides them.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=$${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_IB_TIMEOUT=$${NCCL_IB_TIMEOUT:-22}
 export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$threads}
 $env_lines
 cd $workdir
-# One task per GPU: torch's rank variables from SLURM's.
-srun --kill-on-bad-exit=1 $srun_flags bash -c 'RANK=$$SLURM_PROCID LOCAL_RANK=$$SLURM_LOCALID \\
-    WORLD_SIZE=$$SLURM_NTASKS LOCAL_WORLD_SIZE=$${SLURM_NTASKS_PER_NODE%%(*} exec "$$0" "$$@"' \\
-    $command
+$launch
 status=$$?
 if [ $$status -eq $requeue_code ]; then
     scontrol requeue "$$SLURM_JOB_ID"
@@ -54,24 +57,38 @@ fi
 exit $$status
 """)
 
+PER_GPU = Template("""# One task per GPU: torch's rank variables from SLURM's.
+srun --kill-on-bad-exit=1 $srun_flags bash -c 'RANK=$$SLURM_PROCID LOCAL_RANK=$$SLURM_LOCALID \\
+    WORLD_SIZE=$$SLURM_NTASKS LOCAL_WORLD_SIZE=$${SLURM_NTASKS_PER_NODE%%(*} exec "$$0" "$$@"' \\
+    $python -m megatron_sdmoe.train $args""")
+
+PER_NODE = Template("""# One task per node: torchrun starts the node's $gpus processes; the nodes meet in a c10d
+# rendezvous at the first node, which gives each node its rank.
+srun --kill-on-bad-exit=1 $srun_flags $python -m megatron_sdmoe.launch.torchrun \\
+    --nnodes=$$SLURM_NNODES --nproc-per-node=$gpus --rdzv-backend=c10d \\
+    --rdzv-endpoint=$$MASTER_ADDR:$$MASTER_PORT --rdzv-id=$$SLURM_JOB_ID \\
+    -m megatron_sdmoe.train $args""")
+
 
 def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, python: str, workdir: Path,
-           profile: dict) -> tuple[str, Path]:
+           profile: dict, per_node: bool = False) -> tuple[str, Path]:
     """The batch script for CONFIG + overrides on nodes x gpus, and where it belongs."""
-    cfg = load_config(config, overrides)
-    validate(cfg, nodes * gpus)
+    cfg = checked_config(config, overrides, nodes * gpus)
     run_dir = Path(cfg.run.dir).resolve()
     directives = [f"#SBATCH --{key}={profile[key]}" for key in ("partition", "account", "qos", "constraint")
                   if profile.get(key)]
     srun_flags = f"--container-image={shlex.quote(profile['container'])} --container-workdir={workdir}" \
         if profile.get("container") else ""
-    command = shlex.join([python, "-m", "megatron_sdmoe.train", str(Path(config).resolve()),
-                          *overrides, f"run.dir={run_dir}"])
+    args = shlex.join([str(Path(config).resolve()), *overrides, f"run.dir={run_dir}"])
+    threads = profile.get("cpus_per_gpu", 8)
+    launch = (PER_NODE if per_node else PER_GPU).substitute(srun_flags=srun_flags, python=shlex.quote(python),
+                                                            gpus=gpus, args=args)
     script = SCRIPT.substitute(
-        job_name=f"sdmoe-{run_dir.name}", nodes=nodes, gpus=gpus, time=time, log_dir=run_dir / "slurm",
-        extra_directives="\n".join(directives), run_dir=run_dir, threads=profile.get("cpus_per_gpu", 8),
+        job_name=f"sdmoe-{run_dir.name}", nodes=nodes, gpus=gpus, tasks_per_node=1 if per_node else gpus,
+        cpus_per_task=threads * gpus if per_node else threads, time=time, log_dir=run_dir / "slurm",
+        extra_directives="\n".join(directives), run_dir=run_dir, threads=threads,
         env_lines="\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in (profile.get("env") or {}).items()),
-        workdir=shlex.quote(str(workdir)), srun_flags=srun_flags, command=command, requeue_code=EXIT_REQUEUE)
+        workdir=shlex.quote(str(workdir)), launch=launch, requeue_code=EXIT_REQUEUE)
     return script, run_dir / "slurm" / "job.sbatch"
 
 
@@ -100,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", help="cluster profile YAML with site defaults")
     for key in ("partition", "account", "qos", "constraint", "container"):
         parser.add_argument(f"--{key}")
-    parser.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
+    parser.add_argument("--per-node", action="store_true",
+                        help="one task per node running torchrun (c10d rendezvous) instead of one task per GPU")
+    parser.add_argument("--python", help="interpreter on the nodes (default: this one; with a container, the "
+                        "container's python)")
     parser.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -109,15 +129,18 @@ def main(argv: list[str] | None = None) -> None:
         profile = load_profile(args.profile)
         profile.update({k: getattr(args, k) for k in ("partition", "account", "qos", "constraint", "container")
                         if getattr(args, k)})
+        python = args.python or ("python" if profile.get("container") else sys.executable)
         script, path = render(args.config, args.overrides, args.nodes, args.gpus_per_node,
-                              args.time or profile.get("time", "24:00:00"), args.python, Path.cwd(), profile)
+                              args.time or profile.get("time", "24:00:00"), python, Path.cwd(), profile,
+                              args.per_node)
         if not args.dry_run and shutil.which("sbatch") is None:
             raise UserError("sbatch not found: run sdmoe-submit on a SLURM login node, or use --dry-run")
+        with writing_into(path.parents[1]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(script)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
     if args.dry_run:
         print(f"# {path}\n{script}")
         return

@@ -4,6 +4,8 @@ megatron-core draws weights from one RNG stream per rank, so the same seed gives
 experts at EP=1 and EP=2. Here every weight is drawn whole (all TP shards, by its global expert
 index) from a generator seeded by (seed, global name), and each rank keeps its shard: the same seed
 gives the same model under every TP / EP / ETP layout and either expert implementation.
+With `model.init_from` the whole tensors come from files instead (an imported model), and each
+rank keeps its shard the same way.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_sdmoe.config import Config, routed_experts
+from megatron_sdmoe.convert.weights import WeightDirectory
+from megatron_sdmoe.errors import UserError
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj", "linear_fc2")
@@ -47,23 +51,42 @@ def draw(key: str, local: torch.Tensor, param: torch.nn.Parameter, dim_offset: i
     return shard(full, dim, param.partition_stride, is_expert) if parallel else full
 
 
+def local_part(name: str, full: torch.Tensor, param: torch.nn.Parameter, first_expert: int) -> torch.Tensor:
+    """This rank's part of the whole tensor `full` of `param`: its experts, its TP shard."""
+    if getattr(param, "stacked_experts", False):
+        full = full[first_expert:first_expert + param.shape[0]]
+    if getattr(param, "tensor_model_parallel", False):
+        full = shard(full, param.partition_dim, param.partition_stride, ".experts." in name)
+    if full.shape != param.shape:
+        raise UserError(f"model.init_from: {name} has shape {tuple(full.shape)} where this model needs "
+                        f"{tuple(param.shape)} on this rank: convert weights of this model's sizes")
+    return full
+
+
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     std = cfg.model.init_method_std
     output_std = std / math.sqrt(2.0 * cfg.model.num_layers)  # megatron-core's scaled init
     num_local = routed_experts(cfg) // cfg.parallel.expert
     first_expert = ps.get_expert_model_parallel_rank() * num_local
+    source = WeightDirectory(cfg.model.init_from) if cfg.model.init_from else None
     for name, param in model.named_parameters():
-        if param.dim() == 1:  # norm weights (no biases in these families)
+        if source is not None and name in source:
+            param.copy_(local_part(name, source.tensor(name), param, first_expert))
+        elif param.dim() == 1:  # norm weights (no biases in these families)
             param.fill_(1.0 if "norm" in name else 0.0)
-            continue
-        is_expert = ".experts." in name
-        weight_std = output_std if any(p in name for p in _OUTPUT_PROJECTIONS) else std
-        if getattr(param, "stacked_experts", False):  # [local experts, ...]: one draw per expert
-            prefix, projection = name.rsplit(".", 1)
-            for e in range(param.shape[0]):
-                key = f"{prefix}.local_experts.{first_expert + e}.{projection}.weight"
-                param[e].copy_(draw(key, param[e], param, 1, is_expert, cfg.train.seed, weight_std))
         else:
-            key = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{first_expert + int(m.group(1))}.", name)
-            param.copy_(draw(key, param, param, 0, is_expert, cfg.train.seed, weight_std))
+            _draw_into(name, param, first_expert, cfg.train.seed, output_std if any(
+                p in name for p in _OUTPUT_PROJECTIONS) else std)
+
+
+def _draw_into(name: str, param: torch.nn.Parameter, first_expert: int, seed: int, std: float) -> None:
+    is_expert = ".experts." in name
+    if getattr(param, "stacked_experts", False):  # [local experts, ...]: one draw per expert
+        prefix, projection = name.rsplit(".", 1)
+        for e in range(param.shape[0]):
+            key = f"{prefix}.local_experts.{first_expert + e}.{projection}.weight"
+            param[e].copy_(draw(key, param[e], param, 1, is_expert, seed, std))
+    else:
+        key = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{first_expert + int(m.group(1))}.", name)
+        param.copy_(draw(key, param, param, 0, is_expert, seed, std))

@@ -2,9 +2,11 @@
 
 Layout on disk (`run_dir/checkpoints/`):
     step_00000008/meta.json         step, layout, consumed samples (written last, by rank 0)
-    step_00000008/rank_00003.pt     this rank's ZeRO optimizer partition, schedule, RNG; and the
-                                    model shard if the rank is first in its expert-data-parallel
-                                    group (every model shard is stored once per TP/EP/ETP position)
+    step_00000008/config.yaml       the run's config when it saved (resuming checks the model against it)
+    step_00000008/rank_00003.pt     this rank's ZeRO optimizer partition, schedule, RNG; and, if
+                                    the rank is the first with its TP / EP / expert-TP position, its
+                                    model shard, the position and how each tensor is split (so every
+                                    shard is stored once, and convert/ can reassemble whole tensors)
     latest                          name of the newest complete checkpoint
 
 DeepSpeed's own save_checkpoint is not used: with megatron-core experts (not DeepSpeed MoE
@@ -23,27 +25,52 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_sdmoe.config import Config, is_headwise, is_sdmoe, to_dict
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.runtime import Layout
 
 LATEST = "latest"
+# Model settings a resumed run may change: they steer training, not what the saved weights mean.
+# Every other model.*, moe.* (and, when the variant uses them, sdmoe.* and headwise.*) key must match.
+RESUMABLE_CHANGES = {"model.init_method_std", "model.mtp_loss_coeff", "moe.aux_loss_coeff", "moe.aux_loss_type",
+                     "moe.z_loss_coeff", "moe.capacity_factor", "moe.token_drop_policy", "moe.router_dtype",
+                     "moe.diag_interval", "moe.diag_rank", "moe.diag_position_buckets", "sdmoe.refresh_interval",
+                     "sdmoe.common_lr_scale", "sdmoe.project_updates", "sdmoe.power_iterations", "sdmoe.oversample"}
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def _position() -> dict[str, int]:
+    """This rank's place in the model's layout: its model shard is the same on every rank with the
+    same TP, EP and expert-TP ranks (they differ only in data)."""
+    return {"tp": ps.get_tensor_model_parallel_rank(), "ep": ps.get_expert_model_parallel_rank(),
+            "etp": ps.get_expert_tensor_parallel_rank()}
+
+
 def _model_owner_rank() -> int:
-    """The rank whose file holds this rank's model shard: first of its expert-data-parallel group."""
-    return dist.get_process_group_ranks(ps.get_expert_data_parallel_group())[0]
+    """The rank whose file holds this rank's model shard: the first with the same position (a collective)."""
+    positions = [None] * dist.get_world_size()
+    dist.all_gather_object(positions, _position())
+    return positions.index(_position())
 
 
-def _layout_meta(layout: Layout) -> dict:
-    return {"world_size": layout.world_size, "tensor": layout.tensor, "expert": layout.expert,
-            "expert_tensor": layout.expert_tensor}
+def model_shards(model: torch.nn.Module) -> dict[str, dict]:
+    """How each parameter (and routing bias) is split over ranks: TP partition dim and stride, and
+    whether it stacks experts (split over EP); convert/checkpoint_reader.py reassembles them."""
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith("expert_bias"))]
+    return {name: {"dim": t.partition_dim if getattr(t, "tensor_model_parallel", False) else None,
+                   "stride": getattr(t, "partition_stride", 1), "experts": getattr(t, "stacked_experts", False)}
+            for name, t in tensors}
+
+
+def _layout_meta(world_size: int, tensor: int, expert: int, expert_tensor: int) -> dict:
+    return {"world_size": world_size, "tensor": tensor, "expert": expert, "expert_tensor": expert_tensor}
 
 
 def _rng_state() -> dict:
@@ -75,11 +102,13 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
     state = {"optimizer": engine.optimizer.state_dict(), "scheduler": engine.lr_scheduler.state_dict(),
              "rng": _rng_state()}
     if _model_owner_rank() == layout.rank:
-        state["model"] = engine.module.state_dict()
+        state.update(model=engine.module.state_dict(), shards=model_shards(engine.module), position=_position())
     _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")
     dist.barrier()
     if layout.is_main:
-        meta = {"step": step, "consumed_samples": consumed_samples, "layout": _layout_meta(layout)}
+        meta = {"step": step, "consumed_samples": consumed_samples,
+                "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)}
+        _write_synced(tmp / "config.yaml", (run_dir / "config.yaml").read_text())
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -92,20 +121,57 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
     return final
 
 
+def check_resumable(cfg: Config, world_size: int) -> None:
+    """Refuse, before anything is written, a checkpoint in run.dir that this run cannot load: one that
+    `latest` names but is incomplete, one saved with another parallel layout, or by another model."""
+    root = checkpoint_root(Path(cfg.run.dir))
+    if not (root / LATEST).exists():
+        return
+    path = root / (root / LATEST).read_text().strip()
+    if not (path / "meta.json").exists():
+        raise UserError(f"checkpoint {path} named by {root / LATEST} is missing or incomplete: point "
+                        f"{root / LATEST} at a complete step_* directory or start a new run.dir")
+    saved = json.loads((path / "meta.json").read_text())["layout"]
+    par = cfg.parallel
+    wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
+    if saved != wanted:
+        raise UserError(f"checkpoint {path} was saved with layout {saved} but this run has {wanted}: resume "
+                        "with the same world size and parallel.* settings")
+    saved_config = path / "config.yaml"
+    if not saved_config.exists():  # written before checkpoints kept their config: nothing to compare
+        return
+    differing = _model_differences(yaml.safe_load(saved_config.read_text()), cfg)
+    if differing:
+        raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
+                        "the checkpoint's settings or start a new run.dir")
+
+
+def _model_differences(saved: dict, cfg: Config) -> list[str]:
+    """`key: saved -> current` for each model-defining key that differs."""
+    sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
+    current = to_dict(cfg)
+    return [f"{section}.{key}: {old} -> {new}" for section in sections
+            for key, old, new in _flat_items(saved.get(section, {}), current[section])
+            if old != new and f"{section}.{key}" not in RESUMABLE_CHANGES]
+
+
+def _flat_items(saved: dict, current: dict, prefix: str = ""):
+    """(dotted key, saved value, current value) for the keys both configs have (nested sections flattened)."""
+    for key in saved.keys() & current.keys():
+        if isinstance(current[key], dict):
+            yield from _flat_items(saved[key], current[key], f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", saved[key], current[key]
+
+
 def load_latest(run_dir: Path, engine, layout: Layout) -> int:
-    """Restore the newest checkpoint in `run_dir`, if any; returns the step to start from."""
+    """Restore the newest checkpoint in `run_dir`, if any (check_resumable has vetted it); returns the
+    step to start from."""
     root = checkpoint_root(run_dir)
     if not (root / LATEST).exists():
         return 0
     path = root / (root / LATEST).read_text().strip()
-    meta_path = path / "meta.json"
-    if not meta_path.exists():
-        raise UserError(f"checkpoint {path} named by {root / LATEST} is missing or incomplete: point "
-                        f"{root / LATEST} at a complete step_* directory or start a new run.dir")
-    meta = json.loads(meta_path.read_text())
-    if meta["layout"] != _layout_meta(layout):
-        raise UserError(f"checkpoint {path} was saved with layout {meta['layout']} but this run has "
-                        f"{_layout_meta(layout)}: resume with the same world size and parallel.* settings")
+    meta = json.loads((path / "meta.json").read_text())
     own = torch.load(path / f"rank_{layout.rank:05d}.pt", map_location="cpu", weights_only=False)
     owner = _model_owner_rank()
     model_state = own["model"] if owner == layout.rank else torch.load(

@@ -42,12 +42,16 @@ def domain_names(path: list) -> list[str]:
     return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
 
 
+def stage_blends(cfg: Config) -> list[tuple[str, list, list, int]]:
+    """(name, blend, validation blend, steps) of each stage; without data.stages, one over data.path."""
+    return ([(stage_name(cfg, i), s.path, s.valid_path, s.steps) for i, s in enumerate(cfg.data.stages)]
+            or [("main", cfg.data.path, cfg.data.valid_path, cfg.train.max_steps)])
+
+
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     tr = cfg.train
-    blends = ([(stage_name(cfg, i), s.path, s.valid_path, s.steps) for i, s in enumerate(cfg.data.stages)]
-              or [("main", cfg.data.path, cfg.data.valid_path, tr.max_steps)])
     stages, first = [], 0
-    for name, path, valid_path, steps in blends:
+    for name, path, valid_path, steps in stage_blends(cfg):
         train, valid = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path)
         stages.append(Stage(name, first, steps, train, valid, domain_names(valid_path or path)))
         first += steps

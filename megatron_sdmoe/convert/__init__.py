@@ -1,0 +1,1 @@
+"""Conversion between this system's checkpoints and Hugging Face transformers models."""

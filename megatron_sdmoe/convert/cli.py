@@ -1,0 +1,172 @@
+"""`sdmoe-convert`: checkpoints to Hugging Face transformers models and back.
+
+    sdmoe-convert to-hf RUN_OR_CHECKPOINT OUT_DIR
+        a transformers model directory (config, sharded safetensors with an index, generation
+        config, the run's tokenizer) from a checkpoint saved with any TP / EP / ETP / ZeRO layout
+    sdmoe-convert from-hf HF_DIR OUT_DIR [key=value ...]
+        OUT_DIR/config.yaml (the model's settings, plus your overrides: layout, data, training)
+        whose `model.init_from` names OUT_DIR/weights, the weights in this system's names, and
+        OUT_DIR/tokenizer (when HF_DIR has one; else give data.tokenizer); `sdmoe-train OUT_DIR/config.yaml` continues pretraining from them
+        (`moe.variant=sdmoe` splits the imported experts into common and unique parts)
+
+Tensors stream a group at a time (a tensor, or those that convert together: a layer's stacked
+experts of one projection, Q/K/V), so peak memory is about twice the largest group. Output is
+written to a temporary directory and renamed into place; an existing OUT_DIR is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from collections import defaultdict
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm import tqdm
+
+from megatron_sdmoe.config import load_config, save_config, validate
+from megatron_sdmoe.convert import qwen
+from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
+from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+
+ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen}  # model.preset -> its adapter module
+OURS_LAYER = re.compile(r"(decoder\.layers\.\d+)\.(.+)")
+HF_LAYER = re.compile(r"(model\.layers\.\d+)\.(.+)")
+
+
+def adapter_for(preset: str):
+    if preset not in ADAPTERS:
+        raise UserError(f"model.preset={preset} has no Hugging Face conversion yet: convert a "
+                        f"{' or '.join(ADAPTERS)} model")
+    return ADAPTERS[preset]
+
+
+def conversion_groups(names: list[str], layer: re.Pattern, group_of) -> list[tuple[str, dict[str, str]]]:
+    """[(layer prefix or lone name, {name within the layer: full name})], one per tensor group that
+    converts together (`group_of`: the adapter's rule), so memory holds one group at a time."""
+    groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for name in names:
+        match = layer.match(name)
+        if match:
+            groups[match.group(1), group_of(match.group(2))][match.group(2)] = name
+        else:
+            groups[name, name][name] = name
+    return [(prefix, members) for (prefix, _), members in groups.items()]
+
+
+class LazyTensors(Mapping):
+    """A conversion group's tensors, each read when the adapter asks for it."""
+
+    def __init__(self, names: dict[str, str], read):
+        self.names, self.read = names, read
+
+    def __getitem__(self, key: str):
+        return self.read(self.names[key])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@contextmanager
+def staged(out: Path):
+    """Write into a temporary sibling of `out`, renamed to `out` on success, removed otherwise."""
+    if out.exists():
+        raise UserError(f"{out} exists: choose a new output directory (nothing is overwritten)")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(groups: list[tuple[str, dict[str, str]]], read, transform, writer: ShardWriter, what: str) -> None:
+    for prefix, names in tqdm(groups, desc=what, unit="group"):
+        writer.add(transform(prefix, LazyTensors(names, read)))
+    writer.close()
+
+
+def to_hf(checkpoint: str, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer
+
+    reader = CheckpointReader(checkpoint)
+    cfg = reader.config
+    adapter = adapter_for(cfg.model.preset)
+    embedding = reader.tensor("embedding.word_embeddings.weight")
+    hf_config = adapter.hf_config(cfg, embedding.shape[0], embedding.dtype)
+    tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    with staged(out) as tmp:
+        convert(conversion_groups(reader.names(), OURS_LAYER, adapter.conversion_group), reader.tensor,
+                lambda group, tensors: adapter.to_hf(cfg, group, tensors), ShardWriter(tmp), "to-hf")
+        hf_config.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=tokenizer.eod).save_pretrained(tmp)
+        tokenizer.hf.save_pretrained(tmp)
+    print(f"wrote {out} ({hf_config.architectures[0]}, step {reader.meta['step']} of {reader.dir})")
+
+
+def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
+    from transformers import AutoConfig
+
+    from megatron_sdmoe.data import load_tokenizer
+
+    try:
+        hf = AutoConfig.from_pretrained(hf_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{hf_dir} holds no readable Hugging Face config ({str(e).splitlines()[0]}): give a model "
+                        "directory with config.json")
+    adapter = next((a for a in set(ADAPTERS.values()) if (hf.architectures or [None])[0] in a.ARCHITECTURES.values()),
+                   None)
+    if adapter is None:
+        raise UserError(f"architectures={hf.architectures} has no conversion: this system converts "
+                        f"{', '.join(sorted(a for ad in set(ADAPTERS.values()) for a in ad.ARCHITECTURES.values()))}")
+    out = out.resolve()
+    has_tokenizer = (Path(hf_dir) / "tokenizer_config.json").is_file()  # else data.tokenizer as overridden
+    cfg = load_config(None, [*adapter.config_overrides(hf), f"model.init_from={out / 'weights'}",
+                             *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides])
+    par = cfg.parallel
+    validate(cfg, max(par.tensor, par.expert * par.expert_tensor))
+    source = WeightDirectory(hf_dir)
+    with staged(out) as tmp:
+        (tmp / "weights").mkdir()
+        convert(conversion_groups(source.names(), HF_LAYER, adapter.conversion_group), source.tensor,
+                lambda group, tensors: adapter.from_hf(cfg, group, tensors), ShardWriter(tmp / "weights"), "from-hf")
+        if has_tokenizer:
+            load_tokenizer(hf_dir).hf.save_pretrained(tmp / "tokenizer")
+        save_config(cfg, tmp / "config.yaml")
+    print(f"wrote {out}: continue pretraining with sdmoe-train {out / 'config.yaml'} run.dir=...")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdmoe-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("to-hf", help="checkpoint -> Hugging Face model directory")
+    export.add_argument("checkpoint", help="run directory (its latest checkpoint) or checkpoints/step_* directory")
+    export.add_argument("out", type=Path)
+    imports = commands.add_parser("from-hf", help="Hugging Face model directory -> weights to train from")
+    imports.add_argument("hf_dir")
+    imports.add_argument("out", type=Path)
+    imports.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-hf":
+            to_hf(args.checkpoint, args.out)
+        else:
+            from_hf(args.hf_dir, args.out, args.overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

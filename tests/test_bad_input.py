@@ -1,0 +1,142 @@
+"""Bad input that only the files show, each refused with one line `error: <problem>: <fix>` and
+exit code 2 before anything is written: data files missing or too small to give one sample, a
+checkpoint saved by another model or with another parallel layout (or an incomplete one), an
+unwritable run directory, a tokenizer with more tokens than the model's vocabulary. Config typos
+and impossible layouts are test_config.py's."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIG, REPO, SMALL, launch, run_env
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.data.datasets import checked_blends
+from megatron_sdmoe.data.indexed import write_indexed
+from megatron_sdmoe.errors import UserError
+from megatron_sdmoe.training.checkpoint import check_resumable
+
+SEQ = 64  # SMALL's data.seq_length: a sample takes 65 tokens
+
+
+def train(run_dir, *overrides, world: int = 1) -> subprocess.CompletedProcess:
+    """sdmoe-train as rank 0 of `world` processes (the checks come before any rendezvous)."""
+    env = run_env(**({"WORLD_SIZE": str(world), "RANK": "0"} if world > 1 else {}))
+    return subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", str(CONFIG), f"run.dir={run_dir}", *SMALL,
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(proc, start: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), proc.stderr[-3000:]
+    return lines[0]
+
+
+def snapshot(run_dir) -> dict:
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def corpus(prefix, documents: int, tokens_each: int) -> str:
+    """`documents` documents of `tokens_each` tokens, the last an end-of-document (id 0)."""
+    write_indexed(str(prefix), [[7] * (tokens_each - 1) + [0]] * documents, 1000)
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run directory with a checkpoint at step 2 (one process, SMALL)."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    launch(run_dir, 1, "train.max_steps=2")
+    return run_dir
+
+
+@pytest.fixture
+def resumed(saved_run, tmp_path):
+    """A copy of saved_run to resume into, and its files before."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    return run_dir, snapshot(run_dir)
+
+
+def test_data_too_small_for_one_sample(tmp_path):
+    # 10 documents of 6 tokens: the 98% train split holds 60 tokens, fewer than 65.
+    tiny = corpus(tmp_path / "tiny", 10, 6)
+    proc = train(tmp_path / "run", f"data.path=[{tiny}]", f"data.tokenizer={tmp_path}")
+    line = assert_refused(proc, f"error: the train split of {tiny} holds 60 tokens (10 documents), fewer than one "
+                                "sample (data.seq_length + 1 = 65)")
+    assert "larger corpus" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_missing(tmp_path):
+    proc = train(tmp_path / "run", f"data.path=[{tmp_path / 'nope'}]", f"data.tokenizer={tmp_path}")
+    assert_refused(proc, f"error: data.path prefix {tmp_path / 'nope'} has no {tmp_path / 'nope.bin'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_blend_too_small(tmp_path):
+    big, tiny = corpus(tmp_path / "big", 100, 20), corpus(tmp_path / "tiny", 2, 20)
+    proc = train(tmp_path / "run", f"data.path=[{big}]", f"data.valid_path=[{tiny}]", f"data.tokenizer={tmp_path}",
+                 "train.eval_interval=2")
+    assert_refused(proc, f"error: the validation split of {tiny} holds 40 tokens")
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_sample_is_enough(tmp_path):
+    """The bound is exact: a split of seq_length + 1 tokens passes, one token fewer does not."""
+    cfg = load_config(CONFIG, SMALL + ["data.split=1"])
+    checked_blends(cfg, [corpus(tmp_path / "exact", 5, 13)], [], 0)
+    with pytest.raises(UserError, match="holds 64 tokens"):
+        checked_blends(cfg, [corpus(tmp_path / "short", 4, 16)], [], 0)
+
+
+def test_checkpoint_of_another_model(resumed):
+    run_dir, before = resumed
+    proc = train(run_dir, "model.hidden_size=128", "moe.ffn_hidden_size=32")
+    assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} was saved by another model "
+                         "(model.hidden_size: 64 -> 128, moe.ffn_hidden_size: 64 -> 32): resume with the "
+                         "checkpoint's settings or start a new run.dir")
+    assert snapshot(run_dir) == before  # config.yaml and checkpoint untouched
+
+
+def test_training_settings_may_change_on_resume(resumed):
+    run_dir, _ = resumed
+    check_resumable(load_config(CONFIG, SMALL + [f"run.dir={run_dir}", "moe.aux_loss_coeff=0.05",
+                                                 "moe.diag_interval=5", "train.lr=0.001"]), 1)
+
+
+def test_checkpoint_of_another_layout(resumed):
+    run_dir, before = resumed
+    proc = train(run_dir, "parallel.expert=2", world=2)
+    assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} was saved with layout "
+                         "{'world_size': 1, 'tensor': 1, 'expert': 1, 'expert_tensor': 1} but this run has "
+                         "{'world_size': 2, 'tensor': 1, 'expert': 2, 'expert_tensor': 1}")
+    assert snapshot(run_dir) == before
+
+
+def test_latest_names_a_missing_checkpoint(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000009")
+    assert_refused(train(tmp_path / "run"), "error: checkpoint ")
+    assert [p.name for p in (tmp_path / "run").rglob("*")] == ["checkpoints", "latest"]
+
+
+@pytest.mark.parametrize("how", ["parent is a file", "read-only directory"])
+def test_unwritable_run_dir(how, tmp_path):
+    if how == "parent is a file":
+        (tmp_path / "file").write_text("")
+        run_dir = tmp_path / "file" / "run"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        run_dir = tmp_path / "ro" / "run"
+    assert_refused(train(run_dir), f"error: run.dir {run_dir} is not writable (")
+    assert not run_dir.exists()
+
+
+def test_vocabulary_larger_than_the_model(tmp_path):
+    proc = train(tmp_path / "run", "model.vocab_size=100")
+    assert_refused(proc, "error: model.vocab_size=100 is smaller than the tokenizer's ")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,55 @@
+"""sdmoe-launch: N processes on this machine through torchrun (gloo on the CPU). Two processes at
+EP2 equal one process; SIGUSR1 to the launcher reaches the workers, which save and stop, and the
+launcher exits with their requeue code 3 (plain torchrun would exit 1); bad input is refused with
+one line and exit code 2 before any process starts."""
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIG, REPO, SMALL, launch, log_path, metrics, run_env, wait_for_step
+
+from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
+
+SDMOE_LAUNCH = Path(sys.executable).with_name("sdmoe-launch")  # the installed entry point
+
+
+def command(run_dir, *args) -> list[str]:
+    return [str(SDMOE_LAUNCH), str(CONFIG), "--gpus", "2", f"run.dir={run_dir}", *SMALL, "parallel.expert=2", *args]
+
+
+def test_two_processes_equal_one(tmp_path):
+    run = subprocess.run(command(tmp_path / "ep2"), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    launch(tmp_path / "one", 1)
+    got, want = metrics(tmp_path / "ep2"), metrics(tmp_path / "one")
+    assert [row["step"] for row in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], abs=2e-5)
+
+
+def test_sigusr1_reaches_the_workers(tmp_path):
+    run_dir = tmp_path / "run"
+    with open(log_path(run_dir), "w") as log:
+        proc = subprocess.Popen(command(run_dir, "train.max_steps=200"), cwd=REPO, env=run_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+    wait_for_step(proc, run_dir, 2)
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=300)
+    output = log_path(run_dir).read_text()
+    assert proc.returncode == EXIT_REQUEUE, output[-3000:]
+    assert "stopped early (SIGUSR1)" in output
+    assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_bad_input_before_any_process(tmp_path):
+    run = subprocess.run(command(tmp_path / "run", "parallel.expert=4"), cwd=REPO, env=run_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: world size 2 is not divisible by parallel.expert x parallel.expert_tensor = 4: launch a multiple "
+        "of 4 processes or lower parallel.expert"]
+    assert not (tmp_path / "run").exists()
