@@ -14,16 +14,15 @@ import torch
 
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import UserError
-
-LATEST = "latest"
+from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root
 
 
 def checkpoint_dir(path: str | Path) -> Path:
     """A step_* directory, or a run directory (its latest checkpoint)."""
     path = Path(path)
-    latest = path / "checkpoints" / LATEST
+    latest = checkpoint_root(path) / LATEST
     if latest.is_file():
-        path = path / "checkpoints" / latest.read_text().strip()
+        path = checkpoint_root(path) / latest.read_text().strip()
     if not (path / "meta.json").is_file():
         raise UserError(f"{path} is not a complete checkpoint: give a run directory or a checkpoints/step_* "
                         "directory with meta.json")

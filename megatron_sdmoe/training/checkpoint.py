@@ -36,7 +36,7 @@ from megatron_sdmoe.runtime import Layout
 LATEST = "latest"
 # Model settings a resumed run may change: they steer training, not what the saved weights mean.
 # Every other model.*, moe.* (and, when the variant uses them, sdmoe.* and headwise.*) key must match.
-RESUMABLE_CHANGES = {"model.init_method_std", "model.mtp_loss_coeff", "moe.aux_loss_coeff", "moe.aux_loss_type",
+RESUMABLE_CHANGES = {"model.init_method_std", "model.init_from", "model.mtp_loss_coeff", "moe.aux_loss_coeff", "moe.aux_loss_type",
                      "moe.z_loss_coeff", "moe.capacity_factor", "moe.token_drop_policy", "moe.router_dtype",
                      "moe.diag_interval", "moe.diag_rank", "moe.diag_position_buckets", "sdmoe.refresh_interval",
                      "sdmoe.common_lr_scale", "sdmoe.project_updates", "sdmoe.power_iterations", "sdmoe.oversample"}
