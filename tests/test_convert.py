@@ -1,7 +1,7 @@
 """Conversion to and from Hugging Face transformers, against transformers itself: an exported
 model, loaded with AutoModelForCausalLM.from_pretrained, gives this system's logits on the same
-tokens (fp32), for each Qwen family, SD-MoE experts (exported as plain ones) and checkpoints saved
-at EP2 and TP2; transformers -> this system -> transformers is bit-identical; bad input exits 2."""
+tokens (fp32), for each family, SD-MoE experts (exported as plain ones) and checkpoints saved
+at EP2 and TP2; transformers -> this system -> transformers is bit-identical (Qwen); bad input exits 2."""
 import subprocess
 import sys
 
@@ -15,7 +15,9 @@ from megatron_sdmoe.config import load_config
 
 VOCAB = 1000
 CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe.yaml", []),
-         "qwen3_moe with SD-MoE": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe", "sdmoe.rank=4"])}
+         "qwen3_moe with SD-MoE": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe", "sdmoe.rank=4"]),
+         # MLA (RoPE reordered), a dense first layer, shared experts, sigmoid group-limited routing with a bias
+         "deepseek": ("tiny-deepseek.yaml", [])}
 
 
 def converted(tensors: dict, layer, transform) -> dict:
@@ -30,14 +32,14 @@ def converted(tensors: dict, layer, transform) -> dict:
 
 
 def export(cfg, model, out_dir):
-    from megatron_sdmoe.convert.cli import OURS_LAYER
-    from megatron_sdmoe.convert.qwen import hf_config, to_hf
+    from megatron_sdmoe.convert.cli import OURS_LAYER, adapter_for
 
+    adapter = adapter_for(cfg.model.preset)
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}  # not _extra_state
-    tensors = converted(state, OURS_LAYER, lambda group, t: to_hf(cfg, group, t))
+    tensors = converted(state, OURS_LAYER, lambda group, t: adapter.to_hf(cfg, group, t))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
-    hf_config(cfg, model.vocab_size, torch.float32).save_pretrained(out_dir)
+    adapter.hf_config(cfg, model.vocab_size, torch.float32).save_pretrained(out_dir)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -55,6 +57,9 @@ def test_exported_model_gives_the_same_logits_in_transformers(single_process_gro
         for param_name, param in model.named_parameters():
             if param_name.endswith("router.weight"):
                 param.normal_(0, 0.5)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("expert_bias"):  # DeepSeek's balancing bias steers the choice too
+                buffer.normal_(0, 0.1)
     export(cfg, model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -117,7 +122,7 @@ LAYOUTS = {"EP2": ["parallel.expert=2"], "TP2": ["parallel.tensor=2"]}
 
 
 @pytest.mark.parametrize("config, layout", [("tiny-qwen3-moe.yaml", "EP2"), ("tiny-qwen3-moe.yaml", "TP2"),
-                                            ("tiny-qwen2-moe.yaml", "EP2")])
+                                            ("tiny-qwen2-moe.yaml", "EP2"), ("tiny-deepseek.yaml", "EP2")])
 def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -27,12 +27,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_sdmoe.config import load_config, save_config, validate
-from megatron_sdmoe.convert import qwen
+from megatron_sdmoe.convert import deepseek, qwen
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 
-ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen}  # model.preset -> its adapter module
+ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen, "deepseek": deepseek}  # model.preset -> its adapter module
+IMPORTERS = [qwen]  # adapters that also convert from transformers (DeepSeek: export only, so far)
 OURS_LAYER = re.compile(r"(decoder\.layers\.\d+)\.(.+)")
 HF_LAYER = re.compile(r"(model\.layers\.\d+)\.(.+)")
 
@@ -124,11 +125,10 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
     except (OSError, ValueError) as e:
         raise UserError(f"{hf_dir} holds no readable Hugging Face config ({str(e).splitlines()[0]}): give a model "
                         "directory with config.json")
-    adapter = next((a for a in set(ADAPTERS.values()) if (hf.architectures or [None])[0] in a.ARCHITECTURES.values()),
-                   None)
+    adapter = next((a for a in IMPORTERS if (hf.architectures or [None])[0] in a.ARCHITECTURES.values()), None)
     if adapter is None:
-        raise UserError(f"architectures={hf.architectures} has no conversion: this system converts "
-                        f"{', '.join(sorted(a for ad in set(ADAPTERS.values()) for a in ad.ARCHITECTURES.values()))}")
+        raise UserError(f"architectures={hf.architectures} cannot be imported: this system imports "
+                        f"{', '.join(sorted(a for ad in IMPORTERS for a in ad.ARCHITECTURES.values()))}")
     out = out.resolve()
     has_tokenizer = (Path(hf_dir) / "tokenizer_config.json").is_file()  # else data.tokenizer as overridden
     cfg = load_config(None, [*adapter.config_overrides(hf), f"model.init_from={out / 'weights'}",

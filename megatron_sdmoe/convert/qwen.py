@@ -19,7 +19,7 @@ from megatron_sdmoe.errors import UserError
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # names outside the decoder layers, and inside a layer those that only change their prefix
-_GLOBAL = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+GLOBAL_NAMES = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
            "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
 _RENAMED = {"input_layernorm.weight": "input_layernorm.weight",
             "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
@@ -120,8 +120,8 @@ def conversion_group(key: str) -> str:
 def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`name`: a global tensor's name, or `decoder.layers.<i>` with `tensors` some of that layer's
     (names relative to it; a conversion group at least). Returns the transformers tensors they become."""
-    if name in _GLOBAL:
-        return {_GLOBAL[name]: tensors[name]}
+    if name in GLOBAL_NAMES:
+        return {GLOBAL_NAMES[name]: tensors[name]}
     layer = int(_LAYER.match(name + ".x").group(1))
     prefix, out = f"model.layers.{layer}.", {}
     for key in tensors:
@@ -134,14 +134,14 @@ def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str,
             gate, up = tensors[key].chunk(2)
             out.update({f"{prefix}mlp.shared_expert.gate_proj.weight": gate,
                         f"{prefix}mlp.shared_expert.up_proj.weight": up})
-    out.update(_experts(prefix, tensors))
+    out.update(experts_to_hf(prefix, tensors))
     return out
 
 
 def from_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `to_hf`: transformers tensors (a global one, or `model.layers.<i>` with some of
     that layer's, names relative to it) -> this system's whole tensors (routed experts as plain ones)."""
-    globals_ = {hf: ours for ours, hf in _GLOBAL.items()}
+    globals_ = {hf: ours for ours, hf in GLOBAL_NAMES.items()}
     if name in globals_:
         return {globals_[name]: tensors[name]}
     layer = int(re.match(r"model\.layers\.(\d+)", name).group(1))
@@ -196,7 +196,7 @@ def _merge_qkv(cfg: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 EXPERT_PROJECTIONS = {"fc1": ("gate_proj", "up_proj"), "fc2": ("down_proj",)}
 
 
-def _experts(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def experts_to_hf(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stacked routed experts -> one gate / up / down weight per expert (SD-MoE: C + U_e)."""
     out = {}
     for fc, projections in EXPERT_PROJECTIONS.items():
