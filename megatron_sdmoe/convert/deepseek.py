@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_sdmoe.config import Config, is_headwise
-from megatron_sdmoe.convert.qwen import GLOBAL_NAMES, conversion_group, experts_to_hf  # noqa: F401 (re-exported)
+from megatron_sdmoe.convert.qwen import GLOBAL_NAMES, conversion_group, experts_to_hf, layer_index  # noqa: F401
 from megatron_sdmoe.errors import UserError
 
 ARCHITECTURES = {"deepseek": "DeepseekV3ForCausalLM"}
@@ -60,7 +60,7 @@ def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str,
         return {GLOBAL_NAMES[name]: tensors[name]}
     if name.startswith("mtp."):
         return {}
-    prefix, out = f"model.layers.{int(name.split('.')[2])}.", {}
+    prefix, out = f"model.layers.{layer_index(name)}.", {}
     for key in tensors:
         if key in _RENAMED:
             out[prefix + _RENAMED[key]] = tensors[key]

@@ -17,7 +17,6 @@ import torch
 from megatron_sdmoe.config import Config, is_headwise
 from megatron_sdmoe.errors import UserError
 
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # names outside the decoder layers, and inside a layer those that only change their prefix
 GLOBAL_NAMES = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
            "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
@@ -108,6 +107,11 @@ _TOGETHER = [(r"mlp\.experts\.(?:linear|common)_(fc\d)", r"experts.\1"),
              (r"mlp\.shared_expert\.(?:gate|up)_proj\.weight", "shared_expert.fc1")]
 
 
+def layer_index(name: str) -> int:
+    """The layer of a conversion group's prefix: decoder.layers.<i> or model.layers.<i>."""
+    return int(name.split(".")[2])
+
+
 def conversion_group(key: str) -> str:
     """The group a layer's tensor (name relative to the layer) converts in."""
     for pattern, group in _TOGETHER:
@@ -122,8 +126,7 @@ def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str,
     (names relative to it; a conversion group at least). Returns the transformers tensors they become."""
     if name in GLOBAL_NAMES:
         return {GLOBAL_NAMES[name]: tensors[name]}
-    layer = int(_LAYER.match(name + ".x").group(1))
-    prefix, out = f"model.layers.{layer}.", {}
+    prefix, out = f"model.layers.{layer_index(name)}.", {}
     for key in tensors:
         if key in _RENAMED:
             out[prefix + _RENAMED[key]] = tensors[key]
@@ -144,8 +147,7 @@ def from_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[st
     globals_ = {hf: ours for ours, hf in GLOBAL_NAMES.items()}
     if name in globals_:
         return {globals_[name]: tensors[name]}
-    layer = int(re.match(r"model\.layers\.(\d+)", name).group(1))
-    prefix, renamed = f"decoder.layers.{layer}.", {hf: ours for ours, hf in _RENAMED.items()}
+    prefix, renamed = f"decoder.layers.{layer_index(name)}.", {hf: ours for ours, hf in _RENAMED.items()}
     out = {prefix + renamed[key]: tensors[key] for key in tensors if key in renamed}
     for part in ("weight", "bias"):
         if f"self_attn.q_proj.{part}" in tensors:
