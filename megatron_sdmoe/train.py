@@ -20,12 +20,12 @@ from megatron_sdmoe.config import Config, grad_accumulation_steps, save_config
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
-from megatron_sdmoe.models import build_model
+from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
-from megatron_sdmoe.training.checkpoint import checkpoint_root, load_latest
+from megatron_sdmoe.training.checkpoint import check_vocabulary, checkpoint_root, load_latest
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
@@ -79,6 +79,7 @@ def setup(cfg: Config) -> Session:
     if vocab < tokenizer.vocab_size:  # refused before the run directory is written
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
                         "raise it or leave it empty")
+    check_vocabulary(Path(cfg.run.dir), padded_vocab_size(vocab, cfg))
     run_dir = prepare_run_dir(cfg, layout.is_main)
     stages = build_stages(cfg, tokenizer)
 

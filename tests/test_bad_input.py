@@ -1,6 +1,6 @@
 """Bad input that only the files show, each refused with one line `error: <problem>: <fix>` and
 exit code 2 before anything is written: data files missing or too small to give one sample, a
-checkpoint saved by another model or with another parallel layout (or an incomplete one), an
+checkpoint saved by another model, vocabulary or parallel layout (or an incomplete one), an
 unwritable run directory, a tokenizer with more tokens than the model's vocabulary. Config typos
 and impossible layouts are test_config.py's."""
 import os
@@ -98,6 +98,20 @@ def test_checkpoint_of_another_model(resumed):
                          "(model.hidden_size: 64 -> 128, moe.ffn_hidden_size: 64 -> 32): resume with the "
                          "checkpoint's settings or start a new run.dir")
     assert snapshot(run_dir) == before  # config.yaml and checkpoint untouched
+
+
+def test_checkpoint_of_another_vocabulary(resumed, tmp_path):
+    """Another tokenizer (data.tokenizer is no model setting: the embedding's rows tell)."""
+    from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer
+
+    run_dir, before = resumed
+    tokenizer = load_tokenizer(ensure_sample_corpus().tokenizer_dir).hf
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(200)])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    proc = train(run_dir, f"data.tokenizer={tmp_path / 'tokenizer'}")
+    assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} has a vocabulary of 4096 "
+                         "rows, but this run's tokenizer and model.vocab_size give 4352: resume with")
+    assert snapshot(run_dir) == before
 
 
 def test_training_settings_may_change_on_resume(resumed):

@@ -1,7 +1,7 @@
 """Conversion to and from Hugging Face transformers, against transformers itself: an exported
 model, loaded with AutoModelForCausalLM.from_pretrained, gives this system's logits on the same
 tokens (fp32), for each family, SD-MoE experts (exported as plain ones) and checkpoints saved
-at EP2 and TP2; transformers -> this system -> transformers is bit-identical (Qwen); bad input exits 2."""
+at EP2 and TP2; transformers -> this system -> transformers is bit-identical; bad input exits 2."""
 import subprocess
 import sys
 
@@ -11,35 +11,42 @@ from safetensors.torch import save_file
 
 from conftest import REPO, launch, metrics, run_env
 
-from megatron_sdmoe.config import load_config
+from megatron_sdmoe.config import is_headwise, load_config
 
 VOCAB = 1000
 CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe.yaml", []),
          "qwen3_moe with SD-MoE": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe", "sdmoe.rank=4"]),
+         "qwen2_moe with a dense first layer": ("tiny-qwen2-moe.yaml", ["model.dense_layers=1",
+                                                                      "model.dense_ffn_hidden_size=96"]),
          # MLA (RoPE reordered), a dense first layer, shared experts, sigmoid group-limited routing with a bias
-         "deepseek": ("tiny-deepseek.yaml", [])}
+         "deepseek": ("tiny-deepseek.yaml", []),
+         # head-wise routing: the export's own modelling code (trust_remote_code)
+         "head-wise, per-head banks": ("tiny-headwise.yaml", []),
+         # ... a shared bank with SD-MoE, sigmoid group-limited routing with a bias, shared experts
+         "deepseek, head-wise shared bank with SD-MoE": ("tiny-deepseek.yaml", [
+             "moe.variant=headwise_sdmoe", "headwise.heads=4", "headwise.experts_per_head=8", "headwise.topk=2",
+             "headwise.bank=shared", "headwise.ffn_hidden_size=32", "sdmoe.rank=4"])}
 
 
 def converted(tensors: dict, layer, transform) -> dict:
     """Every conversion group of `tensors` through `transform`, as sdmoe-convert groups them."""
     from megatron_sdmoe.convert.cli import conversion_groups
-    from megatron_sdmoe.convert.qwen import conversion_group
 
     out = {}
-    for prefix, names in conversion_groups(list(tensors), layer, conversion_group):
+    for prefix, names in conversion_groups(list(tensors), layer):
         out.update(transform(prefix, {key: tensors[name] for key, name in names.items()}))
     return out
 
 
 def export(cfg, model, out_dir):
-    from megatron_sdmoe.convert.cli import OURS_LAYER, adapter_for
+    from megatron_sdmoe.convert.cli import OURS_LAYER, adapter_for, export_config, write_config
+    from megatron_sdmoe.models.init import weight_tensors
 
     adapter = adapter_for(cfg.model.preset)
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}  # not _extra_state
-    tensors = converted(state, OURS_LAYER, lambda group, t: adapter.to_hf(cfg, group, t))
+    tensors = converted(weight_tensors(model), OURS_LAYER, lambda group, t: adapter.to_hf(cfg, group, t))
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
-    adapter.hf_config(cfg, model.vocab_size, torch.float32).save_pretrained(out_dir)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
+    write_config(cfg, export_config(cfg, model.vocab_size, torch.float32), out_dir)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -61,7 +68,11 @@ def test_exported_model_gives_the_same_logits_in_transformers(single_process_gro
             if buffer_name.endswith("expert_bias"):  # DeepSeek's balancing bias steers the choice too
                 buffer.normal_(0, 0.1)
     export(cfg, model, tmp_path)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    headwise = is_headwise(cfg)
+    if headwise:  # the export's own code runs only when asked for: never a plain MoE model instead
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModelForCausalLM.from_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, trust_remote_code=headwise).eval()
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
@@ -71,44 +82,78 @@ def test_exported_model_gives_the_same_logits_in_transformers(single_process_gro
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-HF_CONFIGS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
-
-
-@pytest.mark.parametrize("family", HF_CONFIGS)
-def test_hf_to_this_system_to_hf_is_identical(single_process_groups, family, tmp_path):
-    """A transformers-initialised, transformers-saved model comes back bit for bit, config included."""
+def hf_model_config(family: str, vocab_size: int = 1024):
+    """A small transformers config of each family (hidden 64, two layers, 32-wide experts)."""
     import transformers
-    from safetensors import safe_open
+
+    sizes = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 moe_intermediate_size=32, num_experts_per_tok=2, norm_topk_prob=family != "qwen2_moe")
+    if family == "deepseek":  # MLA with a query latent, a dense first layer, a shared expert, 2 of 3 groups
+        return transformers.DeepseekV3Config(
+            **sizes, num_key_value_heads=4, intermediate_size=96, n_routed_experts=6, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=3, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, architectures=["DeepseekV3ForCausalLM"])
+    config = getattr(transformers, {"qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig"}[family])
+    qwen2 = {"shared_expert_intermediate_size": 64, "mlp_only_layers": [0], "intermediate_size": 96}  # a dense layer
+    return config(**sizes, num_key_value_heads=2, head_dim=16, num_experts=4,
+                  architectures=[config.__name__.replace("Config", "ForCausalLM")],
+                  **(qwen2 if family == "qwen2_moe" else {"intermediate_size": 32}))
+
+
+def save_hf_model(hf_cfg, out_dir) -> None:
+    """A transformers-initialised model, saved by transformers; DeepSeek's routing bias (zero at
+    initialisation) set to random values, so that importing it is tested too."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_sdmoe.convert.cli import HF_LAYER
-    from megatron_sdmoe.convert.qwen import config_overrides, from_hf
+    model = AutoModelForCausalLM.from_config(hf_cfg)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.1)
+    model.save_pretrained(out_dir)
+
+
+def assert_comes_back_identical(hf_dir, back_dir) -> None:
+    """`hf_dir` imported in-process as sdmoe-convert from-hf imports it, then exported to
+    `back_dir`: the same tensors, bit for bit, and the same config."""
+    from safetensors.torch import load_file
+
+    from megatron_sdmoe.convert.cli import HF_LAYER, import_config, read_hf_config
     from megatron_sdmoe.models import build_model
 
-    config_class, architecture = HF_CONFIGS[family]
-    hf_cfg = getattr(transformers, config_class)(
-        vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, moe_intermediate_size=32, intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=family == "qwen3_moe", architectures=[architecture],
-        **({"shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {}))
-    AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(tmp_path / "hf")
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
-        original = {k: f.get_tensor(k) for k in f.keys()}
-
-    cfg = load_config(None, config_overrides(hf_cfg))
-    ours = converted(original, HF_LAYER, lambda group, t: from_hf(cfg, group, t))
+    original = load_file(hf_dir / "model.safetensors")
+    adapter, cfg = import_config(read_hf_config(hf_dir), [])
+    ours = converted(original, HF_LAYER, lambda group, t: adapter.from_hf(cfg, group, t))
     model = build_model(cfg, cfg.model.vocab_size, torch.float32)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
 
-    export(cfg, model, tmp_path / "back")
-    with safe_open(str(tmp_path / "back" / "model.safetensors"), "pt") as f:
-        assert sorted(f.keys()) == sorted(original)
-        for key in original:
-            assert torch.equal(f.get_tensor(key), original[key]), key
-    back, saved = (transformers.AutoConfig.from_pretrained(tmp_path / d).to_dict() for d in ("back", "hf"))
-    assert {k: v for k, v in back.items() if k != "_name_or_path"} == \
-        {k: v for k, v in saved.items() if k != "_name_or_path"}
+    export(cfg, model, back_dir)
+    back = load_file(back_dir / "model.safetensors")
+    assert sorted(back) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), key
+    configs = [{k: v for k, v in read_hf_config(d).to_dict().items() if k != "_name_or_path"}
+               for d in (hf_dir, back_dir)]
+    assert configs[0] == configs[1]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek"])
+def test_hf_to_this_system_to_hf_is_identical(single_process_groups, family, tmp_path):
+    """A transformers-initialised, transformers-saved model comes back bit for bit, config included."""
+    save_hf_model(hf_model_config(family), tmp_path / "hf")
+    assert_comes_back_identical(tmp_path / "hf", tmp_path / "back")
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if "head-wise" in name])
+def test_headwise_export_comes_back_identical(single_process_groups, name, tmp_path):
+    """A head-wise export imports back (its routing settings too) and exports bit for bit again."""
+    from megatron_sdmoe.models import build_model
+
+    config, overrides = CASES[name]
+    cfg = load_config(REPO / "configs" / config, overrides)
+    export(cfg, build_model(cfg, VOCAB, torch.float32), tmp_path / "hf")
+    assert_comes_back_identical(tmp_path / "hf", tmp_path / "back")
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -121,46 +166,49 @@ def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 LAYOUTS = {"EP2": ["parallel.expert=2"], "TP2": ["parallel.tensor=2"]}
 
 
+# (MLA runs at TP1 only: config validation refuses it under tensor parallelism)
 @pytest.mark.parametrize("config, layout", [("tiny-qwen3-moe.yaml", "EP2"), ("tiny-qwen3-moe.yaml", "TP2"),
-                                            ("tiny-qwen2-moe.yaml", "EP2"), ("tiny-deepseek.yaml", "EP2")])
+                                            ("tiny-qwen2-moe.yaml", "EP2"), ("tiny-qwen2-moe.yaml", "TP2"),
+                                            ("tiny-deepseek.yaml", "EP2"), ("tiny-headwise.yaml", "EP2")])
 def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+    """The exported model's logits equal this system's under the checkpoint's layout, and its
+    validation loss equals the one the run measured at the checkpoint's step."""
     from tests.workers.logits import TOKENS
 
     run, config = tmp_path / "run", REPO / "configs" / config
-    launch(run, 2, "train.max_steps=2", *LAYOUTS[layout], config=config)
+    launch(run, 2, "train.max_steps=2", "train.eval_interval=2", *LAYOUTS[layout], config=config)
     launch(run, 2, *LAYOUTS[layout], str(tmp_path / "ours.pt"), module="tests.workers.logits", config=config)
     convert("to-hf", run, tmp_path / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf = load_exported(tmp_path / "hf")
     with torch.no_grad():
         theirs = hf(TOKENS).logits
     ours = torch.load(tmp_path / "ours.pt")
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
+    assert metrics(run)[-1]["val_loss"] == pytest.approx(hf_validation_loss(tmp_path / "hf", run), abs=1e-4)
 
 
-# the sizes of the transformers model below (conftest's SMALL would change them)
+# the sizes of hf_model_config (conftest's SMALL would change them); a step at learning rate 0
+# changes no weight
 IMPORTED = ["model.num_layers=2", "model.hidden_size=64", "moe.ffn_hidden_size=32", "train.lr=0", "train.max_steps=1"]
 
 
-def imported_model(tmp_path):
-    """A transformers-initialised Qwen3-MoE (the sample corpus' vocabulary), imported with from-hf."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    hf_cfg = Qwen3MoeConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
-                            num_experts_per_tok=2, norm_topk_prob=True, architectures=["Qwen3MoeForCausalLM"])
-    AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(tmp_path / "hf")
-    convert("from-hf", tmp_path / "hf", tmp_path / "imported", "data.seq_length=64")
+def imported_model(tmp_path, family: str):
+    """A transformers-initialised model (the sample corpus' vocabulary), imported with from-hf.
+    DeepSeek's bias update runs at any learning rate: at a rate of 1e-12, below the routing bias'
+    float32 resolution, the bias holds still too."""
+    save_hf_model(hf_model_config(family, vocab_size=4096), tmp_path / "hf")
+    convert("from-hf", tmp_path / "hf", tmp_path / "imported", "data.seq_length=64",
+            *["moe.expert_bias_update_rate=1e-12"] * (family == "deepseek"))
     return tmp_path / "hf", tmp_path / "imported" / "config.yaml"
 
 
-def test_hf_model_round_trips_through_training(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek"])
+def test_hf_model_round_trips_through_training(family, tmp_path):
     """transformers -> from-hf -> one step at learning rate 0 at EP2 -> to-hf: the same tensors."""
     from safetensors import safe_open
 
-    hf_dir, config = imported_model(tmp_path)
+    hf_dir, config = imported_model(tmp_path, family)
     run = tmp_path / "run"
     launch(run, 2, *IMPORTED, "parallel.expert=2", config=config)
     convert("to-hf", run, tmp_path / "back")
@@ -175,34 +223,92 @@ def test_hf_model_round_trips_through_training(tmp_path):
         assert torch.equal(back[key], tensor), key
 
 
-def test_continued_pretraining_starts_at_the_hf_models_loss(tmp_path):
-    """The imported model's validation loss in this system == transformers' on the same samples."""
-    import torch.nn.functional as F
+def load_exported(hf_dir):
+    """The transformers model of an export (head-wise ones run the export's own code)."""
     from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
+
+
+def hf_validation_loss(hf_dir, run) -> float:
+    """The validation loss of the transformers model in `hf_dir` on `run`'s validation samples, as
+    the run's evaluation computes it (the mean of micro-batch means)."""
+    import torch.nn.functional as F
 
     from megatron_sdmoe.data import build_datasets, ensure_sample_corpus, get_batch, load_tokenizer
 
-    hf_dir, config = imported_model(tmp_path)
-    run = tmp_path / "run"
-    launch(run, 1, *IMPORTED, "train.eval_interval=1", config=config)
     cfg = load_config(run / "config.yaml")
     tr = cfg.train
     _, valid = build_datasets(cfg, load_tokenizer(ensure_sample_corpus().tokenizer_dir),
                               tr.max_steps * tr.global_batch_size, tr.eval_samples)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = load_exported(hf_dir)
     losses = []
-    for start in range(0, tr.eval_samples, tr.micro_batch_size):  # the evaluation's micro-batches
+    for start in range(0, tr.eval_samples, tr.micro_batch_size):
         batch = get_batch(valid, list(range(start, start + tr.micro_batch_size)))
         with torch.no_grad():
             logits = hf(batch["tokens"]).logits
         per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
         mask = batch["loss_mask"].flatten()
         losses.append((per_token * mask).sum() / mask.sum())
-    assert metrics(run)[0]["val_loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-4)
+    return torch.stack(losses).mean().item()
+
+
+@pytest.mark.parametrize("family, variant", [("qwen3_moe", "topk"), ("deepseek", "topk"), ("deepseek", "sdmoe")])
+def test_continued_pretraining_starts_at_the_hf_models_loss(family, variant, tmp_path):
+    """The imported model's validation loss in this system == transformers' on the same samples
+    (with SD-MoE: the imported experts split into common + unique parts)."""
+    hf_dir, config = imported_model(tmp_path, family)
+    run = tmp_path / "run"
+    launch(run, 1, *IMPORTED, "train.eval_interval=1", f"moe.variant={variant}", config=config)
+    assert metrics(run)[0]["val_loss"] == pytest.approx(hf_validation_loss(hf_dir, run), abs=1e-4)
+
+
+def test_an_imported_routing_bias_is_never_dropped(tmp_path):
+    """A DeepSeek model's routing bias needs bias balancing on: without it, training refuses to start."""
+    _, config = imported_model(tmp_path, "deepseek")
+    proc = launch(tmp_path / "run", 1, *IMPORTED, "moe.expert_bias_update_rate=0", config=config, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "mlp.router.expert_bias has no place in this model" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case, field", [
+    ("rope_interleave", "rope_interleave"), ("yarn", "rope_type"), ("bias", "attention_bias"),
+    ("four per group", "num_experts_per_tok / topk_group"), ("quantised", "quantization_config")])
+def test_a_transformers_config_this_system_cannot_represent_is_refused_by_name(case, field):
+    from megatron_sdmoe.convert import deepseek
+    from megatron_sdmoe.errors import UserError
+
+    hf = hf_model_config("deepseek")
+    changes = {"rope_interleave": {"rope_interleave": False}, "bias": {"attention_bias": True},
+               "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+               "four per group": {"num_experts_per_tok": 4}, "quantised": {"quantization_config": {"bits": 8}}}
+    for key, value in changes[case].items():
+        setattr(hf, key, value)
+    with pytest.raises(UserError, match=field):
+        deepseek.config_overrides(hf)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("tiny-deepseek.yaml", ["moe.topk=6", "moe.group_topk=2"], "scores a group by its top 2 experts"),
+    ("tiny-deepseek.yaml", ["moe.score_function=softmax"], "routes by sigmoid scores"),
+    ("tiny-deepseek.yaml", ["moe.shared_expert_ffn_hidden_size=96"], "export a multiple of that width"),
+    ("tiny-qwen3-moe.yaml", ["moe.score_function=sigmoid"], "route by a softmax"),
+    ("tiny-qwen3-moe.yaml", ["moe.num_groups=2", "moe.group_topk=1"], "route by a softmax"),
+    ("tiny-qwen3-moe.yaml", ["moe.shared_expert_ffn_hidden_size=128"], "has no shared expert")])
+def test_a_model_transformers_cannot_represent_is_not_exported(config, overrides, message):
+    from megatron_sdmoe.convert.cli import export_config
+    from megatron_sdmoe.errors import UserError
+
+    cfg = load_config(REPO / "configs" / config, overrides)
+    with pytest.raises(UserError, match=message):
+        export_config(cfg, 1024, torch.float32)
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
+    import json
     import shutil
+
+    from safetensors.torch import load_file
 
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -219,16 +325,35 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     shutil.copytree(hf, sliding)
     (sliding / "config.json").write_text((hf / "config.json").read_text().replace(
         '"use_sliding_window": false', '"use_sliding_window": true'))
+    extra = tmp_path / "extra"  # e.g. a quantised model's scales: never silently dropped
+    shutil.copytree(hf, extra)
+    tensors = load_file(hf / "model.safetensors")
+    save_file({**tensors, "model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv": torch.ones(1)},
+              str(extra / "model.safetensors"), metadata={"format": "pt"})
+    missing = tmp_path / "missing"
+    shutil.copytree(hf, missing)
+    (missing / "model.safetensors").rename(missing / "model-00001-of-00002.safetensors")
+    (missing / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        name: f"model-0000{1 + ('layers' in name)}-of-00002.safetensors" for name in tensors}}))
+    mixtral = tmp_path / "mixtral"  # a family with no adapter
+    shutil.copytree(hf, mixtral)
+    (mixtral / "config.json").write_text((hf / "config.json").read_text().replace(
+        '"Qwen3MoeForCausalLM"', '"MixtralForCausalLM"').replace('"qwen3_moe"', '"mixtral"'))
     (tmp_path / "exists").mkdir()
-    cases = {"no checkpoint": ("to-hf", tmp_path / "no-such-run", tmp_path / "out"),
-             "no model": ("from-hf", tmp_path / "no-such-model", tmp_path / "out"),
-             "existing output": ("from-hf", hf, tmp_path / "exists"),
-             "truncated shard": ("from-hf", truncated, tmp_path / "out"),
-             "unsupported field": ("from-hf", sliding, tmp_path / "out")}
-    for case, args in cases.items():
+    out = tmp_path / "out"
+    cases = {"no checkpoint": (("to-hf", tmp_path / "no-such-run", out), "not a complete checkpoint"),
+             "no model": (("from-hf", tmp_path / "no-such-model", out), "no readable Hugging Face config"),
+             "existing output": (("from-hf", hf, tmp_path / "exists"), "exists"),
+             "truncated shard": (("from-hf", truncated, out), "truncated"),
+             "missing shard": (("from-hf", missing, out), "model-00002-of-00002.safetensors, which is missing"),
+             "unsupported field": (("from-hf", sliding, out), "use_sliding_window"),
+             "another family": (("from-hf", mixtral, out), "MixtralForCausalLM'] cannot be imported"),
+             "overridden sizes": (("from-hf", hf, out, "moe.num_experts=4"), "the converted files lack mlp.experts.2."),
+             "unknown tensor": (("from-hf", extra, out), "weight_scale_inv has no counterpart")}
+    for case, (args, message) in cases.items():
         proc = convert(*args, check=False)
         assert proc.returncode == 2, (case, proc.stderr[-2000:])
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), (case, proc.stderr)
-    assert "use_sliding_window" in proc.stderr
+        assert message in proc.stderr, (case, proc.stderr)
     assert not (tmp_path / "out").exists() and not list((tmp_path / "exists").iterdir())
     assert not list(tmp_path.glob(".*.tmp"))

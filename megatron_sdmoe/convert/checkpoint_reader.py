@@ -14,15 +14,12 @@ import torch
 
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root
+from megatron_sdmoe.training.checkpoint import latest_checkpoint
 
 
 def checkpoint_dir(path: str | Path) -> Path:
     """A step_* directory, or a run directory (its latest checkpoint)."""
-    path = Path(path)
-    latest = checkpoint_root(path) / LATEST
-    if latest.is_file():
-        path = checkpoint_root(path) / latest.read_text().strip()
+    path = latest_checkpoint(Path(path)) or Path(path)
     if not (path / "meta.json").is_file():
         raise UserError(f"{path} is not a complete checkpoint: give a run directory or a checkpoints/step_* "
                         "directory with meta.json")
@@ -57,14 +54,21 @@ class CheckpointReader:
         return list(self.shards)
 
     def tensor(self, name: str) -> torch.Tensor:
+        return self._assemble(name, lambda shard: shard)
+
+    def placeholder(self, name: str) -> torch.Tensor:
+        """A data-less (meta) tensor of `name`'s whole shape and dtype; reads no shard."""
+        return self._assemble(name, lambda shard: shard.to("meta"))
+
+    def _assemble(self, name: str, load) -> torch.Tensor:
         info = self.shards[name]
         if info["experts"]:  # EP ranks hold consecutive experts, each split over expert TP
             by_ep: dict[int, dict[int, torch.Tensor]] = {}
             for owner in self.owners:
-                by_ep.setdefault(owner["position"]["ep"], {})[owner["position"]["etp"]] = owner["model"][name]
+                by_ep.setdefault(owner["position"]["ep"], {})[owner["position"]["etp"]] = load(owner["model"][name])
             return torch.cat([unshard([etp[r] for r in sorted(etp)], info["dim"], info["stride"])
                               for _, etp in sorted(by_ep.items())])
         by_tp: dict[int, torch.Tensor] = {}
         for owner in self.owners:
-            by_tp.setdefault(owner["position"]["tp"], owner["model"][name])
+            by_tp.setdefault(owner["position"]["tp"], load(owner["model"][name]))
         return unshard([by_tp[r] for r in sorted(by_tp)], info["dim"], info["stride"])

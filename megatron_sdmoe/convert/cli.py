@@ -2,20 +2,24 @@
 
     sdmoe-convert to-hf RUN_OR_CHECKPOINT OUT_DIR
         a transformers model directory (config, sharded safetensors with an index, generation
-        config, the run's tokenizer) from a checkpoint saved with any TP / EP / ETP / ZeRO layout
+        config, the run's tokenizer) from a checkpoint saved with any TP / EP / ETP / ZeRO layout;
+        head-wise models carry their own modelling code (load with trust_remote_code=True)
     sdmoe-convert from-hf HF_DIR OUT_DIR [key=value ...]
         OUT_DIR/config.yaml (the model's settings, plus your overrides: layout, data, training)
         whose `model.init_from` names OUT_DIR/weights, the weights in this system's names, and
-        OUT_DIR/tokenizer (when HF_DIR has one; else give data.tokenizer); `sdmoe-train OUT_DIR/config.yaml` continues pretraining from them
-        (`moe.variant=sdmoe` splits the imported experts into common and unique parts)
+        OUT_DIR/tokenizer (when HF_DIR has one; else give data.tokenizer); `sdmoe-train
+        OUT_DIR/config.yaml` continues pretraining from them (`moe.variant=sdmoe` splits the
+        imported experts into common and unique parts)
 
 Tensors stream a group at a time (a tensor, or those that convert together: a layer's stacked
-experts of one projection, Q/K/V), so peak memory is about twice the largest group. Output is
-written to a temporary directory and renamed into place; an existing OUT_DIR is refused.
+experts of one projection, Q/K/V), so peak memory is about twice the largest group. A dry run on
+shapes alone first refuses any tensor the other side has no place for. Output is written to a
+temporary directory and renamed into place; an existing OUT_DIR is refused.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -26,14 +30,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_sdmoe.config import load_config, save_config, validate
-from megatron_sdmoe.convert import deepseek, qwen
+from megatron_sdmoe.config import Config, is_headwise, load_config, save_config, validate
+from megatron_sdmoe.convert import deepseek, headwise_export, qwen
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
+from megatron_sdmoe.convert.mapping import conversion_group
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 
 ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen, "deepseek": deepseek}  # model.preset -> its adapter module
-IMPORTERS = [qwen]  # adapters that also convert from transformers (DeepSeek: export only, so far)
 OURS_LAYER = re.compile(r"(decoder\.layers\.\d+)\.(.+)")
 HF_LAYER = re.compile(r"(model\.layers\.\d+)\.(.+)")
 
@@ -45,27 +49,51 @@ def adapter_for(preset: str):
     return ADAPTERS[preset]
 
 
-def conversion_groups(names: list[str], layer: re.Pattern, group_of) -> list[tuple[str, dict[str, str]]]:
+def export_config(cfg: Config, vocab_size: int, dtype):
+    """The exported model's transformers config: the family's class, or for head-wise routing
+    this project's own modelling code (headwise_export.py)."""
+    adapter = adapter_for(cfg.model.preset)
+    if not is_headwise(cfg):
+        adapter.check_routing(cfg)
+    family = adapter.hf_config(cfg, vocab_size, dtype)
+    return headwise_export.hf_config(cfg, family) if is_headwise(cfg) else family
+
+
+def write_config(cfg: Config, hf_config, out: Path) -> None:
+    """config.json, and for head-wise routing the modelling code it names."""
+    hf_config.save_pretrained(out)
+    if is_headwise(cfg):
+        shutil.copy(headwise_export.MODELING, out)
+
+
+def conversion_groups(names: list[str], layer: re.Pattern) -> list[tuple[str, dict[str, str]]]:
     """[(layer prefix or lone name, {name within the layer: full name})], one per tensor group that
-    converts together (`group_of`: the adapter's rule), so memory holds one group at a time."""
+    converts together (mapping.conversion_group), so memory holds one group at a time."""
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for name in names:
         match = layer.match(name)
         if match:
-            groups[match.group(1), group_of(match.group(2))][match.group(2)] = name
+            groups[match.group(1), conversion_group(match.group(2))][match.group(2)] = name
         else:
             groups[name, name][name] = name
     return [(prefix, members) for (prefix, _), members in groups.items()]
 
 
 class LazyTensors(Mapping):
-    """A conversion group's tensors, each read when the adapter asks for it."""
+    """A conversion group's tensors, each read when the adapter asks for it (`used`: those it did)."""
 
     def __init__(self, names: dict[str, str], read):
-        self.names, self.read = names, read
+        self.names, self.read, self.used = names, read, set()
 
     def __getitem__(self, key: str):
+        if key not in self.names:  # the model the config describes needs more than the files hold
+            raise UserError(f"the converted files lack {key} (or the layer's other tensors of its kind): convert "
+                            "with the model's own sizes, without overriding them")
+        self.used.add(key)
         return self.read(self.names[key])
+
+    def __contains__(self, key) -> bool:  # without reading (Mapping's own would read the tensor)
+        return key in self.names
 
     def __iter__(self):
         return iter(self.names)
@@ -95,6 +123,18 @@ def convert(groups: list[tuple[str, dict[str, str]]], read, transform, writer: S
     writer.close()
 
 
+def refuse_unused(groups: list[tuple[str, dict[str, str]]], placeholder, transform) -> None:
+    """A dry run on data-less tensors: a tensor the adapter does not use (one the other side has
+    no place for) is refused before anything is written, never dropped."""
+    for prefix, names in groups:
+        tensors = LazyTensors(names, placeholder)
+        transform(prefix, tensors)
+        unused = sorted(set(names) - tensors.used)
+        if unused:
+            raise UserError(f"{names[unused[0]]} has no counterpart in the converted model (a quantised "
+                            "checkpoint, a feature the target class lacks?): convert a model without it")
+
+
 def to_hf(checkpoint: str, out: Path) -> None:
     from transformers import GenerationConfig
 
@@ -104,42 +144,70 @@ def to_hf(checkpoint: str, out: Path) -> None:
     cfg = reader.config
     adapter = adapter_for(cfg.model.preset)
     embedding = reader.tensor("embedding.word_embeddings.weight")
-    hf_config = adapter.hf_config(cfg, embedding.shape[0], embedding.dtype)
+    hf_config = export_config(cfg, embedding.shape[0], embedding.dtype)
     tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    # multi-token-prediction layers have no transformers counterpart: left out
+    groups = conversion_groups([n for n in reader.names() if not n.startswith("mtp.")], OURS_LAYER)
+
+    def transform(group, tensors):
+        return adapter.to_hf(cfg, group, tensors)
+
+    refuse_unused(groups, reader.placeholder, transform)
     with staged(out) as tmp:
-        convert(conversion_groups(reader.names(), OURS_LAYER, adapter.conversion_group), reader.tensor,
-                lambda group, tensors: adapter.to_hf(cfg, group, tensors), ShardWriter(tmp), "to-hf")
-        hf_config.save_pretrained(tmp)
+        convert(groups, reader.tensor, transform, ShardWriter(tmp), "to-hf")
+        write_config(cfg, hf_config, tmp)
         GenerationConfig(eos_token_id=tokenizer.eod).save_pretrained(tmp)
         tokenizer.hf.save_pretrained(tmp)
-    print(f"wrote {out} ({hf_config.architectures[0]}, step {reader.meta['step']} of {reader.dir})")
+    note = "; load it with trust_remote_code=True (its modelling code is the export's own)" if is_headwise(cfg) else ""
+    print(f"wrote {out} ({hf_config.architectures[0]}, step {reader.meta['step']} of {reader.dir}{note})")
 
 
-def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
+def read_hf_config(hf_dir: str):
+    """transformers' config of `hf_dir`; a head-wise export's through this package's own class."""
     from transformers import AutoConfig
 
-    from megatron_sdmoe.data import load_tokenizer
-
     try:
-        hf = AutoConfig.from_pretrained(hf_dir)
+        model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+        own = headwise_export.config_class(model_type)
+        return own.from_pretrained(hf_dir) if own else AutoConfig.from_pretrained(hf_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"{hf_dir} holds no readable Hugging Face config ({str(e).splitlines()[0]}): give a model "
                         "directory with config.json")
-    adapter = next((a for a in IMPORTERS if (hf.architectures or [None])[0] in a.ARCHITECTURES.values()), None)
+
+
+def import_config(hf, overrides: list[str]):
+    """(the family's adapter, this system's validated config) for a transformers config + overrides."""
+    architectures = {arch: adapter for adapter in set(ADAPTERS.values()) for arch in adapter.ARCHITECTURES.values()}
+    adapter = architectures.get(headwise_export.family_architecture((hf.architectures or [None])[0]))
     if adapter is None:
         raise UserError(f"architectures={hf.architectures} cannot be imported: this system imports "
-                        f"{', '.join(sorted(a for ad in IMPORTERS for a in ad.ARCHITECTURES.values()))}")
-    out = out.resolve()
-    has_tokenizer = (Path(hf_dir) / "tokenizer_config.json").is_file()  # else data.tokenizer as overridden
-    cfg = load_config(None, [*adapter.config_overrides(hf), f"model.init_from={out / 'weights'}",
-                             *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides])
+                        f"{', '.join(sorted(architectures))} and their head-wise exports")
+    headwise = getattr(hf, "headwise", None) is not None
+    cfg = load_config(None, [*adapter.config_overrides(hf), *(headwise_export.config_overrides(hf) if headwise else []),
+                             *overrides])
     par = cfg.parallel
     validate(cfg, max(par.tensor, par.expert * par.expert_tensor))
+    return adapter, cfg
+
+
+def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
+    from megatron_sdmoe.data import load_tokenizer
+
+    out = out.resolve()
+    has_tokenizer = (Path(hf_dir) / "tokenizer_config.json").is_file()  # else data.tokenizer as overridden
+    adapter, cfg = import_config(read_hf_config(hf_dir), [f"model.init_from={out / 'weights'}",
+                                                          *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer,
+                                                          *overrides])
     source = WeightDirectory(hf_dir)
+    groups = conversion_groups(source.names(), HF_LAYER)
+
+    def transform(group, tensors):
+        return adapter.from_hf(cfg, group, tensors)
+
+    refuse_unused(groups, source.placeholder, transform)
     with staged(out) as tmp:
         (tmp / "weights").mkdir()
-        convert(conversion_groups(source.names(), HF_LAYER, adapter.conversion_group), source.tensor,
-                lambda group, tensors: adapter.from_hf(cfg, group, tensors), ShardWriter(tmp / "weights"), "from-hf")
+        convert(groups, source.tensor, transform, ShardWriter(tmp / "weights"), "from-hf")
         if has_tokenizer:
             load_tokenizer(hf_dir).hf.save_pretrained(tmp / "tokenizer")
         save_config(cfg, tmp / "config.yaml")

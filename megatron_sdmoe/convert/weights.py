@@ -38,6 +38,7 @@ class ShardWriter:
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPE_OF = {code: dtype for dtype, code in DTYPES.items()}
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -86,11 +87,20 @@ class WeightDirectory:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def _file(self, name: str):
         file = self.weight_map[name]
         if file not in self._files:
             self._files[file] = self._open(file)
+        return self._files[file]
+
+    def tensor(self, name: str) -> torch.Tensor:
         try:
-            return self._files[file].get_tensor(name)
+            return self._file(name).get_tensor(name)
         except SafetensorError as e:
-            raise UserError(f"{self.dir / file}: reading {name} failed ({e}): the file may be truncated; copy it again")
+            raise UserError(f"{self.dir / self.weight_map[name]}: reading {name} failed ({e}): the file may be "
+                            "truncated; copy it again")
+
+    def placeholder(self, name: str) -> torch.Tensor:
+        """A data-less (meta) tensor of `name`'s shape and dtype, from the file's header alone."""
+        header = self._file(name).get_slice(name)
+        return torch.empty(header.get_shape(), dtype=_DTYPE_OF[header.get_dtype()], device="meta")

@@ -59,5 +59,5 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
         gpt_logger.setLevel(level)
     init_weights(model, cfg)
     if is_sdmoe(cfg):
-        sdmoe.prepare(model)
+        sdmoe.prepare(model, imported=bool(cfg.model.init_from))
     return model

@@ -63,6 +63,13 @@ def local_part(name: str, full: torch.Tensor, param: torch.nn.Parameter, first_e
     return full
 
 
+def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a model's weights are, for checkpoints' split records and conversion: its parameters
+    and the routing biases of auxiliary-loss-free balancing (buffers, but learnt state)."""
+    return {**dict(model.named_parameters()),
+            **{name: b for name, b in model.named_buffers() if name.endswith("expert_bias")}}
+
+
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     std = cfg.model.init_method_std
@@ -70,14 +77,29 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     num_local = routed_experts(cfg) // cfg.parallel.expert
     first_expert = ps.get_expert_model_parallel_rank() * num_local
     source = WeightDirectory(cfg.model.init_from) if cfg.model.init_from else None
+    if source is not None:
+        _copy_from(source, model, first_expert)
     for name, param in model.named_parameters():
         if source is not None and name in source:
-            param.copy_(local_part(name, source.tensor(name), param, first_expert))
-        elif param.dim() == 1:  # norm weights (no biases in these families)
+            continue  # copied above
+        if param.dim() == 1:  # norm weights (no biases in these families)
             param.fill_(1.0 if "norm" in name else 0.0)
         else:
             _draw_into(name, param, first_expert, cfg.train.seed, output_std if any(
                 p in name for p in _OUTPUT_PROJECTIONS) else std)
+
+
+def _copy_from(source: WeightDirectory, model: torch.nn.Module, first_expert: int) -> None:
+    """This rank's parts of every tensor in `source` (parameters, and the routing bias a DeepSeek
+    model carries); one the model has no place for is refused, never dropped."""
+    targets = weight_tensors(model)
+    unknown = [name for name in source.names() if name not in targets]
+    if unknown:
+        hint = " (a routing bias: set moe.expert_bias_update_rate > 0)" if unknown[0].endswith("expert_bias") else ""
+        raise UserError(f"model.init_from: {unknown[0]} has no place in this model{hint}: convert weights of "
+                        "this model's architecture")
+    for name in source.names():
+        targets[name].copy_(local_part(name, source.tensor(name), targets[name], first_expert))
 
 
 def _draw_into(name: str, param: torch.nn.Parameter, first_expert: int, seed: int, std: float) -> None:

@@ -251,10 +251,11 @@ class SDMoEExperts(GroupedExperts):
         getattr(self, f"v_{proj}").copy_(v)
 
     @torch.no_grad()
-    def split_initial_weights(self) -> None:
-        """From baseline-drawn expert weights W_e (held in the unique parameters): C = rank-k
-        truncation of the mean expert (shared) or of W_e itself (per_expert), U_e = the two-sided
-        complement projection of W_e - C, and the basis of C.
+    def split_initial_weights(self, keep: bool = False) -> None:
+        """From initial expert weights W_e (held in the unique parameters): C = rank-k truncation
+        of the mean expert (shared) or of W_e itself (per_expert), U_e = the two-sided complement
+        projection of W_e - C (drawn weights), or W_e - C itself (`keep`: imported weights, whose
+        function continued pretraining must start from), and the basis of C.
 
         Shared commons are dense parameters (DeepSpeed broadcasts them from one rank), so every
         rank computes every group's C, not only the groups of its own experts."""
@@ -274,19 +275,22 @@ class SDMoEExperts(GroupedExperts):
             self.commons(every_group)[proj].copy_(common)
             self._set_basis(proj, *shards.local_basis(q[self.local_groups], v[self.local_groups]))
             common = common[self.local_groups].repeat_interleave(unique.shape[0] // local, 0)
-            unique.copy_(complement(unique - common, *self.expert_basis(proj), shards))
+            unique.sub_(common)
+            if not keep:
+                unique.copy_(complement(unique, *self.expert_basis(proj), shards))
 
 
 def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
     return [m for m in model.modules() if isinstance(m, SDMoEExperts)]
 
 
-def prepare(model: torch.nn.Module) -> None:
-    """After baseline initialisation: name every SD-MoE layer and split its initial weights."""
+def prepare(model: torch.nn.Module, imported: bool) -> None:
+    """After baseline initialisation (`imported`: from model.init_from): name every SD-MoE layer
+    and split its initial weights."""
     for name, module in model.named_modules():
         if isinstance(module, SDMoEExperts):
             module.layer_key = name
-            module.split_initial_weights()
+            module.split_initial_weights(keep=imported)
 
 
 class UpdateProjector:

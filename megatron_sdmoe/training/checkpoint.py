@@ -31,6 +31,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_sdmoe.config import Config, is_headwise, is_sdmoe, to_dict
 from megatron_sdmoe.errors import UserError
+from megatron_sdmoe.models.init import weight_tensors
 from megatron_sdmoe.runtime import Layout
 
 LATEST = "latest"
@@ -44,6 +45,12 @@ RESUMABLE_CHANGES = {"model.init_method_std", "model.init_from", "model.mtp_loss
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The step_* directory `latest` names in a run directory, or None before the first save."""
+    root = checkpoint_root(run_dir)
+    return root / (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
 
 
 def _position() -> dict[str, int]:
@@ -63,10 +70,9 @@ def _model_owner_rank() -> int:
 def model_shards(model: torch.nn.Module) -> dict[str, dict]:
     """How each parameter (and routing bias) is split over ranks: TP partition dim and stride, and
     whether it stacks experts (split over EP); convert/checkpoint_reader.py reassembles them."""
-    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith("expert_bias"))]
     return {name: {"dim": t.partition_dim if getattr(t, "tensor_model_parallel", False) else None,
                    "stride": getattr(t, "partition_stride", 1), "experts": getattr(t, "stacked_experts", False)}
-            for name, t in tensors}
+            for name, t in weight_tensors(model).items()}
 
 
 def _layout_meta(world_size: int, tensor: int, expert: int, expert_tensor: int) -> dict:
@@ -106,7 +112,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
     _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")
     dist.barrier()
     if layout.is_main:
-        meta = {"step": step, "consumed_samples": consumed_samples,
+        meta = {"step": step, "consumed_samples": consumed_samples, "vocab_rows": engine.module.vocab_size,
                 "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)}
         _write_synced(tmp / "config.yaml", (run_dir / "config.yaml").read_text())
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
@@ -124,13 +130,12 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
 def check_resumable(cfg: Config, world_size: int) -> None:
     """Refuse, before anything is written, a checkpoint in run.dir that this run cannot load: one that
     `latest` names but is incomplete, one saved with another parallel layout, or by another model."""
-    root = checkpoint_root(Path(cfg.run.dir))
-    if not (root / LATEST).exists():
+    path = latest_checkpoint(Path(cfg.run.dir))
+    if path is None:
         return
-    path = root / (root / LATEST).read_text().strip()
     if not (path / "meta.json").exists():
-        raise UserError(f"checkpoint {path} named by {root / LATEST} is missing or incomplete: point "
-                        f"{root / LATEST} at a complete step_* directory or start a new run.dir")
+        raise UserError(f"checkpoint {path} named by {path.parent / LATEST} is missing or incomplete: point "
+                        f"{path.parent / LATEST} at a complete step_* directory or start a new run.dir")
     saved = json.loads((path / "meta.json").read_text())["layout"]
     par = cfg.parallel
     wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
@@ -164,13 +169,25 @@ def _flat_items(saved: dict, current: dict, prefix: str = ""):
             yield f"{prefix}{key}", saved[key], current[key]
 
 
+def check_vocabulary(run_dir: Path, rows: int) -> None:
+    """Refuse, before anything is written, resuming a checkpoint whose embedding has another number
+    of rows than this run's model (`rows`, padded): another tokenizer, or another model.vocab_size."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return
+    saved = json.loads((path / "meta.json").read_text()).get("vocab_rows")  # absent: saved before it was recorded
+    if saved is not None and saved != rows:
+        raise UserError(f"checkpoint {path} has a vocabulary of {saved} rows, but this run's tokenizer and "
+                        f"model.vocab_size give {rows}: resume with the data.tokenizer and model.vocab_size it was "
+                        "saved with, or start a new run.dir")
+
+
 def load_latest(run_dir: Path, engine, layout: Layout) -> int:
     """Restore the newest checkpoint in `run_dir`, if any (check_resumable has vetted it); returns the
     step to start from."""
-    root = checkpoint_root(run_dir)
-    if not (root / LATEST).exists():
+    path = latest_checkpoint(run_dir)
+    if path is None:
         return 0
-    path = root / (root / LATEST).read_text().strip()
     meta = json.loads((path / "meta.json").read_text())
     own = torch.load(path / f"rank_{layout.rank:05d}.pt", map_location="cpu", weights_only=False)
     owner = _model_owner_rank()
