@@ -22,7 +22,7 @@ def test_gradient_routing_bookkeeping(groups, per_group):
     common = torch.zeros(groups, m, n, dtype=torch.float64, requires_grad=True)
     unique = torch.randn(groups * per_group, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(groups * per_group, m, n, generator=gen, dtype=torch.float64)
-    SpectralSplit.apply(common, unique, 1, UNSHARDED, q, v).backward(grad)
+    SpectralSplit.apply(common, unique, q.unsqueeze(1), v.unsqueeze(1), UNSHARDED).backward(grad)  # one block
 
     eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
     q_e, v_e = q.repeat_interleave(per_group, 0), v.repeat_interleave(per_group, 0)  # each expert's group's
@@ -48,13 +48,16 @@ def test_randomized_basis_matches_exact_svd():
     u, v = orthonormal(40, 8, gen), orthonormal(30, 8, gen)
     spectrum = torch.tensor([50.0, 40, 30, 20, 10, 8, 6, 5], dtype=torch.float64)
     matrix = (u * spectrum) @ v.T + 1e-3 * torch.randn(40, 30, generator=gen, dtype=torch.float64)
-    q_left, q_right = top_singular_vectors(matrix.float(), 4, seed=7, power_iterations=2, oversample=8)
+    other = torch.randn(40, 30, generator=gen)
+    (q_left, _), (q_right, _) = (t.unbind() for t in top_singular_vectors(
+        torch.stack([matrix.float(), other]), 4, seeds=[7, 8], power_iterations=2, oversample=8))
     exact_u, _, exact_vh = torch.linalg.svd(matrix.float())
     # same subspaces: the singular values of Q^T Q_exact are all 1
     torch.testing.assert_close(torch.linalg.svdvals(q_left.T @ exact_u[:, :4]), torch.ones(4), atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.linalg.svdvals(q_right.T @ exact_vh[:4].T), torch.ones(4), atol=1e-4, rtol=0)
-    again = top_singular_vectors(matrix.float(), 4, seed=7, power_iterations=2, oversample=8)
-    assert torch.equal(again[0], q_left) and torch.equal(again[1], q_right)  # reproducible from the seed
+    # reproducible from its seed alone, whatever else shares the batch
+    again = top_singular_vectors(matrix.float()[None], 4, seeds=[7], power_iterations=2, oversample=8)
+    assert torch.equal(again[0][0], q_left) and torch.equal(again[1][0], q_right)
 
 
 def build_layer(single_process_groups, common: str, rank: int = 4) -> SDMoEExperts:
@@ -125,3 +128,33 @@ def test_adamw_without_projection_leaves_the_complement(single_process_groups):
     layer = build_layer(single_process_groups, "shared")
     deltas = train_steps(layer, torch.optim.AdamW(layer.parameters(), lr=1e-2), steps=3)
     assert off_complement(layer, deltas) > 1e-2
+
+
+def test_a_projection_left_out_stays_the_baseline(single_process_groups):
+    """sdmoe.projections without `up`: up's C is 0 whatever the initialisation drew, its whole
+    gradient goes to U, and gate and down are still decoupled."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=24, num_attention_heads=4, ffn_hidden_size=32,
+                               moe_ffn_hidden_size=32, num_moe_experts=4, gated_linear_unit=True,
+                               activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True)
+    layer = SDMoEExperts(4, config, sdmoe=SDMoEConfig(rank=4, projections=["gate", "down"]), seed=3)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in layer.parameters():  # as the model's initialisation: C drawn too
+            param.normal_(0, 0.02, generator=gen)
+    layer.layer_key = "decoder.layers.0.mlp.experts"
+    layer.split_initial_weights()
+    commons = layer.commons()
+    assert torch.equal(commons["up"], torch.zeros_like(commons["up"]))
+    assert commons["gate"].norm() > 0 and commons["down"].norm() > 0
+
+    fc1, fc2 = layer.weights()
+    grad1, grad2 = torch.randn(fc1.shape, generator=gen), torch.randn(fc2.shape, generator=gen)
+    torch.autograd.backward([fc1, fc2], [grad1, grad2])
+    ffn = 32
+    assert torch.equal(layer.linear_fc1.grad[:, ffn:], grad1[:, ffn:])  # up: everything to U
+    assert torch.equal(layer.common_fc1.grad[:, ffn:], torch.zeros_like(layer.common_fc1.grad[:, ffn:]))
+    for proj, grad, unique_grad in (("gate", grad1[:, :ffn], layer.linear_fc1.grad[:, :ffn]),
+                                    ("down", grad2, layer.linear_fc2.grad)):
+        torch.testing.assert_close(unique_grad, complement(grad, *layer.expert_basis(proj)))

@@ -32,6 +32,8 @@ from megatron_sdmoe.config import SDMoEConfig
 from megatron_sdmoe.moe.experts import GroupedExperts
 
 PROJECTIONS = ("gate", "up", "down")
+# Where each projection lives: its stacked weight and row block in it (fc1 = [gate; up], fc2 = down).
+BLOCK = {"gate": ("fc1", 0), "up": ("fc1", 1), "down": ("fc2", 0)}
 # Which side of each projection's matrix [m, n] expert tensor parallelism splits: fc1 = [gate; up]
 # by rows, fc2 (down) by columns (megatron-core's column- and row-parallel expert linears).
 SHARDED_SIDE = {"gate": "rows", "up": "rows", "down": "cols"}
@@ -101,45 +103,46 @@ def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards
 class SpectralSplit(torch.autograd.Function):
     """W_e = C_g(e) + U_e forward; backward routes dL/dW into the complement (to U) and the rest (to C).
 
-    common [G, m, n] holds the local groups' C, unique [G * S, m, n] their S experts each.
-    W's rows may hold several projections with their own bases (fc1 = [gate; up]): `blocks` equal
-    row blocks, each with a (Q [G, m, k], V [G, n, k]) pair among `bases`, all split over expert TP
-    as `shards` says.
+    common [G, B*m, n] holds the local groups' C, unique [G*S, B*m, n] their S experts each. W's
+    rows stack B projections with bases of their own (fc1 = [gate; up]): Q [G, B, m, k],
+    V [G, B, n, k], all split over expert TP as `shards` says. The B blocks are a batch dimension
+    of one pass, so the gradients are written in place, not concatenated.
     """
 
     @staticmethod
-    def forward(ctx, common, unique, blocks, shards, *bases):
-        ctx.save_for_backward(*bases)
-        ctx.blocks, ctx.shards = blocks, shards
-        groups = common.shape[0]
-        return (unique.unflatten(0, (groups, -1)) + common.unsqueeze(1)).flatten(0, 1)
+    def forward(ctx, common, unique, q, v, shards):
+        ctx.save_for_backward(q, v)
+        ctx.shards = shards
+        return (unique.unflatten(0, (common.shape[0], -1)) + common.unsqueeze(1)).flatten(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        bases = ctx.saved_tensors
-        grad_unique, grad_common = [], []
-        groups = bases[0].shape[0]
-        for block, (q, v) in zip(grad.chunk(ctx.blocks, dim=-2), zip(bases[0::2], bases[1::2])):
-            comp, a, b = _routed(block.unflatten(0, (groups, -1)), q.unsqueeze(1), v.unsqueeze(1), ctx.shards)
-            grad_unique.append(comp.flatten(0, 1))
-            # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T over a group: no pass over G
-            grad_common.append(torch.baddbmm(q @ a.sum(1), b.sum(1), v.transpose(-2, -1)))
-        cat = (lambda parts: parts[0]) if ctx.blocks == 1 else (lambda parts: torch.cat(parts, dim=-2))
-        return (cat(grad_common), cat(grad_unique), None, None, *([None] * len(bases)))
+        q, v = ctx.saved_tensors
+        groups, blocks = q.shape[:2]
+        grad = grad.unflatten(0, (groups, -1)).unflatten(-2, (blocks, -1))  # [G, S, B, m, n]
+        comp, a, b = _routed(grad, q.unsqueeze(1), v.unsqueeze(1), ctx.shards)
+        # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T over a group: no pass over G
+        grad_common = q @ a.sum(1) + b.sum(1) @ v.transpose(-2, -1)
+        return grad_common.flatten(1, 2), comp.flatten(2, 3).flatten(0, 1), None, None, None
 
 
-def top_singular_vectors(matrix: torch.Tensor, rank: int, seed: int, power_iterations: int,
+def top_singular_vectors(matrices: torch.Tensor, rank: int, seeds: list[int], power_iterations: int,
                          oversample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`rank` left and right singular vectors of `matrix` [..., m, n] by randomized SVD
-    (torch.svd_lowrank: Gaussian range finder, QR, power iterations), reproducible from `seed`."""
-    m, n = matrix.shape[-2:]
-    if rank == 0:
-        return matrix.new_zeros(*matrix.shape[:-2], m, 0), matrix.new_zeros(*matrix.shape[:-2], n, 0)
-    devices = [matrix.device] if matrix.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        u, _, v = torch.svd_lowrank(matrix.float(), q=min(rank + oversample, m, n), niter=power_iterations)
-    return u[..., :rank].to(matrix.dtype).contiguous(), v[..., :rank].to(matrix.dtype).contiguous()
+    """Top-`rank` left and right singular vectors of each of `matrices` [N, m, n], [N, m, rank] and
+    [N, n, rank], by one batched randomized SVD: torch.svd_lowrank's algorithm (Gaussian range
+    finder, QR, power iterations, SVD of the small projection). Written out because svd_lowrank
+    draws one test matrix for the whole batch from the global RNG; here matrix i's is drawn from
+    seeds[i], so its basis is the same whatever shares the batch (each parallel layout batches
+    other groups), and a refresh is one batched call instead of one call per matrix."""
+    _, m, n = matrices.shape
+    a, device = matrices.float(), matrices.device
+    draws = [torch.randn(n, min(rank + oversample, m, n), device=device,
+                         generator=torch.Generator(device).manual_seed(seed)) for seed in seeds]
+    basis = torch.linalg.qr(a @ torch.stack(draws)).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ basis).Q).Q
+    u, _, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
+    return (basis @ u[..., :rank]).to(matrices.dtype), vh[..., :rank, :].mT.to(matrices.dtype).contiguous()
 
 
 class SDMoEExperts(GroupedExperts):
@@ -153,7 +156,7 @@ class SDMoEExperts(GroupedExperts):
         self.sdmoe, self.seed = sdmoe, seed
         self.layer_key = ""  # the module's name in the model, set by prepare(); seeds the SVDs
         cfg, ffn = sdmoe, self.linear_fc2.shape[-1]
-        self.ranks = {p: cfg.rank if p in cfg.projections else 0 for p in PROJECTIONS}
+        self.decoupled = [p for p in PROJECTIONS if cfg.rank and p in cfg.projections]  # the others: C = 0
         expert_tp = pg_collection.expt_tp if pg_collection is not None else ps.get_expert_tensor_parallel_group()
         self.shards = {p: Shards(expert_tp, SHARDED_SIDE[p]) for p in PROJECTIONS}
         self.shared = cfg.common == "shared"
@@ -170,11 +173,12 @@ class SDMoEExperts(GroupedExperts):
         self.local_groups = slice(self.group_ids[0], self.group_ids[-1] + 1) if self.shared else slice(None)
         self.common_fc1 = self._common(self.linear_fc1, groups, config)
         self.common_fc2 = self._common(self.linear_fc2, groups, config)
+        # Bases of the local groups only, per weight and row block. A projection left out keeps a
+        # zero basis: its whole gradient goes to U and its C stays 0, as with rank 0.
         d_in, d_out, dtype, device = self.input_size, self.output_size, self.linear_fc1.dtype, self.linear_fc1.device
-        for proj, (m, n) in {"gate": (ffn, d_in), "up": (ffn, d_in), "down": (d_out, ffn)}.items():
-            k = self.ranks[proj]  # bases of the local groups only
-            self.register_buffer(f"q_{proj}", torch.zeros(local_groups, m, k, dtype=dtype, device=device))
-            self.register_buffer(f"v_{proj}", torch.zeros(local_groups, n, k, dtype=dtype, device=device))
+        for weight, blocks, (m, n) in (("fc1", 2, (ffn, d_in)), ("fc2", 1, (d_out, ffn))):
+            self.register_buffer(f"q_{weight}", torch.zeros(local_groups, blocks, m, cfg.rank, dtype=dtype, device=device))
+            self.register_buffer(f"v_{weight}", torch.zeros(local_groups, blocks, n, cfg.rank, dtype=dtype, device=device))
 
     def _common(self, unique: torch.nn.Parameter, groups: int, config: TransformerConfig) -> torch.nn.Parameter:
         param = torch.nn.Parameter(torch.zeros(groups, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
@@ -199,9 +203,8 @@ class SDMoEExperts(GroupedExperts):
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         common_fc1, common_fc2 = self.common_fc1[self.local_groups], self.common_fc2[self.local_groups]
-        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, 2, self.shards["gate"], self.q_gate, self.v_gate,
-                                  self.q_up, self.v_up)
-        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, 1, self.shards["down"], self.q_down, self.v_down)
+        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, self.q_fc1, self.v_fc1, self.shards["gate"])
+        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, self.q_fc2, self.v_fc2, self.shards["down"])
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
@@ -215,9 +218,14 @@ class SDMoEExperts(GroupedExperts):
         groups = self.local_groups if groups is None else groups
         return self._by_projection(self.common_fc1[groups], self.common_fc2[groups])
 
+    def basis(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, V of `proj` for the local groups (views), [groups, m, k] and [groups, n, k]."""
+        weight, block = BLOCK[proj]
+        return getattr(self, f"q_{weight}")[:, block], getattr(self, f"v_{weight}")[:, block]
+
     def expert_basis(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Q, V of `proj` for every local expert (its group's), [experts, m, k] and [experts, n, k]."""
-        q, v = getattr(self, f"q_{proj}"), getattr(self, f"v_{proj}")
+        q, v = self.basis(proj)
         repeat = self.num_local_experts // q.shape[0]
         return q.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
 
@@ -228,27 +236,36 @@ class SDMoEExperts(GroupedExperts):
         key = zlib.crc32(f"{self.layer_key}.{proj}".encode())
         return (self.seed * 1_000_003 + key + 7919 * step + 104_729 * group) % 2**63
 
-    def _bases(self, proj: str, matrices: torch.Tensor, step: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k singular vectors of each group's whole matrix [groups, m, n], one randomized SVD
-        per group seeded by its global id (`ids`), so every layout computes the same basis."""
-        cfg, pairs = self.sdmoe, []
-        for matrix, group in zip(matrices, ids):
-            pairs.append(top_singular_vectors(matrix, self.ranks[proj], self._seed(proj, step, group),
-                                              cfg.power_iterations, cfg.oversample))
-        return torch.stack([q for q, _ in pairs]), torch.stack([v for _, v in pairs])
+    def _bases(self, matrices: dict[str, torch.Tensor], step: int, ids: list[int]) -> dict[str, tuple]:
+        """Top-k singular vectors (Q, V) of each group's whole matrix {proj: [groups, m, n]}, one
+        batched randomized SVD per shape (down enters transposed: gate, up and down then share one
+        when an expert reads and writes the same width), each matrix seeded by layer, projection,
+        step and its group's global id (`ids`), so every layout computes the same basis."""
+        oriented = {proj: matrix.mT if proj == "down" else matrix for proj, matrix in matrices.items()}
+        bases, cfg = {}, self.sdmoe
+        for shape in {matrix.shape for matrix in oriented.values()}:
+            batch = [proj for proj, matrix in oriented.items() if matrix.shape == shape]
+            seeds = [self._seed(proj, step, group) for proj in batch for group in ids]
+            left, right = top_singular_vectors(torch.cat([oriented[proj] for proj in batch]), cfg.rank, seeds,
+                                               cfg.power_iterations, cfg.oversample)
+            for proj, q, v in zip(batch, left.split(len(ids)), right.split(len(ids))):
+                bases[proj] = (v, q) if proj == "down" else (q, v)
+        return bases
 
     @torch.no_grad()
     def refresh_bases(self, step: int) -> None:
         """Q, V <- top-k singular vectors of the current C (same result on every rank: C is
         replicated, or gathered whole over expert TP, and the random range finder is seeded by
         layer, projection, group and step)."""
-        for proj, common in self.commons().items():
-            shards = self.shards[proj]
-            self._set_basis(proj, *shards.local_basis(*self._bases(proj, shards.gather(common), step, self.basis_ids)))
+        commons = self.commons()
+        whole = {proj: self.shards[proj].gather(commons[proj]) for proj in self.decoupled}
+        for proj, (q, v) in self._bases(whole, step, self.basis_ids).items():
+            self._set_basis(proj, *self.shards[proj].local_basis(q, v))
 
     def _set_basis(self, proj: str, q: torch.Tensor, v: torch.Tensor) -> None:
-        getattr(self, f"q_{proj}").copy_(q)
-        getattr(self, f"v_{proj}").copy_(v)
+        old_q, old_v = self.basis(proj)
+        old_q.copy_(q)
+        old_v.copy_(v)
 
     @torch.no_grad()
     def split_initial_weights(self, keep: bool = False) -> None:
@@ -259,18 +276,22 @@ class SDMoEExperts(GroupedExperts):
 
         Shared commons are dense parameters (DeepSpeed broadcasts them from one rank), so every
         rank computes every group's C, not only the groups of its own experts."""
-        every_group = slice(None)
-        for proj, unique in self.uniques().items():
-            shards, local = self.shards[proj], len(self.commons()[proj])
+        every_group, uniques, local = slice(None), self.uniques(), len(self.common_fc1[self.local_groups])
+        self.common_fc1.zero_()  # C = 0 for a projection left out (the model's initialisation drew it)
+        self.common_fc2.zero_()
+        targets = {}
+        for proj in self.decoupled:
+            unique = uniques[proj]
             if self.shared:  # each group's mean expert: sums of the local experts, completed over EP
                 sums = unique.new_zeros(self.common_fc1.shape[0], *unique.shape[1:], dtype=torch.float32)
                 sums[self.local_groups] = unique.unflatten(0, (local, -1)).sum(1, dtype=torch.float32)
                 dist.all_reduce(sums, group=ps.get_expert_model_parallel_group())
-                target, ids = (sums / self.group_size).to(unique.dtype), list(range(len(sums)))
+                targets[proj] = self.shards[proj].gather((sums / self.group_size).to(unique.dtype))
             else:
-                target, ids = unique, self.basis_ids
-            target = shards.gather(target)
-            q, v = self._bases(proj, target, -1, ids)
+                targets[proj] = self.shards[proj].gather(unique)
+        ids = list(range(self.common_fc1.shape[0])) if self.shared else self.basis_ids
+        for proj, (q, v) in self._bases(targets, -1, ids).items():
+            shards, unique, target = self.shards[proj], uniques[proj], targets[proj]
             common = shards.local_matrix(q @ (q.transpose(-2, -1) @ target @ v) @ v.transpose(-2, -1))  # rank k
             self.commons(every_group)[proj].copy_(common)
             self._set_basis(proj, *shards.local_basis(q[self.local_groups], v[self.local_groups]))

@@ -20,7 +20,7 @@ from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.runtime.preemption import StopRequest
 from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
-from megatron_sdmoe.training.metrics import MetricsLogger, Throughput
+from megatron_sdmoe.training.metrics import MetricsLogger, Throughput, device_memory
 from megatron_sdmoe.training.stages import Stage, StageMatrix
 from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
@@ -84,11 +84,11 @@ class Trainer:
         stage = self.stage_at(step)
         # DeepSpeed divides the LM loss by the accumulation steps; the auxiliary losses get the same scale.
         set_auxiliary_loss_scale(1.0 / self.grad_accumulation, self.layout.device)
+        start = time.perf_counter()  # a step's time includes its basis refresh
         if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
             for layer in self.sdmoe_layers:  # (the initial split set the step-0 bases)
                 layer.refresh_bases(step)
         lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
-        start = time.perf_counter()
         if self.update_projector:
             self.update_projector.snapshot()
         losses = []
@@ -107,7 +107,7 @@ class Trainer:
         # DeepSpeed skips the update (and the LR schedule) when the gradient norm is not finite.
         return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / self.grad_accumulation, step + 1),
                 "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "skipped_steps": self.engine.skipped_steps, **self.throughput(tokens / seconds)}
+                "skipped_steps": self.engine.skipped_steps, **self.throughput(tokens / seconds), **device_memory()}
 
     @torch.no_grad()
     def evaluate(self, stage: Stage) -> dict[str, float]:

@@ -27,6 +27,11 @@ class Throughput:
         return result
 
 
+def device_memory() -> dict[str, float]:
+    """On a GPU: the peak memory PyTorch has allocated so far, in GiB (to set beside sdmoe-estimate)."""
+    return {"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+
+
 class MetricsLogger:
     """Writes on the main rank only; other ranks hold a disabled logger."""
 
