@@ -113,6 +113,16 @@ def test_sdmoe_paper_scales_fit(config, gpus):
     assert result.fits and 1.5e9 < result.params_total < 8e9
 
 
+def test_one_gpu_config_is_the_largest_that_fits():
+    """configs/qwen3-moe-1gpu.yaml (benchmarks/mfu.py) fits one 80 GB GPU; one more layer, or twice
+    the micro-batch, does not."""
+    name = REPO / "configs" / "qwen3-moe-1gpu.yaml"
+    assert estimate(load_config(name), 1)[0].fits
+    layers = load_config(name).model.num_layers
+    for bigger in ([f"model.num_layers={layers + 1}"], ["train.micro_batch_size=2"]):
+        assert not estimate(load_config(name, bigger), 1)[0].fits, bigger
+
+
 def test_cli_verdicts_and_bad_input():
     def run(*args):
         return subprocess.run([sys.executable, "-m", "megatron_sdmoe.estimate", *args], cwd=REPO,

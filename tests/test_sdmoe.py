@@ -158,3 +158,28 @@ def test_a_projection_left_out_stays_the_baseline(single_process_groups):
     for proj, grad, unique_grad in (("gate", grad1[:, :ffn], layer.linear_fc1.grad[:, :ffn]),
                                     ("down", grad2, layer.linear_fc2.grad)):
         torch.testing.assert_close(unique_grad, complement(grad, *layer.expert_basis(proj)))
+
+
+def test_weights_kept_across_micro_batches_give_the_same_gradients(single_process_groups):
+    """Gradient accumulation: the micro-batches before a step's last reuse the first one's
+    W = C + U (the training loop sets keep_weights); the gradients equal those of computing W anew."""
+    layer = build_layer(single_process_groups, "shared")
+    tokens_per_expert = torch.tensor([6, 3, 0, 7])
+
+    def accumulate(keep: bool) -> tuple[list[torch.Tensor], list]:
+        layer.zero_grad(set_to_none=True)
+        gen, kept = torch.Generator().manual_seed(5), []
+        for micro in range(3):
+            layer.keep_weights = keep and micro < 2
+            out, _ = layer(torch.randn(16, 24, generator=gen), tokens_per_expert, torch.rand(16, generator=gen))
+            (out ** 2).sum().backward()
+            kept.append(layer.kept[0])
+        return [p.grad.clone() for p in layer.parameters()], kept
+
+    fresh, nothing = accumulate(keep=False)
+    assert nothing == [None, None, None]
+    grads, kept = accumulate(keep=True)
+    assert kept[0].untyped_storage().data_ptr() == kept[1].untyped_storage().data_ptr()  # one W = C + U
+    assert kept[2] is None  # released after the step's last micro-batch
+    for want, got in zip(fresh, grads):
+        assert torch.equal(want, got)

@@ -106,13 +106,16 @@ class SpectralSplit(torch.autograd.Function):
     common [G, B*m, n] holds the local groups' C, unique [G*S, B*m, n] their S experts each. W's
     rows stack B projections with bases of their own (fc1 = [gate; up]): Q [G, B, m, k],
     V [G, B, n, k], all split over expert TP as `shards` says. The B blocks are a batch dimension
-    of one pass, so the gradients are written in place, not concatenated.
+    of one pass, so the gradients are written in place, not concatenated. `computed`: W as an
+    earlier forward with the same C and U computed it, returned instead of a new sum.
     """
 
     @staticmethod
-    def forward(ctx, common, unique, q, v, shards):
+    def forward(ctx, common, unique, q, v, shards, computed=None):
         ctx.save_for_backward(q, v)
         ctx.shards = shards
+        if computed is not None:
+            return computed  # an input returned as is: autograd hands out a view of it
         return (unique.unflatten(0, (common.shape[0], -1)) + common.unsqueeze(1)).flatten(0, 1)
 
     @staticmethod
@@ -123,7 +126,7 @@ class SpectralSplit(torch.autograd.Function):
         comp, a, b = _routed(grad, q.unsqueeze(1), v.unsqueeze(1), ctx.shards)
         # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T over a group: no pass over G
         grad_common = q @ a.sum(1) + b.sum(1) @ v.transpose(-2, -1)
-        return grad_common.flatten(1, 2), comp.flatten(2, 3).flatten(0, 1), None, None, None
+        return grad_common.flatten(1, 2), comp.flatten(2, 3).flatten(0, 1), None, None, None, None
 
 
 def top_singular_vectors(matrices: torch.Tensor, rank: int, seeds: list[int], power_iterations: int,
@@ -155,6 +158,9 @@ class SDMoEExperts(GroupedExperts):
         super().__init__(num_local_experts, config, pg_collection, name, **sizes)
         self.sdmoe, self.seed = sdmoe, seed
         self.layer_key = ""  # the module's name in the model, set by prepare(); seeds the SVDs
+        # Gradient accumulation: C and U change only after a step's last micro-batch, so the
+        # training loop sets keep_weights for the others and the next forward reuses their W.
+        self.keep_weights, self.kept = False, (None, None)
         cfg, ffn = sdmoe, self.linear_fc2.shape[-1]
         self.decoupled = [p for p in PROJECTIONS if cfg.rank and p in cfg.projections]  # the others: C = 0
         expert_tp = pg_collection.expt_tp if pg_collection is not None else ps.get_expert_tensor_parallel_group()
@@ -203,8 +209,10 @@ class SDMoEExperts(GroupedExperts):
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         common_fc1, common_fc2 = self.common_fc1[self.local_groups], self.common_fc2[self.local_groups]
-        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, self.q_fc1, self.v_fc1, self.shards["gate"])
-        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, self.q_fc2, self.v_fc2, self.shards["down"])
+        kept_fc1, kept_fc2 = self.kept
+        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, self.q_fc1, self.v_fc1, self.shards["gate"], kept_fc1)
+        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, self.q_fc2, self.v_fc2, self.shards["down"], kept_fc2)
+        self.kept = (fc1.detach(), fc2.detach()) if self.keep_weights else (None, None)
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
