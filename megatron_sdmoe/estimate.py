@@ -164,7 +164,8 @@ def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
     Sequence parallelism splits every token-dimension tensor over TP; tensor parallelism splits
     heads and FFN widths. The fused attention kernel keeps no [heads, s, s] matrix (on GPUs).
     Routed tokens are counted at an even load (the capacity factor bounds the busiest rank).
-    Head-wise routing dispatches sub-tokens: H per token, d/H wide.
+    Head-wise routing dispatches sub-tokens: H per token, d/H wide. SD-MoE keeps each layer's
+    effective expert weights for backward.
     """
     from megatron_sdmoe.models import padded_vocab_size
 
@@ -184,6 +185,8 @@ def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
                + tokens * swiglu_saved * moe.shared_expert_ffn_hidden_size)
     dense_mlp = tokens * (2 * h + swiglu_saved * m.dense_ffn_hidden_size)
     moe_layers = m.num_layers + m.mtp_layers - m.dense_layers
+    if is_sdmoe(cfg):  # every MoE layer saves its effective weights W = C + U (this rank's experts)
+        moe_mlp += expert_parameters(cfg) * routed_experts(cfg) / (cfg.parallel.expert * cfg.parallel.expert_tensor)
     per_micro = (m.num_layers + m.mtp_layers) * attention + moe_layers * moe_mlp + m.dense_layers * dense_mlp
     logits = (1 + m.mtp_layers) * tokens * padded_vocab_size(vocab, cfg) * (dtype_bytes + 4) / dtype_bytes
     return (per_micro + logits) * dtype_bytes

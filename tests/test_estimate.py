@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import REPO
 
 from megatron_sdmoe.config import expert_input_size, is_headwise, load_config, routed_experts
-from megatron_sdmoe.estimate import estimate, flops_per_token, head_dims
+from megatron_sdmoe.estimate import activation_bytes, estimate, flops_per_token, head_dims
 
 VOCAB = 1000
 CASES = {
@@ -78,6 +78,39 @@ def test_flops_per_token_equal_torch_flop_counter(single_process_groups, name):
                        if str(op) in ("aten.mm", "aten.addmm", "aten._grouped_mm"))
     expected = flops_per_token(cfg, VOCAB) / 3 - attention + block_diagonal_router_zeros(cfg)
     assert weight_flops == pytest.approx(b * s * expected, rel=1e-9)
+
+
+def saved_bytes(model, tokens: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward over a forward pass: distinct storages, the model's own
+    parameters and buffers left out."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None, labels=tokens)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name, common, baseline", [("sdmoe shared C", "shared", "topk"),
+                                                    ("sdmoe shared C", "per_expert", "topk"),
+                                                    ("headwise + sdmoe", "shared", "headwise")])
+def test_sdmoe_activation_estimate_counts_the_saved_weights(single_process_groups, name, common, baseline):
+    """What autograd saves for SD-MoE beyond its baseline (the same model with plain experts) is
+    what the activation estimate adds for it: every MoE layer's effective weights W = C + U.
+    Within 1%: the two models route differently, and a few KB of what autograd saves (1-2 KB of
+    12 MB here) depend on the routing."""
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    sizes = ["data.seq_length=32", "train.micro_batch_size=2", f"sdmoe.common={common}"]
+    (cfg, model), (base_cfg, base_model) = build(name, *sizes), build(name, *sizes, f"moe.variant={baseline}")
+    estimated = activation_bytes(cfg, VOCAB, 4) - activation_bytes(base_cfg, VOCAB, 4)
+    assert estimated > 0
+    assert saved_bytes(model, tokens) - saved_bytes(base_model, tokens) == pytest.approx(estimated, rel=0.01)
 
 
 # Published sizes (model cards / papers) of the models the real-scale configs imitate: total and
