@@ -17,7 +17,7 @@ import torch
 from runs import train
 
 from megatron_sdmoe.config import load_config
-from megatron_sdmoe.estimate import estimate, peak_tflops
+from megatron_sdmoe.estimate import estimate
 
 
 def main() -> None:
@@ -33,14 +33,16 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     planned, _ = estimate(cfg, gpus=1, precision="bf16" if torch.cuda.is_available() else "fp32")
     tokens_per_s = 1 / statistics.mean(1 / row["tokens_per_s"] for row in rows)
-    tflops = tokens_per_s * planned.flops_per_token / 1e12
+    # The training metrics' own FLOPs per token and peak (each row's TFLOP/s over its tokens/s and MFU)
+    first = rows[0]
+    tflops = tokens_per_s * first["tflops_per_gpu"] / first["tokens_per_s"]
+    mfu = tflops / (first["tflops_per_gpu"] / first["mfu"]) if "mfu" in first else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = cfg.train.peak_tflops or peak_tflops(device, bf16=torch.cuda.is_available())
     memory = max((row["max_memory_gib"] for row in rows if "max_memory_gib" in row), default=None)
     print(f"{device}: {planned.params_total / 1e6:,.1f}M parameters, {planned.params_active / 1e6:,.1f}M active, "
           f"{planned.flops_per_token / 1e9:.3g} GFLOP per token, {len(rows)} steps after {args.warmup} of warm-up")
     print("| tokens/s | TFLOP/s per GPU | MFU | peak memory GiB | estimated GiB |\n| --- | --- | --- | --- | --- |")
-    print(f"| {tokens_per_s:,.0f} | {tflops:.3g} | {f'{tflops / peak:.1%}' if peak else '-'} | "
+    print(f"| {tokens_per_s:,.0f} | {tflops:.3g} | {f'{mfu:.1%}' if mfu is not None else '-'} | "
           f"{f'{memory:.1f}' if memory is not None else '-'} | {planned.total_gib:.1f} |")
 
 
