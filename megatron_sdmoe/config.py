@@ -138,11 +138,13 @@ class TrainConfig:
     eval_interval: int = 50  # 0 disables evaluation
     eval_samples: int = 32  # validation sequences per evaluation
     save_interval: int = 50  # 0 saves only at the end
+    final_checkpoint: bool = True  # false: none at max_steps (benchmarks; stops and exit_interval still save)
     exit_interval: int = 0  # save and exit when the step count is a multiple of this (0: never)
     keep_checkpoints: int = 0  # keep the newest N checkpoints (0: all)
     max_skipped_steps: int = 10  # stop after this many steps in a row skipped for non-finite gradients (0: never)
     time_budget_minutes: float = 0.0  # save and exit (requeue code 3) before this wall-clock budget ends; 0: none
     peak_tflops: Optional[float] = None  # per-GPU dense peak for MFU; empty: known GPUs' datasheet value
+    profile_steps: list = field(default_factory=list)  # [first, last]: torch.profiler trace of these steps (1-based)
 
 
 @dataclass
@@ -406,6 +408,9 @@ def validate(cfg: Config, world_size: int) -> None:
         need(value >= 0, f"{key}={value} must not be negative")
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
     need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
+    need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
+                                    and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
+         f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last, or empty")
     need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
     need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
     need(moe.topk <= moe.num_experts,

@@ -25,7 +25,7 @@ from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
-from megatron_sdmoe.training.checkpoint import check_vocabulary, checkpoint_root, load_latest
+from megatron_sdmoe.training.checkpoint import check_vocabulary, latest_checkpoint, load_latest
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
@@ -105,9 +105,9 @@ def train(cfg: Config) -> None:
     stopped = session.trainer.run(session.start_step)
     session.trainer.metrics.close()
     if session.layout.is_main:
-        tb, root = session.run_dir / "tb", checkpoint_root(session.run_dir)
+        checkpoint = latest_checkpoint(session.run_dir)
         print(f"{f'stopped early ({stopped}), requeue to resume' if stopped else 'done'}. TensorBoard: "
-              f"tensorboard --logdir {tb} | checkpoint: {root / (root / 'latest').read_text()} | metrics: "
+              f"tensorboard --logdir {session.run_dir / 'tb'} | checkpoint: {checkpoint or 'none'} | metrics: "
               f"{session.run_dir / 'metrics.jsonl'}", flush=True)
     shutdown()
     if stopped:

@@ -55,6 +55,7 @@ def test_load_errors(override, message):
     (["model.attention=mla"], 1, "model.attention=mla is DeepSeek's: use model.preset=deepseek"),
     (["model.preset=deepseek", "model.attention=mla", "parallel.tensor=2"], 2,
      "model.attention=mla supports parallel.tensor=1 only"),
+    (["train.profile_steps=[3, 2]"], 1, "train.profile_steps=[3, 2] must be [first, last] with 1 <= first <= last"),
     (["moe.variant=sdmoe", "parallel.expert_tensor=2"], 2,
      "moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor equals"),
 ])

@@ -15,8 +15,9 @@ def test_bf16_training_learns_on_gpu(tmp_path):
     assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
 
 
-def test_fp32_on_gpu_matches_cpu(tmp_path):
-    launch(tmp_path / "gpu", 1, "train.precision=fp32")
-    launch(tmp_path / "cpu", 1, env={"CUDA_VISIBLE_DEVICES": ""})
+@pytest.mark.parametrize("variant", [[], ["moe.variant=sdmoe", "sdmoe.refresh_interval=2"]], ids=["topk", "sdmoe"])
+def test_fp32_on_gpu_matches_cpu(tmp_path, variant):
+    launch(tmp_path / "gpu", 1, "train.precision=fp32", *variant)
+    launch(tmp_path / "cpu", 1, *variant, env={"CUDA_VISIBLE_DEVICES": ""})
     for gpu, cpu in zip(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu")):
         assert gpu["loss"] == pytest.approx(cpu["loss"], abs=1e-3)

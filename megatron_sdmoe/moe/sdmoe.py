@@ -76,27 +76,27 @@ UNSHARDED = Shards(None, None)
 
 def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED) -> torch.Tensor:
     """(I - QQ^T) G (I - VV^T): G [..., m, n], Q [..., m, k], V [..., n, k] (this rank's shards)."""
-    return _routed(grad, q, v, shards)[0]
+    batch = grad.shape[:-2]
+    flat = lambda t: t.expand(*batch, *t.shape[-2:]).reshape(batch.numel(), *t.shape[-2:])  # noqa: E731
+    return _routed(flat(grad), flat(q), flat(v), shards)[0].view(grad.shape)
 
 
 def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED):
-    """Split G [E, m, n] against the basis Q [(E,) m, k], V [(E,) n, k] in O(k m n) with one pass
+    """Split G [N, m, n] against its basis Q [N, m, k], V [N, n, k] in O(k m n) with one pass
     over G: G = comp + Q A + B V^T, comp = (I - P) G (I - R), A = Q^T G, B = (I - P) G V.
-    Returns comp and the small factors A [E, k, n], B [E, m, k] of the part that goes to C.
-    Row-split G and Q: A sums over the shards; column-split G and V: B does."""
-    a = q.transpose(-2, -1) @ grad
+    Returns comp and the small factors A [N, k, n], B [N, m, k] of the part that goes to C.
+    Row-split G and Q: A sums over the shards; column-split G and V: B does. Plain bmm on 3-d
+    operands: matmul's broadcasting would add a dozen host-side ops per call, which is what a
+    small layer's step time on a GPU is made of."""
+    a = torch.bmm(q.mT, grad)
     if shards.side == "rows":
         a = shards.sum(a)
-    b = grad @ v - q @ (a @ v)
+    b = torch.baddbmm(torch.bmm(grad, v), q, torch.bmm(a, v), alpha=-1)
     if shards.side == "cols":
         b = shards.sum(b)
-    batch, (m, k), n = grad.shape[:-2], q.shape[-2:], v.shape[-2]
-    if k == 0:  # rank 0: everything goes to U, exactly
+    if q.shape[-1] == 0:  # rank 0: everything goes to U, exactly
         return grad, a, b
-    left = torch.cat([q.expand(*batch, m, k), b], dim=-1)
-    right = torch.cat([a, v.transpose(-2, -1).expand(*batch, k, n)], dim=-2)
-    comp = torch.baddbmm(grad.reshape(-1, *grad.shape[-2:]), left.reshape(-1, *left.shape[-2:]),
-                         right.reshape(-1, *right.shape[-2:]), alpha=-1).view(grad.shape)
+    comp = torch.baddbmm(grad, torch.cat([q, b], dim=-1), torch.cat([a, v.mT], dim=-2), alpha=-1)
     return comp, a, b
 
 
@@ -105,8 +105,8 @@ class SpectralSplit(torch.autograd.Function):
 
     common [G, B*m, n] holds the local groups' C, unique [G*S, B*m, n] their S experts each. W's
     rows stack B projections with bases of their own (fc1 = [gate; up]): Q [G, B, m, k],
-    V [G, B, n, k], all split over expert TP as `shards` says. The B blocks are a batch dimension
-    of one pass, so the gradients are written in place, not concatenated. `computed`: W as an
+    V [G, B, n, k], all split over expert TP as `shards` says. The G*S*B blocks are one batch of
+    the routing, so the gradients are written in place, not concatenated. `computed`: W as an
     earlier forward with the same C and U computed it, returned instead of a new sum.
     """
 
@@ -121,12 +121,16 @@ class SpectralSplit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, v = ctx.saved_tensors
-        groups, blocks = q.shape[:2]
-        grad = grad.unflatten(0, (groups, -1)).unflatten(-2, (blocks, -1))  # [G, S, B, m, n]
-        comp, a, b = _routed(grad, q.unsqueeze(1), v.unsqueeze(1), ctx.shards)
-        # sum_e (Q A_e + B_e V^T) = Q (sum_e A_e) + (sum_e B_e) V^T over a group: no pass over G
-        grad_common = q @ a.sum(1) + b.sum(1) @ v.transpose(-2, -1)
-        return grad_common.flatten(1, 2), comp.flatten(2, 3).flatten(0, 1), None, None, None, None
+        (groups, blocks, m, k), n = q.shape, v.shape[-2]
+        experts = grad.shape[0] // groups
+        # every expert's block gets its group's basis: [G*S*B, m, k] and [G*S*B, n, k]
+        per_block = lambda t: t.unsqueeze(1).expand(groups, experts, *t.shape[1:]).reshape(  # noqa: E731
+            groups * experts * blocks, *t.shape[-2:])
+        comp, a, b = _routed(grad.reshape(-1, m, n), per_block(q), per_block(v), ctx.shards)
+        # sum_e (Q A_e + B_e V^T) = [Q, sum_e B_e] [sum_e A_e; V^T] over a group: no pass over G
+        a, b = (t.view(groups, experts, blocks, *t.shape[-2:]).sum(1).flatten(0, 1) for t in (a, b))
+        grad_common = torch.bmm(torch.cat([q.flatten(0, 1), b], dim=-1), torch.cat([a, v.flatten(0, 1).mT], dim=-2))
+        return grad_common.view(groups, blocks * m, n), comp.view(grad.shape), None, None, None, None
 
 
 def top_singular_vectors(matrices: torch.Tensor, rank: int, seeds: list[int], power_iterations: int,
@@ -136,12 +140,13 @@ def top_singular_vectors(matrices: torch.Tensor, rank: int, seeds: list[int], po
     finder, QR, power iterations, SVD of the small projection). Written out because svd_lowrank
     draws one test matrix for the whole batch from the global RNG; here matrix i's is drawn from
     seeds[i], so its basis is the same whatever shares the batch (each parallel layout batches
-    other groups), and a refresh is one batched call instead of one call per matrix."""
+    other groups), and a refresh is one batched call instead of one call per matrix. The draws come
+    from CPU generators, so a GPU run computes the bases a CPU run does (up to round-off)."""
     _, m, n = matrices.shape
-    a, device = matrices.float(), matrices.device
-    draws = [torch.randn(n, min(rank + oversample, m, n), device=device,
-                         generator=torch.Generator(device).manual_seed(seed)) for seed in seeds]
-    basis = torch.linalg.qr(a @ torch.stack(draws)).Q
+    a = matrices.float()
+    draws = [torch.randn(n, min(rank + oversample, m, n), generator=torch.Generator().manual_seed(seed))
+             for seed in seeds]
+    basis = torch.linalg.qr(a @ torch.stack(draws).to(a.device)).Q
     for _ in range(power_iterations):
         basis = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ basis).Q).Q
     u, _, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)

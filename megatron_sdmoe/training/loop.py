@@ -21,6 +21,7 @@ from megatron_sdmoe.runtime.preemption import StopRequest
 from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput, device_memory
+from megatron_sdmoe.training.profiling import StepProfiler
 from megatron_sdmoe.training.stages import Stage, StageMatrix
 from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
@@ -46,6 +47,7 @@ class Trainer:
         self.composition = (RouteComposition(engine.module, cfg.moe.diag_position_buckets)
                             if cfg.moe.diag_interval else None)
         self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
+        self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, dist.get_rank())
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -86,8 +88,9 @@ class Trainer:
         set_auxiliary_loss_scale(1.0 / self.grad_accumulation, self.layout.device)
         start = time.perf_counter()  # a step's time includes its basis refresh
         if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
-            for layer in self.sdmoe_layers:  # (the initial split set the step-0 bases)
-                layer.refresh_bases(step)
+            with torch.profiler.record_function("sdmoe_refresh_bases"):  # a row of its own in train.profile_steps
+                for layer in self.sdmoe_layers:  # (the initial split set the step-0 bases)
+                    layer.refresh_bases(step)
         lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
         if self.update_projector:
             self.update_projector.snapshot()
@@ -167,7 +170,9 @@ class Trainer:
             if diagnosing:
                 self.diagnostics.capture_gradients(True)
                 self.composition.recording = True
+            self.profiler.before_step(done)
             result = self.train_step(step)
+            self.profiler.after_step(done)
             per_layer = {}
             if diagnosing:
                 per_layer, overlaps = self.diagnostics.compute()
@@ -200,16 +205,18 @@ class Trainer:
             skipped_in_a_row = 0 if self.engine.was_step_applied() else skipped_in_a_row + 1
             diverged = 0 < tr.max_skipped_steps <= skipped_in_a_row
             exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
-            if ((tr.save_interval and done % tr.save_interval == 0) or done == tr.max_steps or exiting or stopped
-                    or diverged):
+            if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
+                    or exiting or stopped or diverged):
                 save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
                                 tr.keep_checkpoints)
             if diverged:
                 bar.close()
+                self.profiler.close()
                 raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and were "
                                f"skipped (steps {done - skipped_in_a_row + 1}-{done}); the checkpoint of step {done} "
                                "holds the last good weights: lower train.lr or raise train.warmup_steps, then resume")
             if exiting or stopped:
                 break
         bar.close()
+        self.profiler.close()
         return stopped

@@ -1,0 +1,23 @@
+"""What benchmark runs rely on: train.profile_steps records exactly the chosen optimizer steps on
+every rank, and train.final_checkpoint=false writes no checkpoint (a 3.7B model's would be 50 GB)."""
+import json
+
+from conftest import launch
+
+
+def test_profile_of_the_chosen_steps_and_no_final_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = launch(run, 2, "parallel.expert=2", "moe.variant=sdmoe", "train.profile_steps=[2, 3]",
+                  "train.final_checkpoint=false", "sdmoe.refresh_interval=2")
+    # 2 steps x 2 micro-batches per rank (global batch 8 = 2 DP ranks x 2 x micro-batch 2)
+    # x 2 layers x 2 weights (fc1, fc2): SD-MoE's autograd function, forward and backward
+    expected = 2 * 2 * 2 * 2
+    for rank in (0, 1):
+        events = json.loads((run / "profile" / f"trace_rank{rank}.json").read_text())["traceEvents"]
+        names = [event.get("name") for event in events]
+        assert names.count("SpectralSplit") == expected and names.count("SpectralSplitBackward") == expected
+        table = (run / "profile" / f"ops_rank{rank}.txt").read_text()
+        assert table.startswith("steps 2-3") and "aten::_grouped_mm" in table
+        assert "sdmoe_refresh_bases: 1 calls" in table  # step 3 (index 2) refreshes the bases
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert not (run / "checkpoints").exists() and "checkpoint: none" in proc.stdout
