@@ -3,14 +3,14 @@
 #
 #   bash benchmarks/gpu.sh wheels            # here (with network): .whl/ for an offline GPU machine
 #   bash benchmarks/gpu.sh PART [OUT]        # on the GPU machine; PART: tests experts mfu profile
-#                                            #   overhead overhead-small all; OUT default runs/gpu
+#                                            #   overhead overhead-small specialisation all;
+#                                            #   OUT default runs/gpu
 #
 # A GPU machine without megatron-core and DeepSpeed installs them from .whl/ into /tmp/site first
-# (the project runs from the source tree). Each part writes its output to OUT/<part>.txt; on one
-# H100 every part but overhead-small takes under 10 minutes.
+# (the project runs from the source tree). Each part writes its output to OUT/<part>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=(tests experts mfu profile overhead overhead-small)
+PARTS=(tests experts mfu profile overhead overhead-small specialisation)
 usage="usage: bash benchmarks/gpu.sh wheels|all|$(IFS='|'; echo "${PARTS[*]}") [OUT]"
 part=${1:?$usage}
 out=${2:-runs/gpu}
@@ -65,6 +65,8 @@ run_part() {
       python3 benchmarks/overhead.py "${SMALL_1024[@]}" --steps 40 --repeats 2 --warmup 10
       python3 benchmarks/overhead.py "${SMALL_1024[@]}" model.hidden_size=2048 moe.ffn_hidden_size=1408 \
         data.seq_length=2048 --steps 25 --repeats 1 --warmup 8 ;;
+    specialisation) python3 benchmarks/specialisation.py "${SMALL_1024[@]}" --steps 400 --diag-interval 50 \
+        --out "$out/specialisation.png" ;;
   esac
 }
 
