@@ -2,7 +2,7 @@
 # The GPU measurements of benchmarks/README.md, by part, with the commands the docs quote.
 #
 #   bash benchmarks/gpu.sh wheels            # here (with network): .whl/ for an offline GPU machine
-#   bash benchmarks/gpu.sh PART [OUT]        # on the GPU machine; PART: tests experts mfu profile
+#   bash benchmarks/gpu.sh PART [OUT]        # on the GPU machine; PART: tests experts layer mfu profile
 #                                            #   overhead overhead-small specialisation all;
 #                                            #   OUT default runs/gpu
 #
@@ -10,7 +10,7 @@
 # (the project runs from the source tree). Each part writes its output to OUT/<part>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=(tests experts mfu profile overhead overhead-small specialisation)
+PARTS=(tests experts layer mfu profile overhead overhead-small specialisation)
 usage="usage: bash benchmarks/gpu.sh wheels|all|$(IFS='|'; echo "${PARTS[*]}") [OUT]"
 part=${1:?$usage}
 out=${2:-runs/gpu}
@@ -51,6 +51,7 @@ run_part() {
   case $1 in
     tests) python3 -m pytest -q -p no:warnings tests/test_gpu.py ;;
     experts) python3 benchmarks/grouped_experts.py --tokens 16384 --hidden 1024 --ffn 1024 --experts 8 16 32 64 ;;
+    layer) python3 benchmarks/sdmoe_layer.py ;;  # one layer of the 2B config, 4 micro-batches
     mfu) python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml --steps 30 --warmup 10 ;;
     profile)  # operator tables of steps 16-17 (17 refreshes SD-MoE's bases) of both variants
       for variant in topk sdmoe; do

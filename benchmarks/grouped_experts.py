@@ -13,22 +13,41 @@ from megatron_sdmoe.moe.experts import GroupedExperts, sequential_reference
 from megatron_sdmoe.runtime import init_distributed, seed_everything, shutdown
 
 
-def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+def layer_config(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
+    """megatron-core's config of one MoE layer's SwiGLU experts (shared with sdmoe_layer.py)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=ffn,
-                               moe_ffn_hidden_size=ffn, num_moe_experts=experts, gated_linear_unit=True,
-                               activation_func=F.silu, add_bias_linear=False, params_dtype=dtype,
-                               bf16=dtype == torch.bfloat16, use_cpu_initialization=not torch.cuda.is_available(),
-                               bias_activation_fusion=False, gradient_accumulation_fusion=False)
-    pgs = get_default_pg_collection()
-    sequential = sequential_reference(experts, config, pgs)
-    grouped = GroupedExperts(experts, config, pg_collection=pgs)
+    return TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=ffn,
+                             moe_ffn_hidden_size=ffn, num_moe_experts=experts, gated_linear_unit=True,
+                             activation_func=F.silu, add_bias_linear=False, params_dtype=dtype,
+                             bf16=dtype == torch.bfloat16, use_cpu_initialization=not torch.cuda.is_available(),
+                             bias_activation_fusion=False, gradient_accumulation_fusion=False)
+
+
+def init_weights(module: GroupedExperts) -> GroupedExperts:
     with torch.no_grad():
-        torch.nn.init.normal_(grouped.linear_fc1, std=0.02)
-        torch.nn.init.normal_(grouped.linear_fc2, std=0.02)
-    return sequential, grouped
+        torch.nn.init.normal_(module.linear_fc1, std=0.02)
+        torch.nn.init.normal_(module.linear_fc2, std=0.02)
+    return module
+
+
+def routed_tokens(experts: int, tokens: int, hidden: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """Inputs of one experts call: tokens sorted by expert (uniform routing), their per-expert
+    counts, routing probabilities, and a dense output gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens_per_expert = torch.bincount(torch.multinomial(torch.ones(experts), tokens, replacement=True,
+                                                         generator=gen), minlength=experts)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
+    probs = torch.rand(tokens, generator=gen).to(device)
+    grad_out = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    return x, tokens_per_expert, probs, grad_out
+
+
+def build(experts: int, hidden: int, ffn: int, dtype: torch.dtype):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    config, pgs = layer_config(experts, hidden, ffn, dtype), get_default_pg_collection()
+    return sequential_reference(experts, config, pgs), init_weights(GroupedExperts(experts, config, pg_collection=pgs))
 
 
 def step(module, x, tokens_per_expert, probs, grad_out):
@@ -53,12 +72,7 @@ def main() -> None:
     print("| experts | sequential ms | grouped ms | sequential / grouped |\n| --- | --- | --- | --- |")
     for experts in args.experts:
         sequential, grouped = build(experts, args.hidden, args.ffn, dtype)
-        gen = torch.Generator().manual_seed(0)
-        tokens_per_expert = torch.multinomial(torch.ones(experts), args.tokens, replacement=True, generator=gen)
-        tokens_per_expert = torch.bincount(tokens_per_expert, minlength=experts)
-        x = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype).requires_grad_()
-        probs = torch.rand(args.tokens, generator=gen).to(device)
-        grad_out = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype)
+        x, tokens_per_expert, probs, grad_out = routed_tokens(experts, args.tokens, args.hidden, device, dtype)
         times = []
         for module in (sequential, grouped):
             timer = benchmark.Timer("step(m, x, t, p, g)", globals={"step": step, "m": module, "x": x, "g": grad_out,

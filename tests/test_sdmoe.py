@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sdmoe.config import SDMoEConfig
-from megatron_sdmoe.moe.sdmoe import UNSHARDED, SDMoEExperts, SpectralSplit, complement, top_singular_vectors
+from megatron_sdmoe.moe.sdmoe import (UNSHARDED, DeferredFactors, SDMoEExperts, SpectralSplit, complement,
+                                      top_singular_vectors)
 
 
 def orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -22,7 +23,8 @@ def test_gradient_routing_bookkeeping(groups, per_group):
     common = torch.zeros(groups, m, n, dtype=torch.float64, requires_grad=True)
     unique = torch.randn(groups * per_group, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(groups * per_group, m, n, generator=gen, dtype=torch.float64)
-    SpectralSplit.apply(common, unique, q.unsqueeze(1), v.unsqueeze(1), UNSHARDED).backward(grad)  # one block
+    SpectralSplit.apply(common, unique, q.unsqueeze(1), v.unsqueeze(1), UNSHARDED, None, DeferredFactors(),
+                        False).backward(grad)  # one block
 
     eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
     q_e, v_e = q.repeat_interleave(per_group, 0), v.repeat_interleave(per_group, 0)  # each expert's group's
@@ -160,26 +162,35 @@ def test_a_projection_left_out_stays_the_baseline(single_process_groups):
         torch.testing.assert_close(unique_grad, complement(grad, *layer.expert_basis(proj)))
 
 
-def test_weights_kept_across_micro_batches_give_the_same_gradients(single_process_groups):
+def test_micro_batches_of_a_step_share_w_and_one_routing(single_process_groups):
     """Gradient accumulation: the micro-batches before a step's last reuse the first one's
-    W = C + U (the training loop sets keep_weights); the gradients equal those of computing W anew."""
+    W = C + U and leave their gradients' routing to the last (the training loop sets
+    more_micro_batches); the step's gradients equal those of computing W and routing anew in every
+    micro-batch, up to round-off."""
     layer = build_layer(single_process_groups, "shared")
     tokens_per_expert = torch.tensor([6, 3, 0, 7])
 
-    def accumulate(keep: bool) -> tuple[list[torch.Tensor], list]:
+    def off_complement_fc2() -> float:
+        """The largest part of U's gradient (down) outside the complement, relative to the largest entry."""
+        grad = layer.linear_fc2.grad
+        return ((grad - complement(grad, *layer.expert_basis("down"))).abs().max() / grad.abs().max()).item()
+
+    def accumulate(defer: bool) -> tuple[list[torch.Tensor], list, list]:
         layer.zero_grad(set_to_none=True)
-        gen, kept = torch.Generator().manual_seed(5), []
+        gen, kept, off = torch.Generator().manual_seed(5), [], []
         for micro in range(3):
-            layer.keep_weights = keep and micro < 2
+            layer.more_micro_batches = defer and micro < 2
             out, _ = layer(torch.randn(16, 24, generator=gen), tokens_per_expert, torch.rand(16, generator=gen))
             (out ** 2).sum().backward()
             kept.append(layer.kept[0])
-        return [p.grad.clone() for p in layer.parameters()], kept
+            off.append(off_complement_fc2())
+        return [p.grad.clone() for p in layer.parameters()], kept, off
 
-    fresh, nothing = accumulate(keep=False)
-    assert nothing == [None, None, None]
-    grads, kept = accumulate(keep=True)
+    fresh, nothing, routed = accumulate(defer=False)
+    assert nothing == [None, None, None] and max(routed) < 1e-5  # every micro-batch routed
+    grads, kept, deferred = accumulate(defer=True)
     assert kept[0].untyped_storage().data_ptr() == kept[1].untyped_storage().data_ptr()  # one W = C + U
     assert kept[2] is None  # released after the step's last micro-batch
+    assert deferred[0] > 1e-2 and deferred[2] < 1e-5  # unrouted until the last micro-batch
     for want, got in zip(fresh, grads):
-        assert torch.equal(want, got)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -78,26 +78,57 @@ def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Sha
     """(I - QQ^T) G (I - VV^T): G [..., m, n], Q [..., m, k], V [..., n, k] (this rank's shards)."""
     batch = grad.shape[:-2]
     flat = lambda t: t.expand(*batch, *t.shape[-2:]).reshape(batch.numel(), *t.shape[-2:])  # noqa: E731
-    return _routed(flat(grad), flat(q), flat(v), shards)[0].view(grad.shape)
+    grad, q, v = flat(grad), flat(q), flat(v)
+    return _without(grad, q, v, *_factors(grad, q, v, shards)).view(batch + grad.shape[-2:])
 
 
-def _routed(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED):
-    """Split G [N, m, n] against its basis Q [N, m, k], V [N, n, k] in O(k m n) with one pass
-    over G: G = comp + Q A + B V^T, comp = (I - P) G (I - R), A = Q^T G, B = (I - P) G V.
-    Returns comp and the small factors A [N, k, n], B [N, m, k] of the part that goes to C.
-    Row-split G and Q: A sums over the shards; column-split G and V: B does. Plain bmm on 3-d
-    operands: matmul's broadcasting would add a dozen host-side ops per call, which is what a
-    small layer's step time on a GPU is made of."""
+def _factors(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED):
+    """The k-dimensional factors of G [N, m, n] against its basis Q [N, m, k], V [N, n, k]:
+    G = comp + Q A + B V^T with comp = (I - P) G (I - R), A = Q^T G [N, k, n], B = (I - P) G V
+    [N, m, k]. Two reads of G. Row-split G and Q: A sums over the shards; column-split G and V: B
+    does. Plain bmm on 3-d operands: matmul's broadcasting would add a dozen host-side ops per
+    call, which is what a small layer's step time on a GPU is made of."""
     a = torch.bmm(q.mT, grad)
     if shards.side == "rows":
         a = shards.sum(a)
     b = torch.baddbmm(torch.bmm(grad, v), q, torch.bmm(a, v), alpha=-1)
     if shards.side == "cols":
         b = shards.sum(b)
+    return a, b
+
+
+def _without(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """G - Q A - B V^T as one batched GEMM (one read of G, one write): G's complement when A, B
+    are its own factors."""
     if q.shape[-1] == 0:  # rank 0: everything goes to U, exactly
-        return grad, a, b
-    comp = torch.baddbmm(grad, torch.cat([q, b], dim=-1), torch.cat([a, v.mT], dim=-2), alpha=-1)
-    return comp, a, b
+        return grad
+    return torch.baddbmm(grad, torch.cat([q, b], dim=-1), torch.cat([a, v.mT], dim=-2), alpha=-1)
+
+
+class DeferredFactors:
+    """Gradient accumulation, one weight: the routing is linear and the basis fixed within a step,
+    so a step's earlier micro-batches give U their gradient G unrouted and keep only its factors
+    A, B (summed in fp32); the last subtracts Q (sum A) + (sum B) V^T from its own once, which
+    routes the step's summed gradient. That saves the complement's pass (a read and a write of
+    G) on every micro-batch but the last, for the same gradients up to round-off."""
+
+    def __init__(self):
+        self.a = self.b = None
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.a is None:
+            self.a, self.b = a.float(), b.float()
+        else:
+            self.a += a
+            self.b += b
+
+    def total(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's sums with the last micro-batch's A, B; forgets them for the next step."""
+        if self.a is None:
+            return a, b
+        sums = (self.a + a).to(a.dtype), (self.b + b).to(b.dtype)
+        self.a = self.b = None
+        return sums
 
 
 class SpectralSplit(torch.autograd.Function):
@@ -107,13 +138,14 @@ class SpectralSplit(torch.autograd.Function):
     rows stack B projections with bases of their own (fc1 = [gate; up]): Q [G, B, m, k],
     V [G, B, n, k], all split over expert TP as `shards` says. The G*S*B blocks are one batch of
     the routing, so the gradients are written in place, not concatenated. `computed`: W as an
-    earlier forward with the same C and U computed it, returned instead of a new sum.
+    earlier forward with the same C and U computed it, returned instead of a new sum. `deferred`:
+    the step's DeferredFactors for this weight; `more` says micro-batches of the step follow.
     """
 
     @staticmethod
-    def forward(ctx, common, unique, q, v, shards, computed=None):
+    def forward(ctx, common, unique, q, v, shards, computed, deferred, more):
         ctx.save_for_backward(q, v)
-        ctx.shards = shards
+        ctx.shards, ctx.deferred, ctx.more = shards, deferred, more
         if computed is not None:
             return computed  # an input returned as is: autograd hands out a view of it
         return (unique.unflatten(0, (common.shape[0], -1)) + common.unsqueeze(1)).flatten(0, 1)
@@ -126,11 +158,17 @@ class SpectralSplit(torch.autograd.Function):
         # every expert's block gets its group's basis: [G*S*B, m, k] and [G*S*B, n, k]
         per_block = lambda t: t.unsqueeze(1).expand(groups, experts, *t.shape[1:]).reshape(  # noqa: E731
             groups * experts * blocks, *t.shape[-2:])
-        comp, a, b = _routed(grad.reshape(-1, m, n), per_block(q), per_block(v), ctx.shards)
+        flat, q_blocks, v_blocks = grad.reshape(-1, m, n), per_block(q), per_block(v)
+        a, b = _factors(flat, q_blocks, v_blocks, ctx.shards)
         # sum_e (Q A_e + B_e V^T) = [Q, sum_e B_e] [sum_e A_e; V^T] over a group: no pass over G
-        a, b = (t.view(groups, experts, blocks, *t.shape[-2:]).sum(1).flatten(0, 1) for t in (a, b))
-        grad_common = torch.bmm(torch.cat([q.flatten(0, 1), b], dim=-1), torch.cat([a, v.flatten(0, 1).mT], dim=-2))
-        return grad_common.view(groups, blocks * m, n), comp.view(grad.shape), None, None, None, None
+        a_sum, b_sum = (t.view(groups, experts, blocks, *t.shape[-2:]).sum(1).flatten(0, 1) for t in (a, b))
+        grad_common = torch.bmm(torch.cat([q.flatten(0, 1), b_sum], dim=-1),
+                                torch.cat([a_sum, v.flatten(0, 1).mT], dim=-2)).view(groups, blocks * m, n)
+        if ctx.more:
+            ctx.deferred.add(a, b)
+            return grad_common, grad, None, None, None, None, None, None
+        grad_unique = _without(flat, q_blocks, v_blocks, *ctx.deferred.total(a, b)).view(grad.shape)
+        return grad_common, grad_unique, None, None, None, None, None, None
 
 
 def top_singular_vectors(matrices: torch.Tensor, rank: int, seeds: list[int], power_iterations: int,
@@ -164,8 +202,10 @@ class SDMoEExperts(GroupedExperts):
         self.sdmoe, self.seed = sdmoe, seed
         self.layer_key = ""  # the module's name in the model, set by prepare(); seeds the SVDs
         # Gradient accumulation: C and U change only after a step's last micro-batch, so the
-        # training loop sets keep_weights for the others and the next forward reuses their W.
-        self.keep_weights, self.kept = False, (None, None)
+        # training loop sets more_micro_batches for the others: the next forward reuses their W,
+        # and their gradient routing is completed by the last one (DeferredFactors).
+        self.more_micro_batches, self.kept = False, (None, None)
+        self.deferred = {"fc1": DeferredFactors(), "fc2": DeferredFactors()}
         cfg, ffn = sdmoe, self.linear_fc2.shape[-1]
         self.decoupled = [p for p in PROJECTIONS if cfg.rank and p in cfg.projections]  # the others: C = 0
         expert_tp = pg_collection.expt_tp if pg_collection is not None else ps.get_expert_tensor_parallel_group()
@@ -214,10 +254,12 @@ class SDMoEExperts(GroupedExperts):
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         common_fc1, common_fc2 = self.common_fc1[self.local_groups], self.common_fc2[self.local_groups]
-        kept_fc1, kept_fc2 = self.kept
-        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, self.q_fc1, self.v_fc1, self.shards["gate"], kept_fc1)
-        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, self.q_fc2, self.v_fc2, self.shards["down"], kept_fc2)
-        self.kept = (fc1.detach(), fc2.detach()) if self.keep_weights else (None, None)
+        (kept_fc1, kept_fc2), more = self.kept, self.more_micro_batches
+        fc1 = SpectralSplit.apply(common_fc1, self.linear_fc1, self.q_fc1, self.v_fc1, self.shards["gate"], kept_fc1,
+                                  self.deferred["fc1"], more)
+        fc2 = SpectralSplit.apply(common_fc2, self.linear_fc2, self.q_fc2, self.v_fc2, self.shards["down"], kept_fc2,
+                                  self.deferred["fc2"], more)
+        self.kept = (fc1.detach(), fc2.detach()) if more else (None, None)
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------

@@ -96,8 +96,8 @@ class Trainer:
             self.update_projector.snapshot()
         losses = []
         for micro in range(self.grad_accumulation):
-            for layer in self.sdmoe_layers:  # W = C + U once per step; dropped before the update
-                layer.keep_weights = micro < self.grad_accumulation - 1
+            for layer in self.sdmoe_layers:  # W = C + U and the gradient routing once per step
+                layer.more_micro_batches = micro < self.grad_accumulation - 1
             loss = self._loss(stage.train, (step - stage.first_step) * self.cfg.train.global_batch_size, micro)
             self.engine.backward(loss)
             self.engine.step()  # the optimizer steps on the last micro-batch
