@@ -162,7 +162,7 @@ class Trainer:
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
         stop = StopRequest(tr.time_budget_minutes, self.layout.device)
-        stopped, skipped_in_a_row = None, 0
+        stopped, skipped_in_a_row, diverged = None, 0, False
         for step in range(start_step, tr.max_steps):
             started = time.perf_counter()
             done = step + 1
@@ -209,14 +209,12 @@ class Trainer:
                     or exiting or stopped or diverged):
                 save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
                                 tr.keep_checkpoints)
-            if diverged:
-                bar.close()
-                self.profiler.close()
-                raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and were "
-                               f"skipped (steps {done - skipped_in_a_row + 1}-{done}); the checkpoint of step {done} "
-                               "holds the last good weights: lower train.lr or raise train.warmup_steps, then resume")
-            if exiting or stopped:
+            if exiting or stopped or diverged:
                 break
         bar.close()
         self.profiler.close()
+        if diverged:
+            raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and were "
+                           f"skipped (steps {done - skipped_in_a_row + 1}-{done}); the checkpoint of step {done} "
+                           "holds the last good weights: lower train.lr or raise train.warmup_steps, then resume")
         return stopped
