@@ -10,6 +10,7 @@
 # (the project runs from the source tree). Each part writes its output to OUT/<part>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # progress reaches OUT/<part>.txt as it happens, also when a part is cut off
 PARTS=(tests experts layer mfu profile overhead overhead-small specialisation)
 usage="usage: bash benchmarks/gpu.sh wheels|all|$(IFS='|'; echo "${PARTS[*]}") [OUT]"
 part=${1:?$usage}
@@ -38,8 +39,10 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONWARNINGS=ignore
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
-# The SD-MoE paper's 2B scale (configs/sdmoe-2b.yaml) on one GPU: all 32 experts local, global batch
-# 8 x 4,096 tokens in 4 micro-batches, the built-in corpus (50.8 GiB estimated).
+# The SD-MoE paper's 2B scale (configs/sdmoe-2b.yaml) on one GPU: all 32 experts local, the built-in
+# corpus, micro-batches of 2 x 4,096 tokens (50.8 GiB estimated); 4 of them per step for the profile,
+# 16 for the step time (the config's own step is 64 per GPU: SD-MoE's once-per-step work is spread
+# over a step's micro-batches as in training).
 PAPER_2B=(configs/sdmoe-2b.yaml parallel.expert=1 "data.path=[]" data.tokenizer=null train.global_batch_size=8
           train.micro_batch_size=2 moe.diag_interval=0)
 # The small configs of the earlier H100 measurements (tiny-qwen3-moe widened).
@@ -52,7 +55,9 @@ run_part() {
     tests) python3 -m pytest -q -p no:warnings tests/test_gpu.py ;;
     experts) python3 benchmarks/grouped_experts.py --tokens 16384 --hidden 1024 --ffn 1024 --experts 8 16 32 64 ;;
     layer) python3 benchmarks/sdmoe_layer.py ;;  # one layer of the 2B config, 4 micro-batches
-    mfu) python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml --steps 30 --warmup 10 ;;
+    mfu)  # if the estimate's largest model does not fit after all, the largest that does
+      python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml --steps 30 --warmup 10 \
+        || python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml model.num_layers=15 --steps 30 --warmup 10 ;;
     profile)  # operator tables of steps 16-17 (17 refreshes SD-MoE's bases) of both variants
       for variant in topk sdmoe; do
         python3 -m megatron_sdmoe.train "${PAPER_2B[@]}" moe.variant=$variant train.max_steps=17 \
@@ -61,7 +66,8 @@ run_part() {
         rm -f "$out/profile-$variant"/profile/trace_rank*.json  # large; the tables are what is read
         echo "== $variant"; head -35 "$out/profile-$variant/profile/ops_rank0.txt"
       done ;;
-    overhead) python3 benchmarks/overhead.py "${PAPER_2B[@]}" --steps 40 --repeats 2 --warmup 8 ;;
+    overhead) python3 benchmarks/overhead.py "${PAPER_2B[@]}" train.global_batch_size=32 --steps 32 --repeats 2 \
+        --warmup 8 ;;
     overhead-small)
       python3 benchmarks/overhead.py "${SMALL_1024[@]}" --steps 40 --repeats 2 --warmup 10
       python3 benchmarks/overhead.py "${SMALL_1024[@]}" model.hidden_size=2048 moe.ffn_hidden_size=1408 \

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--variant", default="sdmoe", choices=["sdmoe", "headwise", "headwise_sdmoe"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of each run's median")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of each run's mean")
     args = parser.parse_args()
     rates: dict[str, list[float]] = {"topk": [], args.variant: []}  # tokens/s of each run
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 def train(config: str, overrides: list[str], run_dir: Path) -> list[dict]:
-    subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", config, *overrides, f"run.dir={run_dir}",
-                    "train.save_interval=0", "train.final_checkpoint=false"],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", config, *overrides, f"run.dir={run_dir}",
+                           "train.save_interval=0", "train.final_checkpoint=false"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode:  # the training's own last words, not only its exit code
+        sys.exit(f"training failed (exit {done.returncode}): {' '.join(overrides)}\n{done.stderr[-4000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

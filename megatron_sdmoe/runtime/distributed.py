@@ -54,6 +54,10 @@ def init_distributed(tensor: int, expert: int, expert_tensor: int) -> Layout:
                           MASTER_PORT=str(_free_port()))
     device = None
     if cuda:
+        # Before CUDA's first use: MoE's token buffers change size every step, which fragments the
+        # caching allocator's fixed blocks; expandable segments grow in place. A user's setting wins.
+        if not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & os.environ.keys():
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:
