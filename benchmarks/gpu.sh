@@ -56,8 +56,8 @@ run_part() {
     experts) python3 benchmarks/grouped_experts.py --tokens 16384 --hidden 1024 --ffn 1024 --experts 8 16 32 64 ;;
     layer) python3 benchmarks/sdmoe_layer.py ;;  # one layer of the 2B config, 4 micro-batches
     mfu)  # if the estimate's largest model does not fit after all, the largest that does
-      python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml --steps 30 --warmup 10 \
-        || python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml model.num_layers=15 --steps 30 --warmup 10 ;;
+      python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml --steps 30 --warmup 10 --profile \
+        || python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml model.num_layers=15 --steps 30 --warmup 10 --profile ;;
     profile)  # operator tables of steps 16-17 (17 refreshes SD-MoE's bases) of both variants
       for variant in topk sdmoe; do
         python3 -m megatron_sdmoe.train "${PAPER_2B[@]}" moe.variant=$variant train.max_steps=17 \

@@ -1,12 +1,13 @@
 """Training throughput and MFU of a config on this machine's GPU, through the real entry point,
 next to sdmoe-estimate's memory estimate for it.
 
-    python3 benchmarks/mfu.py [configs/qwen3-moe-1gpu.yaml] [key=value ...] [--steps 30 --warmup 10]
+    python3 benchmarks/mfu.py [configs/qwen3-moe-1gpu.yaml] [key=value ...] [--steps 30 --warmup 10] [--profile]
 
 Trains `--steps` steps in one process on the config's data (the built-in sample corpus unless
 data.* says otherwise) and reports, over the steps after warm-up, tokens/s (total tokens over
 total time), TFLOP/s per GPU and MFU as the training metrics count them (sdmoe-estimate's FLOPs
-per token; the device's dense peak), and the peak GPU memory next to the estimate.
+per token; the device's dense peak), and the peak GPU memory next to the estimate. `--profile`:
+two more steps under torch.profiler (not in the means), and the top of its operator table.
 """
 import argparse
 import statistics
@@ -26,10 +27,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the means")
+    parser.add_argument("--profile", action="store_true", help="profile two more steps; print the operator table")
     args = parser.parse_intermixed_args()
-    overrides = [*args.overrides, f"train.max_steps={args.steps}", "train.log_interval=1", "train.eval_interval=0"]
+    extra = [f"train.profile_steps=[{args.steps + 1}, {args.steps + 2}]"] if args.profile else []
+    overrides = [*args.overrides, f"train.max_steps={args.steps + 2 * args.profile}", *extra,
+                 "train.log_interval=1", "train.eval_interval=0"]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = train(args.config, overrides, Path(tmp) / "run")[args.warmup:]
+        rows = train(args.config, overrides, Path(tmp) / "run")[args.warmup:args.steps]
+        table = (Path(tmp) / "run" / "profile" / "ops_rank0.txt").read_text() if args.profile else ""
     cfg = load_config(args.config, overrides)
     planned, _ = estimate(cfg, gpus=1, precision="bf16" if torch.cuda.is_available() else "fp32")
     tokens_per_s = 1 / statistics.mean(1 / row["tokens_per_s"] for row in rows)
@@ -44,6 +49,7 @@ def main() -> None:
     print("| tokens/s | TFLOP/s per GPU | MFU | peak memory GiB | estimated GiB |\n| --- | --- | --- | --- | --- |")
     print(f"| {tokens_per_s:,.0f} | {tflops:.3g} | {f'{mfu:.1%}' if mfu is not None else '-'} | "
           f"{f'{memory:.1f}' if memory is not None else '-'} | {planned.total_gib:.1f} |")
+    print("\n".join(table.splitlines()[:40]))
 
 
 if __name__ == "__main__":
