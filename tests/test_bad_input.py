@@ -3,6 +3,7 @@ exit code 2 before anything is written: data files missing or too small to give 
 checkpoint saved by another model, vocabulary or parallel layout (or an incomplete one), an
 unwritable run directory, a tokenizer with more tokens than the model's vocabulary. Config typos
 and impossible layouts are test_config.py's."""
+import json
 import os
 import shutil
 import subprocess
@@ -126,6 +127,20 @@ def test_checkpoint_of_another_layout(resumed):
     assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} was saved with layout "
                          "{'world_size': 1, 'tensor': 1, 'expert': 1, 'expert_tensor': 1} but this run has "
                          "{'world_size': 2, 'tensor': 1, 'expert': 2, 'expert_tensor': 1}")
+    assert snapshot(run_dir) == before
+
+
+def test_checkpoint_of_an_older_version_at_another_world_size(resumed):
+    """Without the ranks' places (meta.json `ranks`), the ZeRO partitions cannot be re-cut."""
+    run_dir, _ = resumed
+    meta_file = run_dir / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["ranks"]
+    meta_file.write_text(json.dumps(meta))
+    before = snapshot(run_dir)
+    assert_refused(train(run_dir, world=2), f"error: checkpoint {meta_file.parent} was saved by an older version at "
+                                            "world size 1, without the ranks' places that resuming at world size 2 "
+                                            "needs: resume at world size 1")
     assert snapshot(run_dir) == before
 
 

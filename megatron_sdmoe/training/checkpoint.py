@@ -1,7 +1,8 @@
 """Checkpoints that resume exactly: model, ZeRO optimizer partitions, LR schedule, RNG, step.
 
 Layout on disk (`run_dir/checkpoints/`):
-    step_00000008/meta.json         step, layout, consumed samples (written last, by rank 0)
+    step_00000008/meta.json         step, layout, each rank's place in it, consumed samples
+                                    (written last, by rank 0)
     step_00000008/config.yaml       the run's config when it saved (resuming checks the model against it)
     step_00000008/rank_00003.pt     this rank's ZeRO optimizer partition, schedule, RNG; and, if
                                     the rank is the first with its TP / EP / expert-TP position, its
@@ -13,6 +14,9 @@ DeepSpeed's own save_checkpoint is not used: with megatron-core experts (not Dee
 layers) it drops every parameter whose name contains "expert" from the model file. A checkpoint
 is written to a temporary directory and renamed into place, then `latest` is moved; a crash
 mid-save leaves the previous checkpoint as `latest`.
+
+A checkpoint resumes at another data-parallel size (the same TP / EP / expert-TP): reshard.py re-cuts
+the ZeRO partitions.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from megatron_sdmoe.config import Config, is_headwise, is_sdmoe, to_dict
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.models.init import weight_tensors
 from megatron_sdmoe.runtime import Layout
+from megatron_sdmoe.training.reshard import load_resharded_optimizer
 
 LATEST = "latest"
 # Model settings a resumed run may change: they steer training, not what the saved weights mean.
@@ -60,11 +65,18 @@ def _position() -> dict[str, int]:
             "etp": ps.get_expert_tensor_parallel_rank()}
 
 
-def _model_owner_rank() -> int:
-    """The rank whose file holds this rank's model shard: the first with the same position (a collective)."""
-    positions = [None] * dist.get_world_size()
-    dist.all_gather_object(positions, _position())
-    return positions.index(_position())
+def _places() -> list[dict[str, int]]:
+    """Every rank's position and data-parallel ranks (`dp` for dense, `edp` for expert parameters: the
+    order of its ZeRO partitions), by rank (a collective)."""
+    places = [None] * dist.get_world_size()
+    dist.all_gather_object(places, {**_position(), "dp": ps.get_data_parallel_rank(),
+                                    "edp": ps.get_expert_data_parallel_rank()})
+    return places
+
+
+def owner_rank(places: list[dict[str, int]], position: dict[str, int]) -> int:
+    """The rank whose file holds the model shard of `position`: the first rank there."""
+    return next(rank for rank, place in enumerate(places) if all(place[k] == v for k, v in position.items()))
 
 
 def model_shards(model: torch.nn.Module) -> dict[str, dict]:
@@ -107,13 +119,15 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
     dist.barrier()
     state = {"optimizer": engine.optimizer.state_dict(), "scheduler": engine.lr_scheduler.state_dict(),
              "rng": _rng_state()}
-    if _model_owner_rank() == layout.rank:
+    places = _places()
+    if owner_rank(places, _position()) == layout.rank:
         state.update(model=engine.module.state_dict(), shards=model_shards(engine.module), position=_position())
     _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")
     dist.barrier()
     if layout.is_main:
         meta = {"step": step, "consumed_samples": consumed_samples, "vocab_rows": engine.module.vocab_size,
-                "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)}
+                "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor),
+                "ranks": places}
         _write_synced(tmp / "config.yaml", (run_dir / "config.yaml").read_text())
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -129,19 +143,25 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
 
 def check_resumable(cfg: Config, world_size: int) -> None:
     """Refuse, before anything is written, a checkpoint in run.dir that this run cannot load: one that
-    `latest` names but is incomplete, one saved with another parallel layout, or by another model."""
+    `latest` names but is incomplete, one saved with another model-parallel layout (or at another
+    world size, before checkpoints recorded the ranks' places), or by another model."""
     path = latest_checkpoint(Path(cfg.run.dir))
     if path is None:
         return
     if not (path / "meta.json").exists():
         raise UserError(f"checkpoint {path} named by {path.parent / LATEST} is missing or incomplete: point "
                         f"{path.parent / LATEST} at a complete step_* directory or start a new run.dir")
-    saved = json.loads((path / "meta.json").read_text())["layout"]
-    par = cfg.parallel
+    meta = json.loads((path / "meta.json").read_text())
+    saved, par = meta["layout"], cfg.parallel
     wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
-    if saved != wanted:
-        raise UserError(f"checkpoint {path} was saved with layout {saved} but this run has {wanted}: resume "
-                        "with the same world size and parallel.* settings")
+    model_parallel = ("tensor", "expert", "expert_tensor")
+    if any(saved[key] != wanted[key] for key in model_parallel):
+        raise UserError(f"checkpoint {path} was saved with layout {saved} but this run has {wanted}: resume with "
+                        "the same parallel.tensor, parallel.expert and parallel.expert_tensor (the world size may change)")
+    if saved["world_size"] != world_size and "ranks" not in meta:
+        raise UserError(f"checkpoint {path} was saved by an older version at world size {saved['world_size']}, "
+                        f"without the ranks' places that resuming at world size {world_size} needs: resume at "
+                        f"world size {saved['world_size']}")
     saved_config = path / "config.yaml"
     if not saved_config.exists():  # written before checkpoints kept their config: nothing to compare
         return
@@ -189,15 +209,21 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
     if path is None:
         return 0
     meta = json.loads((path / "meta.json").read_text())
-    own = torch.load(path / f"rank_{layout.rank:05d}.pt", map_location="cpu", weights_only=False)
-    owner = _model_owner_rank()
-    model_state = own["model"] if owner == layout.rank else torch.load(
-        path / f"rank_{owner:05d}.pt", map_location="cpu", weights_only=False)["model"]
-    engine.module.load_state_dict(model_state, strict=True)
-    # ZeRO takes the list of every data-parallel rank's state and picks its own by DP rank.
-    partitions = [None] * layout.data_parallel
-    partitions[layout.data_parallel_rank] = own["optimizer"]
-    engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+    load = lambda rank: torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False,  # noqa: E731
+                                   mmap=True)
+    places = _places()
+    same_size = meta["layout"]["world_size"] == layout.world_size
+    # the model shard of this rank's position: the same as before (data-parallel size aside)
+    owner = owner_rank(places if same_size else meta["ranks"], _position())
+    own = load(layout.rank if same_size else owner)
+    engine.module.load_state_dict(own["model"] if "model" in own else load(owner)["model"], strict=True)
+    if same_size:
+        # ZeRO takes the list of every data-parallel rank's state and picks its own by DP rank.
+        partitions = [None] * layout.data_parallel
+        partitions[layout.data_parallel_rank] = own["optimizer"]
+        engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        load_resharded_optimizer(engine.optimizer, meta["ranks"], places[layout.rank], load)
     engine.lr_scheduler.load_state_dict(own["scheduler"])
     _set_rng_state(own["rng"])
     return meta["step"]
