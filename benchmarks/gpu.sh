@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh wheels            # here (with network): .whl/ for an offline GPU machine
 #   bash benchmarks/gpu.sh PART [OUT]        # on the GPU machine; PART: tests experts layer mfu profile
-#                                            #   overhead overhead-small specialisation all;
+#                                            #   overhead overhead-small specialisation recompute all;
 #                                            #   OUT default runs/gpu
 #
 # A GPU machine without megatron-core and DeepSpeed installs them from .whl/ into /tmp/site first
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1  # progress reaches OUT/<part>.txt as it happens, also when a part is cut off
-PARTS=(tests experts layer mfu profile overhead overhead-small specialisation)
+PARTS=(tests experts layer mfu profile overhead overhead-small specialisation recompute)
 usage="usage: bash benchmarks/gpu.sh wheels|all|$(IFS='|'; echo "${PARTS[*]}") [OUT]"
 part=${1:?$usage}
 out=${2:-runs/gpu}
@@ -72,6 +72,12 @@ run_part() {
       python3 benchmarks/overhead.py "${SMALL_1024[@]}" --steps 40 --repeats 2 --warmup 10
       python3 benchmarks/overhead.py "${SMALL_1024[@]}" model.hidden_size=2048 moe.ffn_hidden_size=1408 \
         data.seq_length=2048 --steps 25 --repeats 1 --warmup 8 ;;
+    recompute)  # the mfu config's step time and peak memory with each recomputation against the estimate
+      for settings in train.recompute=full "train.recompute=selective train.recompute_modules=[moe]"; do
+        echo "== $settings"
+        # shellcheck disable=SC2086  # the settings are two words on purpose
+        python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml $settings --steps 12 --warmup 4
+      done ;;
     specialisation) python3 benchmarks/specialisation.py "${SMALL_1024[@]}" --steps 400 --diag-interval 50 \
         --out "$out/specialisation.png" ;;
   esac

@@ -127,12 +127,19 @@ class TrainConfig:
     global_batch_size: int = 16  # sequences per optimizer step, whatever the layout
     micro_batch_size: int = 4  # sequences per forward pass on one data-parallel rank
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    lr_schedule: str = "cosine"  # after warmup: cosine decay | wsd (constant, then linear decay) | constant
+    min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio at max_steps
     warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
     weight_decay: float = 0.1
     adam_betas: list = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # Activation recomputation (megatron-core's): none | full (whole layers keep only their input
+    # and run again in backward) | selective (only recompute_modules run again)
+    recompute: str = "none"
+    recompute_layers: int = 0  # full: the first N transformer layers only (0: every layer, MTP included)
+    recompute_modules: list = field(default_factory=lambda: ["moe"])  # selective: see RECOMPUTE_MODULES
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_interval: int = 1
     eval_interval: int = 50  # 0 disables evaluation
@@ -407,6 +414,24 @@ def validate(cfg: Config, world_size: int) -> None:
                        ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff)]:
         need(value >= 0, f"{key}={value} must not be negative")
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
+    need(tr.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={tr.lr_schedule!r} is unknown: use one of "
+                                          f"{', '.join(LR_SCHEDULES)}")
+    need(0 < tr.decay_fraction <= 1, f"train.decay_fraction={tr.decay_fraction} must lie in (0, 1]")
+    need(tr.recompute in RECOMPUTE, f"train.recompute={tr.recompute!r} is unknown: use one of {', '.join(RECOMPUTE)}")
+    need(0 <= tr.recompute_layers <= m.num_layers,
+         f"train.recompute_layers={tr.recompute_layers} must lie in [0, model.num_layers={m.num_layers}]")
+    need(tr.recompute_layers == 0 or tr.recompute == "full",
+         f"train.recompute_layers={tr.recompute_layers} applies to train.recompute=full only: set it, or drop "
+         "train.recompute_layers")
+    need(tr.recompute_layers == 0 or m.mtp_layers == 0,
+         "train.recompute_layers with model.mtp_layers: megatron-core recomputes multi-token-prediction layers "
+         "only when every layer is recomputed; set train.recompute_layers=0")
+    for module in tr.recompute_modules:
+        need(module in RECOMPUTE_MODULES, f"train.recompute_modules has {module!r}: "
+             + UNSUPPORTED_RECOMPUTE.get(module, "unknown") + f"; choose among {', '.join(RECOMPUTE_MODULES)}")
+    need(tr.recompute != "selective" or tr.recompute_modules != [],
+         "train.recompute=selective with empty train.recompute_modules recomputes nothing: name modules or "
+         "set train.recompute=none")
     need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
     need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
                                     and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
@@ -509,6 +534,19 @@ def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
 # What the MoE variant builds
 
 VARIANTS = ("topk", "sdmoe", "headwise", "headwise_sdmoe")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+RECOMPUTE = ("none", "full", "selective")
+# megatron-core's selective recompute modules that run with this project's layer specs
+RECOMPUTE_MODULES = ("moe", "shared_experts", "mlp")
+# and why the others do not: megatron-core 0.19.2's CheckpointWithoutOutput (behind layernorm,
+# mla_up_proj and moe_act) sets `fp8 = fp8 is not None`, so it always takes its Transformer Engine
+# FP8 branch and raises NameError without Transformer Engine
+UNSUPPORTED_RECOMPUTE = {
+    "layernorm": "megatron-core 0.19.2 recomputes norms only with Transformer Engine",
+    "mla_up_proj": "megatron-core 0.19.2 recomputes MLA's up projections only with Transformer Engine",
+    "moe_act": "it needs megatron-core's own grouped-GEMM experts (recompute moe instead)",
+    "core_attn": "the fused attention kernel keeps no score matrix, so there is nothing to save",
+}
 
 
 def is_headwise(cfg: Config) -> bool:

@@ -159,37 +159,65 @@ def flops_per_token(cfg: Config, vocab: int) -> float:
 
 
 def activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> float:
-    """Saved activations of one micro-batch on one rank (no recomputation), summed over layers.
+    """Peak saved activations of one micro-batch on one rank: what the forward keeps for backward,
+    plus what the largest recomputed unit holds again while backward passes through it."""
+    kept, recomputed = saved_activation_bytes(cfg, vocab, dtype_bytes)
+    return kept + recomputed
+
+
+def saved_activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> tuple[float, float]:
+    """(what the forward keeps for backward, summed over layers; what the largest recomputed unit
+    saves again while backward passes through it), in bytes.
 
     Sequence parallelism splits every token-dimension tensor over TP; tensor parallelism splits
     heads and FFN widths. The fused attention kernel keeps no [heads, s, s] matrix (on GPUs).
     Routed tokens are counted at an even load (the capacity factor bounds the busiest rank).
     Head-wise routing dispatches sub-tokens: H per token, d/H wide. SD-MoE keeps each layer's
-    effective expert weights for backward.
+    effective expert weights for backward. Recomputation (train.recompute, megatron-core's) keeps
+    a recomputed part's input only: `full` a layer's input (an MTP layer's two), `selective` drops
+    what its modules save: `moe` the MoE layer's insides (routing, dispatch, experts, shared
+    experts), `shared_experts` and `mlp` (dense layers) their SwiGLUs'.
     """
     from megatron_sdmoe.models import padded_vocab_size
 
-    m, moe = cfg.model, cfg.moe
-    s, b, h, t = cfg.data.seq_length, cfg.train.micro_batch_size, m.hidden_size, cfg.parallel.tensor
+    m, moe, tr = cfg.model, cfg.moe, cfg.train
+    s, b, h, t = cfg.data.seq_length, tr.micro_batch_size, m.hidden_size, cfg.parallel.tensor
     (qk, v), heads = head_dims(cfg), m.num_attention_heads
     kv_heads = heads if m.attention == "mla" else m.num_query_groups
     tokens = s * b / t
-    # norm input/output and residual, query, key, value (after RoPE), attention output
-    attention = tokens * (3 * h + heads * qk + kv_heads * (qk + v) + heads * v)
+    selective = set(tr.recompute_modules) if tr.recompute == "selective" else set()
     swiglu_saved = 5  # fc1 output (2f), silu(gate), silu(gate) * up, its probability-weighted copy
     sub, dispatched = tokens * sub_tokens(cfg), tokens * sub_tokens(cfg) * routed_topk(cfg)
-    moe_mlp = (tokens * 2 * h + sub * router_bank_size(cfg) * 2  # norm in/out, router scores (fp32)
-               + dispatched * (expert_input_size(cfg) + expert_output_size(cfg))  # expert inputs, outputs
-               + dispatched * swiglu_saved * expert_ffn_hidden_size(cfg)
-               + tokens * 2 * h * shared_bank(cfg)  # the shared bank's mixed input and concatenated heads
-               + tokens * swiglu_saved * moe.shared_expert_ffn_hidden_size)
-    dense_mlp = tokens * (2 * h + swiglu_saved * m.dense_ffn_hidden_size)
-    moe_layers = m.num_layers + m.mtp_layers - m.dense_layers
+    query_key_value = tokens * (heads * qk + kv_heads * (qk + v))  # after RoPE
+    attention = tokens * (3 * h + heads * v) + query_key_value  # norm in/out, residual, attention output
+    routed = (sub * router_bank_size(cfg) * 2  # router scores (fp32)
+              + dispatched * (expert_input_size(cfg) + expert_output_size(cfg))  # expert inputs, outputs
+              + dispatched * swiglu_saved * expert_ffn_hidden_size(cfg)
+              + tokens * 2 * h * shared_bank(cfg))  # the shared bank's mixed input and concatenated heads
     if is_sdmoe(cfg):  # every MoE layer saves its effective weights W = C + U (this rank's experts)
-        moe_mlp += expert_parameters(cfg) * routed_experts(cfg) / (cfg.parallel.expert * cfg.parallel.expert_tensor)
-    per_micro = (m.num_layers + m.mtp_layers) * attention + moe_layers * moe_mlp + m.dense_layers * dense_mlp
-    logits = (1 + m.mtp_layers) * tokens * padded_vocab_size(vocab, cfg) * (dtype_bytes + 4) / dtype_bytes
-    return (per_micro + logits) * dtype_bytes
+        routed += expert_parameters(cfg) * routed_experts(cfg) / (cfg.parallel.expert * cfg.parallel.expert_tensor)
+    shared = tokens * swiglu_saved * moe.shared_expert_ffn_hidden_size
+    # each layer's parts: (elements they save, whether they are recomputed); the attention and the
+    # MLP's norm (input and output) are never recomputed on their own
+    always = attention + tokens * 2 * h
+    moe_layer = [(always, False)] + ([(routed + shared, True)] if "moe" in selective  # the MoE layer, one unit
+                                     else [(routed, False), (shared, "shared_experts" in selective)])
+    dense_layer = [(always, False), (tokens * swiglu_saved * m.dense_ffn_hidden_size, "mlp" in selective)]
+    # in order: dense first layers, MoE layers, MTP layers (two inputs: hidden state and embedding)
+    layers = ([(dense_layer, 1)] * m.dense_layers + [(moe_layer, 1)] * (m.num_layers - m.dense_layers)
+              + [(moe_layer, 2)] * m.mtp_layers)
+    whole_layers = (tr.recompute_layers or len(layers)) if tr.recompute == "full" else 0  # the first ones
+    kept = recomputed = 0.0
+    for index, (parts, inputs) in enumerate(layers):
+        if index < whole_layers:  # keeps its input; runs again as a whole in backward
+            kept, recomputed = kept + inputs * tokens * h, max(recomputed, sum(n for n, _ in parts))
+        else:
+            kept += sum(n for n, again in parts if not again)
+            recomputed = max([recomputed] + [n for n, again in parts if again])
+    heads_out = 1 + m.mtp_layers  # output heads: the final norm (input and output), logits
+    kept += heads_out * tokens * 2 * h
+    logits = heads_out * tokens * padded_vocab_size(vocab, cfg) * (dtype_bytes + (4 if dtype_bytes < 4 else 0))
+    return kept * dtype_bytes + logits, recomputed * dtype_bytes  # (logits in bf16 have an fp32 copy)
 
 
 @dataclass
@@ -204,6 +232,7 @@ class Estimate:
     optimizer_gib: float
     buffers_gib: float  # DeepSpeed's communication buckets
     activations_gib: float
+    recompute: str  # train.recompute, with its layers or modules
     total_gib: float
     gpu_memory_gib: float
     fits: bool
@@ -212,8 +241,8 @@ class Estimate:
         rows = [f"  {b.name:<28}{_count(b.params):>10}" for b in blocks]
         verdict = (f"fits: {self.total_gib:.1f} of {self.gpu_memory_gib:.0f} GiB per GPU (limit 90%)" if self.fits
                    else f"DOES NOT FIT: {self.total_gib:.1f} GiB per GPU exceeds 90% of {self.gpu_memory_gib:.0f} GiB; "
-                        "raise parallel.expert / parallel.tensor, use parallel.zero_stage=2, more GPUs or a smaller "
-                        "train.micro_batch_size")
+                        "raise parallel.expert / parallel.tensor, use parallel.zero_stage=2, train.recompute, more GPUs "
+                        "or a smaller train.micro_batch_size")
         return "\n".join([
             "parameters:", *rows,
             f"  {'total':<28}{_count(self.params_total):>10}",
@@ -222,7 +251,8 @@ class Estimate:
             f"training FLOPs per token: {self.flops_per_token / 1e9:.4g} GFLOP",
             f"memory per GPU ({self.gpus} GPUs):",
             f"  weights {self.weights_gib:.1f} GiB | grads {self.grads_gib:.1f} GiB | optimizer {self.optimizer_gib:.1f} "
-            f"GiB | buffers {self.buffers_gib:.1f} GiB | activations {self.activations_gib:.1f} GiB",
+            f"GiB | buffers {self.buffers_gib:.1f} GiB | activations {self.activations_gib:.1f} GiB "
+            f"(recompute: {self.recompute})",
             verdict])
 
 
@@ -255,9 +285,16 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | 
         params_active_without_embedding=round(sum(b.active_params for b in blocks if b.name != "embedding")),
         flops_per_token=flops_per_token(cfg, vocab), gpus=gpus,
         weights_gib=weights / GIB, grads_gib=grads / GIB, optimizer_gib=optimizer / GIB, buffers_gib=buffers / GIB,
-        activations_gib=activations / GIB, total_gib=used, gpu_memory_gib=gpu_memory_gib,
+        activations_gib=activations / GIB, recompute=recompute_label(cfg), total_gib=used, gpu_memory_gib=gpu_memory_gib,
         fits=used <= 0.9 * gpu_memory_gib)
     return result, blocks
+
+
+def recompute_label(cfg: Config) -> str:
+    tr = cfg.train
+    if tr.recompute == "selective":
+        return f"selective: {', '.join(tr.recompute_modules)}"
+    return f"full, the first {tr.recompute_layers} layers" if tr.recompute == "full" and tr.recompute_layers else tr.recompute
 
 
 def peak_tflops(device_name: str, bf16: bool) -> float | None:

@@ -25,7 +25,8 @@ from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
-from megatron_sdmoe.training.checkpoint import check_vocabulary, latest_checkpoint, load_latest
+from megatron_sdmoe.training.checkpoint import (changed_training_settings, check_vocabulary, latest_checkpoint,
+                                                load_latest)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
@@ -92,9 +93,11 @@ def setup(cfg: Config) -> Session:
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())
+        changed = changed_training_settings(run_dir, cfg)
         print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
-              + (f"resuming from step {start_step}" if start_step else "starting at step 0"), flush=True)
+              + (f"resuming from step {start_step}" if start_step else "starting at step 0")
+              + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
     trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics)
     return Session(cfg, layout, run_dir, engine, trainer, start_step)
 

@@ -3,6 +3,7 @@ identical losses for steps 5-8 (model, ZeRO optimizer partitions, LR schedule, R
 Resuming with another number of processes (another data-parallel size) continues the same run:
 the losses of one run in two layouts agree to round-off (test_parallel_parity.py)."""
 import pytest
+import torch
 
 from conftest import launch, metrics
 
@@ -61,3 +62,40 @@ def test_resume_at_another_data_parallel_size(name, saved, resumed, straight, tm
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
     assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=2e-5)
+
+
+def test_changed_schedule_takes_effect_on_resume(tmp_path):
+    """Training longer at a lower LR: from step 5 on, the LRs are those torch's CosineAnnealingLR gives
+    for the new settings (SMALL's warmup_steps=1: step k >= 2 has the cosine's LR after k - 2 steps)."""
+    stopped_at_4(tmp_path, 1, [])
+    proc = launch(tmp_path, 1, *RUN, "train.max_steps=12", "train.lr=0.004")
+    assert ("resuming from step 4 with changed settings: train.exit_interval: 4 -> 0, train.lr: 0.01 -> 0.004, "
+            "train.max_steps: 8 -> 12") in proc.stdout
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.004)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12 - 1, eta_min=0.004 * 0.1)
+    want = []
+    for _ in range(12 - 1):
+        want.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        cosine.step()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["lr"] for r in rows[4:]] == pytest.approx(want[3:], rel=1e-9)
+
+
+def test_wsd_run_extended_before_its_decay_equals_the_longer_run(tmp_path):
+    """Warmup-stable-decay: a run planned for 8 steps, stopped at step 4 (before its decay) and
+    resumed with train.max_steps=12 is, bit for bit, the run planned for 12 steps from the start
+    (the sample corpus is one epoch for both, so the data order of steps 1-12 is the same)."""
+    wsd = [*RUN, "train.lr_schedule=wsd"]
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight_dir, 1, *wsd, "train.max_steps=12")
+    launch(resumed_dir, 1, *wsd, "train.exit_interval=4")
+    proc = launch(resumed_dir, 1, *wsd, "train.max_steps=12")
+    assert "with changed settings: train.exit_interval: 4 -> 0, train.max_steps: 8 -> 12" in proc.stdout
+    got, want = metrics(resumed_dir), metrics(straight_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 13))
+    assert len({r["lr"] for r in want[1:11]}) == 1 and want[11]["lr"] < want[10]["lr"]  # stable, then decaying
+    for g, w in zip(got, want):
+        for key in ("loss", "aux_loss", "grad_norm", "lr"):
+            assert g[key] == w[key], (g["step"], key)

@@ -73,7 +73,21 @@ def shared_transformer_kwargs(cfg: Config, dtype: torch.dtype) -> dict:
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
+        **recompute_settings(cfg),
     )
+
+
+def recompute_settings(cfg: Config) -> dict:
+    """megatron-core's activation recomputation for train.recompute: full recomputes each layer
+    as its own unit (the "uniform" method, one layer per unit, the one that covers MTP layers too),
+    or only the first train.recompute_layers ("block")."""
+    tr = cfg.train
+    if tr.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(tr.recompute_modules))
+    if tr.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="block" if tr.recompute_layers else "uniform",
+                    recompute_num_layers=tr.recompute_layers or 1)
+    return {}
 
 
 def with_moe_variant(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:

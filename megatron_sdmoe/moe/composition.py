@@ -55,7 +55,8 @@ class RouteComposition:
 
     def _hook(self, index: int):
         def count(module, _inputs, output):
-            if self.recording:
+            # a recomputed training forward runs twice, once without grad: count the other
+            if self.recording and (not module.training or torch.is_grad_enabled()):
                 self.add(index, output[1], getattr(module, "heads", 1))
         return count
 

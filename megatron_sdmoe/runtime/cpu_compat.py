@@ -59,6 +59,12 @@ PATCHED_SITES = (
          "abaaf454b5e0914995deade91cf37ccc5d2178d8f7debdaa73ce925a5d4c82b6"),
     Site("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim",
          "09ac896729369d2d24a34ad36cdbb1d8841d21c21a9547a9536ce48d29d1a52f"),
+    # 6. Activation recomputation (train.recompute) saves and restores the CUDA generator's state
+    #    around each recomputed forward.
+    Site("megatron.core.tensor_parallel.random", "_get_cuda_rng_state",
+         "0c2b8f05b864739e095f2fecfb2172b04a94eacc773f4000a17dcc030cfe50b6"),
+    Site("megatron.core.tensor_parallel.random", "_set_cuda_rng_state",
+         "dea947ca0b7dc92be0bb70f6161b4d04bdcac7e3223e3be967bd05a40898d0de"),
 )
 
 _applied = False
@@ -79,6 +85,7 @@ def apply() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
 
     _patch_rng_tracker()
+    _patch_recompute_rng()
     _patch_alltoall_dispatcher()
     _patch_causal_mask()
     _patch_torch_norm()
@@ -120,6 +127,15 @@ def _patch_rng_tracker() -> None:
 
     # initialize_rng_tracker() instantiates the class by its module-level name.
     mrandom.CudaRNGStatesTracker = CPURNGStatesTracker
+
+
+def _patch_recompute_rng() -> None:
+    import megatron.core.tensor_parallel.random as mrandom
+
+    # No CUDA generator to save: the CPU generator and the tracker's named states, which
+    # recomputation saves as well (_get_all_rng_states), are the ones the CPU draws from.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 class _NoStream:

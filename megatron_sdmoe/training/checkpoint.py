@@ -38,6 +38,7 @@ from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.models.init import weight_tensors
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.training.reshard import load_resharded_optimizer
+from megatron_sdmoe.training.schedule import resume_schedule
 
 LATEST = "latest"
 # Model settings a resumed run may change: they steer training, not what the saved weights mean.
@@ -180,6 +181,16 @@ def _model_differences(saved: dict, cfg: Config) -> list[str]:
             if old != new and f"{section}.{key}" not in RESUMABLE_CHANGES]
 
 
+def changed_training_settings(run_dir: Path, cfg: Config) -> list[str]:
+    """`train.key: saved -> current` for each training setting this run changes against its latest
+    checkpoint: they take effect from the resumed step on (the LR schedule included)."""
+    path = latest_checkpoint(run_dir)
+    if path is None or not (path / "config.yaml").exists():
+        return []
+    saved = yaml.safe_load((path / "config.yaml").read_text()).get("train", {})
+    return [f"train.{key}: {old} -> {new}" for key, old, new in _flat_items(saved, to_dict(cfg)["train"]) if old != new]
+
+
 def _flat_items(saved: dict, current: dict, prefix: str = ""):
     """(dotted key, saved value, current value) for the keys both configs have (nested sections flattened)."""
     for key in saved.keys() & current.keys():
@@ -212,6 +223,8 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
     load = lambda rank: torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False,  # noqa: E731
                                    mmap=True)
     places = _places()
+    # this run's optimizer settings (weight decay, betas, eps): loading the saved state overwrites them
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     same_size = meta["layout"]["world_size"] == layout.world_size
     # the model shard of this rank's position: the same as before (data-parallel size aside)
     owner = owner_rank(places if same_size else meta["ranks"], _position())
@@ -224,7 +237,9 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
         engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         load_resharded_optimizer(engine.optimizer, meta["ranks"], places[layout.rank], load)
-    engine.lr_scheduler.load_state_dict(own["scheduler"])
+    for group, own_settings in zip(engine.optimizer.param_groups, settings):
+        group.update(own_settings)
+    resume_schedule(engine.lr_scheduler, own["scheduler"])
     _set_rng_state(own["rng"])
     return meta["step"]
 

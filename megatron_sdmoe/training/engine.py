@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_sdmoe.config import Config, routed_experts
 from megatron_sdmoe.runtime import Layout
-from megatron_sdmoe.training.schedule import warmup_cosine
+from megatron_sdmoe.training.schedule import lr_schedule
 
 
 class MegatronMPU:
@@ -123,7 +123,7 @@ def optimizer_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accumulation_steps: int,
                  dtype: torch.dtype):
-    """Wrap `model` in a DeepSpeed ZeRO-1/2 engine with AdamW and the warmup-cosine schedule."""
+    """Wrap `model` in a DeepSpeed ZeRO-1/2 engine with AdamW and the configured LR schedule."""
     # Experts use their own groups only when EP > 1 or ETP != TP; otherwise megatron-core treats
     # them as dense parameters, and so does DeepSpeed (it refuses MoE mode without expert params).
     expert_params = [p for p in model.parameters() if is_expert_param(p)]
@@ -139,7 +139,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
     # A torch optimizer: DeepSpeed's fused Adam needs a compiled op that the CPU build lacks.
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=tr.lr,
                                   betas=tuple(tr.adam_betas), eps=tr.adam_eps)
-    scheduler = warmup_cosine(optimizer, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
+    scheduler = lr_schedule(optimizer, tr)
     ds_config = {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,

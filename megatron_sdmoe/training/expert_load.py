@@ -25,7 +25,7 @@ class ExpertLoadMeter:
 
     def _hook(self, index: int):
         def count(module, _inputs, output):
-            if module.training:
+            if module.training and torch.is_grad_enabled():  # once per micro-batch, also when recomputed
                 _probs, routing_map = output
                 self.counts[index] += routing_map.sum(dim=0).to(self.counts)
                 self.tokens[index] += routing_map.shape[0]

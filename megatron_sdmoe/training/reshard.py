@@ -50,9 +50,7 @@ def load_resharded_optimizer(optimizer, saved_places: list[dict], place: dict, l
         flat = group["params"][0]
         # DeepSpeed's own step of its universal loader: the fragments into one flat state tensor per group
         map_to_flat_opt_states(flat, params, optimizer.optimizer.state, MOMENTS)
-        saved = states[0][BASE_OPTIMIZER_STATE]
-        optimizer.optimizer.state[flat]["step"] = saved["state"][index]["step"]
-        group.update({k: v for k, v in saved["param_groups"][index].items() if k != "params"})
+        optimizer.optimizer.state[flat]["step"] = states[0][BASE_OPTIMIZER_STATE]["state"][index]["step"]
 
 
 def _whole_state(name: str, numel: int, states: list[dict]) -> dict[str, torch.Tensor]:
