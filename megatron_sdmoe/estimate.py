@@ -173,7 +173,7 @@ def saved_activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> tuple[f
     heads and FFN widths. The fused attention kernel keeps no [heads, s, s] matrix (on GPUs).
     Routed tokens are counted at an even load (the capacity factor bounds the busiest rank).
     Head-wise routing dispatches sub-tokens: H per token, d/H wide. SD-MoE keeps each layer's
-    effective expert weights for backward. Recomputation (train.recompute, megatron-core's) keeps
+    effective expert weights for the step. Recomputation (train.recompute, megatron-core's) keeps
     a recomputed part's input only: `full` a layer's input (an MTP layer's two), `selective` drops
     what its modules save: `moe` the MoE layer's insides (routing, dispatch, experts, shared
     experts), `shared_experts` and `mlp` (dense layers) their SwiGLUs'.
@@ -194,23 +194,28 @@ def saved_activation_bytes(cfg: Config, vocab: int, dtype_bytes: int) -> tuple[f
               + dispatched * (expert_input_size(cfg) + expert_output_size(cfg))  # expert inputs, outputs
               + dispatched * swiglu_saved * expert_ffn_hidden_size(cfg)
               + tokens * 2 * h * shared_bank(cfg))  # the shared bank's mixed input and concatenated heads
-    if is_sdmoe(cfg):  # every MoE layer saves its effective weights W = C + U (this rank's experts)
-        routed += expert_parameters(cfg) * routed_experts(cfg) / (cfg.parallel.expert * cfg.parallel.expert_tensor)
+    # SD-MoE: every MoE layer keeps its effective weights W = C + U (this rank's experts) for the
+    # whole step, recomputed or not: the step's micro-batches share them
+    local_experts = routed_experts(cfg) / (cfg.parallel.expert * cfg.parallel.expert_tensor)
+    effective_weights = expert_parameters(cfg) * local_experts if is_sdmoe(cfg) else 0
     shared = tokens * swiglu_saved * moe.shared_expert_ffn_hidden_size
     # each layer's parts: (elements they save, whether they are recomputed); the attention and the
     # MLP's norm (input and output) are never recomputed on their own
     always = attention + tokens * 2 * h
-    moe_layer = [(always, False)] + ([(routed + shared, True)] if "moe" in selective  # the MoE layer, one unit
-                                     else [(routed, False), (shared, "shared_experts" in selective)])
+    moe_layer = [(always + effective_weights, False)]
+    moe_layer += ([(routed + shared, True)] if "moe" in selective  # the MoE layer is one unit
+                  else [(routed, False), (shared, "shared_experts" in selective)])
     dense_layer = [(always, False), (tokens * swiglu_saved * m.dense_ffn_hidden_size, "mlp" in selective)]
-    # in order: dense first layers, MoE layers, MTP layers (two inputs: hidden state and embedding)
-    layers = ([(dense_layer, 1)] * m.dense_layers + [(moe_layer, 1)] * (m.num_layers - m.dense_layers)
-              + [(moe_layer, 2)] * m.mtp_layers)
+    # in order, with what each keeps when recomputed whole: dense first layers, MoE layers, MTP
+    # layers (two inputs: hidden state and embedding)
+    layers = ([(dense_layer, tokens * h)] * m.dense_layers
+              + [(moe_layer, tokens * h + effective_weights)] * (m.num_layers - m.dense_layers)
+              + [(moe_layer, 2 * tokens * h + effective_weights)] * m.mtp_layers)
     whole_layers = (tr.recompute_layers or len(layers)) if tr.recompute == "full" else 0  # the first ones
     kept = recomputed = 0.0
-    for index, (parts, inputs) in enumerate(layers):
+    for index, (parts, kept_when_whole) in enumerate(layers):
         if index < whole_layers:  # keeps its input; runs again as a whole in backward
-            kept, recomputed = kept + inputs * tokens * h, max(recomputed, sum(n for n, _ in parts))
+            kept, recomputed = kept + kept_when_whole, max(recomputed, sum(n for n, _ in parts))
         else:
             kept += sum(n for n, again in parts if not again)
             recomputed = max([recomputed] + [n for n, again in parts if again])

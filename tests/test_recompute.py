@@ -3,26 +3,25 @@ metric of 4 steps through the real entry point equals the run that keeps its act
 fp32 round-off: a recomputed part's input gradient may be summed in another order), for
 each family and method (shared experts, dense first layer, MTP, bias balancing, SD-MoE across a
 basis refresh with several micro-batches per step, head-wise routing with SD-MoE, diagnostics),
-and at EP2 and TP2 it equals one process. In-process, it saves what the estimator says it saves."""
+and at EP2 and TP2 (SD-MoE) it equals one process. In-process, it saves what the estimator says it saves."""
 import pytest
 import torch
 
 from conftest import REPO, launch, metrics
 
-CONFIGS = {"qwen3": ("tiny-qwen3-moe.yaml", []),
-           "qwen2": ("tiny-qwen2-moe.yaml", ["moe.shared_expert_ffn_hidden_size=128"]),
+CONFIGS = {"qwen2": ("tiny-qwen2-moe.yaml", ["moe.shared_expert_ffn_hidden_size=128"]),
            "deepseek": ("tiny-deepseek.yaml", ["model.num_layers=3", "model.dense_ffn_hidden_size=256"]),
            # a refresh at step 2, 4 micro-batches a step, the diagnostics' gradients and route counts at step 4
            "sdmoe": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe", "sdmoe.refresh_interval=2", "moe.diag_interval=4"]),
            "headwise_sdmoe": ("tiny-headwise.yaml", ["moe.variant=headwise_sdmoe", "sdmoe.refresh_interval=2"])}
-# name: (config, processes, recompute settings)
+# name: (config, recompute settings)
 CASES = {
-    "qwen3 full, first layer only": ("qwen3", 1, ["train.recompute=full", "train.recompute_layers=1"]),
-    "qwen2 selective shared_experts": ("qwen2", 1, ["train.recompute=selective", "train.recompute_modules=[shared_experts]"]),
-    "deepseek full (MTP included)": ("deepseek", 1, ["train.recompute=full"]),
-    "deepseek selective moe, mlp": ("deepseek", 1, ["train.recompute=selective", "train.recompute_modules=[moe, mlp]"]),
-    "sdmoe selective moe": ("sdmoe", 1, ["train.recompute=selective", "train.recompute_modules=[moe]"]),
-    "headwise_sdmoe full": ("headwise_sdmoe", 1, ["train.recompute=full"]),
+    "qwen2 selective shared_experts (gated)": ("qwen2", ["train.recompute=selective",
+                                                          "train.recompute_modules=[shared_experts]"]),
+    "deepseek full (MTP included)": ("deepseek", ["train.recompute=full"]),
+    "deepseek selective moe, mlp": ("deepseek", ["train.recompute=selective", "train.recompute_modules=[moe, mlp]"]),
+    "sdmoe selective moe": ("sdmoe", ["train.recompute=selective", "train.recompute_modules=[moe]"]),
+    "headwise_sdmoe full": ("headwise_sdmoe", ["train.recompute=full"]),
 }
 TIMINGS = {"tokens_per_s", "tflops_per_gpu", "mfu", "max_memory_gib"}
 
@@ -47,8 +46,8 @@ def kept(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_recomputed_run_equals_the_run_that_keeps_activations(case, kept, tmp_path):
-    name, nproc, settings = CASES[case]
-    got, want = run(tmp_path, name, nproc, *settings), kept(name)
+    name, settings = CASES[case]
+    got, want = run(tmp_path, name, 1, *settings), kept(name)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
     if name == "sdmoe":  # the diagnostics ran at step 4
         assert "route_neff" in want[-1]
@@ -58,14 +57,14 @@ def test_recomputed_run_equals_the_run_that_keeps_activations(case, kept, tmp_pa
             assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-7), (case, g["step"], key)
 
 
-@pytest.mark.parametrize("name, settings", [
-    ("sdmoe", ["parallel.expert=2", "train.recompute=full"]),
-    ("qwen3", ["parallel.tensor=2", "train.recompute=selective", "train.recompute_modules=[moe]"])],
-    ids=["SD-MoE EP2 full", "TP2 (sequence parallel) selective moe"])
-def test_recomputed_parallel_run_equals_one_process(name, settings, kept, tmp_path):
+@pytest.mark.parametrize("settings", [
+    ["parallel.expert=2", "train.recompute=full", "train.recompute_layers=1"],
+    ["parallel.tensor=2", "train.recompute=selective", "train.recompute_modules=[moe]"]],
+    ids=["EP2 full, first layer only", "TP2 (sequence parallel) selective moe"])
+def test_recomputed_parallel_sdmoe_equals_one_process(settings, kept, tmp_path):
     """Recomputation re-runs the token dispatcher's all-to-alls (and sequence parallelism's
     gathers) in backward; the tolerances of test_parallel_parity.py."""
-    got, want = run(tmp_path, name, 2, *settings), kept(name)
+    got, want = run(tmp_path, "sdmoe", 2, *settings), kept("sdmoe")
     for g, w in zip(got, want):
         assert g["loss"] == pytest.approx(w["loss"], abs=2e-5), g["step"]
         assert g["aux_loss"] == pytest.approx(w["aux_loss"], abs=2e-4), g["step"]
@@ -76,6 +75,7 @@ def test_recomputed_parallel_run_equals_one_process(name, settings, kept, tmp_pa
 
 MEMORY_CASES = {"qwen3": ("tiny-qwen3-moe.yaml", []), "qwen2": ("tiny-qwen2-moe.yaml", []),
                 "deepseek": ("tiny-deepseek.yaml", []), "sdmoe": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe"]),
+                "sdmoe per-expert C": ("tiny-deepseek.yaml", ["moe.variant=sdmoe", "sdmoe.common=per_expert"]),
                 "headwise": ("tiny-headwise.yaml", [])}
 MODES = {"full": ["train.recompute=full"], "full, first layer": ["train.recompute=full", "train.recompute_layers=1"],
          "moe": ["train.recompute=selective", "train.recompute_modules=[moe]"],
@@ -84,19 +84,28 @@ MODES = {"full": ["train.recompute=full"], "full, first layer": ["train.recomput
 
 
 def kept_bytes(model, tokens: torch.Tensor) -> int:
-    """Bytes autograd holds for backward after a forward pass: distinct storages, parameters and
-    buffers left out, counted at the end (megatron-core's recomputation may free a storage it saved)."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved = {}
+    """Bytes held for backward after the forward pass of a step's first micro-batch (of several):
+    what autograd saved and SD-MoE's W = C + U, kept for the step's next micro-batch; distinct
+    storages, parameters and buffers left out, counted at the end (megatron-core's recomputation
+    may free a storage it saved)."""
+    from megatron_sdmoe.moe.sdmoe import sdmoe_modules
 
-    def pack(tensor):
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    held = {}
+
+    def hold(tensor):
         if tensor.untyped_storage().data_ptr() not in own:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()
+            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    for layer in sdmoe_modules(model):
+        layer.more_micro_batches = True
+    with torch.autograd.graph.saved_tensors_hooks(hold, lambda tensor: tensor):
         model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None, labels=tokens)
-    return sum(storage.nbytes() for storage in saved.values())
+    for layer in sdmoe_modules(model):
+        for weight in layer.kept:
+            hold(weight)
+    return sum(storage.nbytes() for storage in held.values())
 
 
 @pytest.mark.parametrize("name", MEMORY_CASES)
@@ -127,7 +136,7 @@ def test_recomputation_saves_what_the_estimate_says(single_process_groups, name)
         try:
             estimated, measured = measure(*settings)
         except UserError:  # a first-layers-only recompute with MTP layers (megatron-core would skip the MTP)
-            assert mode == "full, first layer" and name == "deepseek"
+            assert mode == "full, first layer" and config == "tiny-deepseek.yaml"
             continue
         saving, measured_saving = estimated_none - estimated, measured_none - measured
         assert (saving == 0) == (measured_saving == 0), (mode, saving, measured_saving)
