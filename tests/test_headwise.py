@@ -183,11 +183,12 @@ def test_same_losses_as_one_process(references, variant, layout, tmp_path):
     # Top-1 routing is discontinuous: a sub-token at a near-tie may pick the other expert when TP or
     # EP sums in another order, which moves the aux loss and the gradient norm by up to ~3e-3 and the
     # loss by a few 1e-5 over 10 steps (measured; with every expert chosen, no choice to flip, the
-    # losses agree to 3e-6 and the aux losses exactly at TP2).
+    # losses agree to 3e-6 and the aux losses exactly at TP2). At a step whose gradient norm spikes
+    # the norm moves more: 1.1% at step 10 of headwise_sdmoe at EP4 on an Intel Xeon (norm 5.87).
     for got, want in zip(rows, reference):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-4), got["step"]
         assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=1e-3), got["step"]
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-2), got["step"]
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2), got["step"]
         if "route_neff" in want:
             assert got["route_neff"] == pytest.approx(want["route_neff"], rel=1e-2), got["step"]
             assert got["expert_overlap"] == pytest.approx(want["expert_overlap"], rel=1e-2), got["step"]
