@@ -20,6 +20,7 @@ from megatron_sdmoe.config import Config, grad_accumulation_steps, save_config
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.estimate import recompute_label
 from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
@@ -96,6 +97,7 @@ def setup(cfg: Config) -> Session:
         changed = changed_training_settings(run_dir, cfg)
         print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
+              + (f"recompute: {recompute_label(cfg)} | " if cfg.train.recompute != "none" else "")
               + (f"resuming from step {start_step}" if start_step else "starting at step 0")
               + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
     trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics)
