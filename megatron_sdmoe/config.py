@@ -549,6 +549,16 @@ UNSUPPORTED_RECOMPUTE = {
 }
 
 
+def recompute_label(cfg: Config) -> str:
+    """train.recompute with its layers or modules, for reports and the start line."""
+    tr = cfg.train
+    if tr.recompute == "selective":
+        return f"selective: {', '.join(tr.recompute_modules)}"
+    if tr.recompute == "full" and tr.recompute_layers:
+        return f"full, the first {tr.recompute_layers} layers"
+    return tr.recompute
+
+
 def is_headwise(cfg: Config) -> bool:
     return cfg.moe.variant in ("headwise", "headwise_sdmoe")
 

@@ -16,8 +16,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
-                                   load_config, routed_experts, routed_topk, router_bank_size, sdmoe_group_size,
-                                   validate)
+                                   load_config, recompute_label, routed_experts, routed_topk, router_bank_size,
+                                   sdmoe_group_size, validate)
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 
 GIB = 2**30
@@ -293,13 +293,6 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | 
         activations_gib=activations / GIB, recompute=recompute_label(cfg), total_gib=used, gpu_memory_gib=gpu_memory_gib,
         fits=used <= 0.9 * gpu_memory_gib)
     return result, blocks
-
-
-def recompute_label(cfg: Config) -> str:
-    tr = cfg.train
-    if tr.recompute == "selective":
-        return f"selective: {', '.join(tr.recompute_modules)}"
-    return f"full, the first {tr.recompute_layers} layers" if tr.recompute == "full" and tr.recompute_layers else tr.recompute
 
 
 def peak_tflops(device_name: str, bf16: bool) -> float | None:

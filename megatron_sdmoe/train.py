@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sdmoe.config import Config, grad_accumulation_steps, save_config
+from megatron_sdmoe.config import Config, grad_accumulation_steps, recompute_label, save_config
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
-from megatron_sdmoe.estimate import recompute_label
 from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import checked_config, writing_into
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown

@@ -163,32 +163,36 @@ def check_resumable(cfg: Config, world_size: int) -> None:
         raise UserError(f"checkpoint {path} was saved by an older version at world size {saved['world_size']}, "
                         f"without the ranks' places that resuming at world size {world_size} needs: resume at "
                         f"world size {saved['world_size']}")
-    saved_config = path / "config.yaml"
-    if not saved_config.exists():  # written before checkpoints kept their config: nothing to compare
+    saved_config = _saved_config(path)
+    if saved_config is None:  # written before checkpoints kept their config: nothing to compare
         return
-    differing = _model_differences(yaml.safe_load(saved_config.read_text()), cfg)
+    sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
+    differing = _differences(saved_config, cfg, sections, allowed=RESUMABLE_CHANGES)
     if differing:
         raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
                         "the checkpoint's settings or start a new run.dir")
 
 
-def _model_differences(saved: dict, cfg: Config) -> list[str]:
-    """`key: saved -> current` for each model-defining key that differs."""
-    sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
+def _saved_config(checkpoint: Path) -> dict | None:
+    """The run's config as the checkpoint saved it (None for checkpoints written without it)."""
+    path = checkpoint / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def _differences(saved: dict, cfg: Config, sections: list[str], allowed=()) -> list[str]:
+    """`section.key: saved -> current` for each key of `sections` that differs, those in `allowed` left out."""
     current = to_dict(cfg)
     return [f"{section}.{key}: {old} -> {new}" for section in sections
             for key, old, new in _flat_items(saved.get(section, {}), current[section])
-            if old != new and f"{section}.{key}" not in RESUMABLE_CHANGES]
+            if old != new and f"{section}.{key}" not in allowed]
 
 
 def changed_training_settings(run_dir: Path, cfg: Config) -> list[str]:
     """`train.key: saved -> current` for each training setting this run changes against its latest
     checkpoint: they take effect from the resumed step on (the LR schedule included)."""
     path = latest_checkpoint(run_dir)
-    if path is None or not (path / "config.yaml").exists():
-        return []
-    saved = yaml.safe_load((path / "config.yaml").read_text()).get("train", {})
-    return [f"train.{key}: {old} -> {new}" for key, old, new in _flat_items(saved, to_dict(cfg)["train"]) if old != new]
+    saved = _saved_config(path) if path is not None else None
+    return _differences(saved, cfg, ["train"]) if saved is not None else []
 
 
 def _flat_items(saved: dict, current: dict, prefix: str = ""):
