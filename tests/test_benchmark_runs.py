@@ -16,8 +16,12 @@ def test_profile_of_the_chosen_steps_and_no_final_checkpoint(tmp_path):
         events = json.loads((run / "profile" / f"trace_rank{rank}.json").read_text())["traceEvents"]
         names = [event.get("name") for event in events]
         assert names.count("SpectralSplit") == expected and names.count("SpectralSplitBackward") == expected
+        # one grouped GEMM per SD-MoE weight forward, two backward (input and weight gradients).
+        # Counted in the trace, not the table: the table keeps the top operators by self time,
+        # and which those are depends on the machine
+        assert names.count("aten::_grouped_mm") == 3 * expected
         table = (run / "profile" / f"ops_rank{rank}.txt").read_text()
-        assert table.startswith("steps 2-3") and "aten::_grouped_mm" in table
+        assert table.startswith("steps 2-3") and "Self CPU time total" in table
         assert "sdmoe_refresh_bases: 1 calls" in table  # step 3 (index 2) refreshes the bases
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert not (run / "checkpoints").exists() and "checkpoint: none" in proc.stdout
