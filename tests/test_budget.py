@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import CONFIG, REPO
+from conftest import CONFIG, REPO, run_main
 
 from megatron_sdmoe.budget import DEFAULT_HEADS, budget, routing_paths
 from megatron_sdmoe.config import load_config
@@ -45,10 +45,10 @@ def test_paper_routing_paths():
 
 
 def test_cli_table_json_and_bad_input():
+    from megatron_sdmoe.budget import main
+
     def run(*args):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        return subprocess.run([sys.executable, "-m", "megatron_sdmoe.budget", str(CONFIG), *args], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=600)
+        return run_main(main, CONFIG, *args)
 
     table = run(f"model.vocab_size={VOCAB}", "--top", "2")
     assert table.returncode == 0, table.stderr
@@ -63,7 +63,8 @@ def test_cli_table_json_and_bad_input():
     assert best["overrides"] == ("moe.variant=headwise headwise.heads=4 headwise.experts_per_head=4 headwise.topk=1 "
                                  "headwise.ffn_hidden_size=256 headwise.bank=per_head")
 
-    bad = run("--heads", "3,5")
+    bad = subprocess.run([sys.executable, "-m", "megatron_sdmoe.budget", str(CONFIG), "--heads", "3,5"], cwd=REPO,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["error: none of --heads 3,5 divides model.hidden_size=128: pick head "
                                                "counts that do (e.g. 2,4,8,16)"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO
+from conftest import REPO, run_main
 
 from megatron_sdmoe.config import expert_input_size, is_headwise, load_config, routed_experts
 from megatron_sdmoe.estimate import activation_bytes, estimate, flops_per_token, head_dims
@@ -157,13 +157,13 @@ def test_one_gpu_config_is_the_largest_that_fits():
 
 
 def test_cli_verdicts_and_bad_input():
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "megatron_sdmoe.estimate", *args], cwd=REPO,
-                              capture_output=True, text=True)
+    from megatron_sdmoe.estimate import main
 
-    fits = run("configs/qwen3-30b-a3b.yaml", "--gpus", "32", "--json")
+    config = REPO / "configs" / "qwen3-30b-a3b.yaml"
+    fits = run_main(main, config, "--gpus", "32", "--json")
     assert fits.returncode == 0 and json.loads(fits.stdout)["fits"] is True
-    too_big = run("configs/qwen3-30b-a3b.yaml", "--gpus", "8", "parallel.expert=1", "parallel.tensor=1")
+    too_big = run_main(main, config, "--gpus", "8", "parallel.expert=1", "parallel.tensor=1")
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
-    bad = run("configs/qwen3-30b-a3b.yaml", "--gpus", "12")
+    bad = subprocess.run([sys.executable, "-m", "megatron_sdmoe.estimate", config, "--gpus", "12"],
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: world size 12")
