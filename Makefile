@@ -25,8 +25,10 @@ demo: install
 	rm -rf runs/demo
 	$(BIN)/sdmoe-train configs/tiny-qwen3-moe.yaml run.dir=runs/demo
 
+# Two pytest workers, one test file each at a time (its fixtures' runs are shared within the file):
+# a one-process run uses one core, so one worker alone would leave the other core idle.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
