@@ -1,6 +1,7 @@
 """Shared helpers: launch the real entry point (one process, or torchrun with gloo ranks)."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -9,7 +10,6 @@ import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -47,15 +47,18 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
     return proc
 
 
-def run_main(main: Callable[[list[str]], None], *args) -> subprocess.CompletedProcess:
-    """A command's `main(argv)` called in this process, returned as its process would end: exit code,
-    stdout, stderr. The console script calls the same function; calling it here saves the ~10 s a
-    new process spends importing torch and megatron-core. Tests that check the process itself
-    (library output on stderr included) keep one case as a real process."""
+def run_command(module: str, *args, process: bool = False) -> subprocess.CompletedProcess:
+    """`python -m module args...` as its process ends: exit code, stdout, stderr. By default its
+    `main(argv)` is called in this process, the function the console script calls, which saves the
+    ~10 s a new process spends importing torch and megatron-core. `process=True` runs a real process:
+    each command's tests keep one such case, so that library output around the one error line shows."""
+    if process:
+        return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=run_env(),
+                              capture_output=True, text=True, timeout=900)
     out, err, code = io.StringIO(), io.StringIO(), 0
     with redirect_stdout(out), redirect_stderr(err):
         try:
-            main([str(arg) for arg in args])
+            importlib.import_module(module).main([str(arg) for arg in args])
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -1,13 +1,10 @@
 """sdmoe-budget: its top proposal for the tiny config holds the flat MoE's routed-expert budget in
 the model it builds, the paper's routing-path arithmetic, and the command line."""
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-from conftest import CONFIG, REPO, run_main
+from conftest import CONFIG, run_command
 
 from megatron_sdmoe.budget import DEFAULT_HEADS, budget, routing_paths
 from megatron_sdmoe.config import load_config
@@ -45,10 +42,8 @@ def test_paper_routing_paths():
 
 
 def test_cli_table_json_and_bad_input():
-    from megatron_sdmoe.budget import main
-
-    def run(*args):
-        return run_main(main, CONFIG, *args)
+    def run(*args, process=False):
+        return run_command("megatron_sdmoe.budget", CONFIG, *args, process=process)
 
     table = run(f"model.vocab_size={VOCAB}", "--top", "2")
     assert table.returncode == 0, table.stderr
@@ -63,8 +58,7 @@ def test_cli_table_json_and_bad_input():
     assert best["overrides"] == ("moe.variant=headwise headwise.heads=4 headwise.experts_per_head=4 headwise.topk=1 "
                                  "headwise.ffn_hidden_size=256 headwise.bank=per_head")
 
-    bad = subprocess.run([sys.executable, "-m", "megatron_sdmoe.budget", str(CONFIG), "--heads", "3,5"], cwd=REPO,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=600)
+    bad = run("--heads", "3,5", process=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["error: none of --heads 3,5 divides model.hidden_size=128: pick head "
                                                "counts that do (e.g. 2,4,8,16)"]

@@ -3,13 +3,12 @@ model, loaded with AutoModelForCausalLM.from_pretrained, gives this system's log
 tokens (fp32), for each family, SD-MoE experts (exported as plain ones) and checkpoints saved
 at EP2 and TP2; transformers -> this system -> transformers is bit-identical; bad input exits 2."""
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, launch, metrics, run_env, run_main
+from conftest import REPO, launch, metrics, run_command
 
 from megatron_sdmoe.config import is_headwise, load_config
 
@@ -156,9 +155,8 @@ def test_headwise_export_comes_back_identical(single_process_groups, name, tmp_p
     assert_comes_back_identical(tmp_path / "hf", tmp_path / "back")
 
 
-def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.convert.cli", *map(str, args)], cwd=REPO,
-                          env=run_env(), capture_output=True, text=True, timeout=900)
+def convert(*args: str, check: bool = True, process: bool = True) -> subprocess.CompletedProcess:
+    proc = run_command("megatron_sdmoe.convert.cli", *args, process=process)
     assert not check or proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -350,11 +348,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
              "another family": (("from-hf", mixtral, out), "MixtralForCausalLM'] cannot be imported"),
              "overridden sizes": (("from-hf", hf, out, "moe.num_experts=4"), "the converted files lack mlp.experts.2."),
              "unknown tensor": (("from-hf", extra, out), "weight_scale_inv has no counterpart")}
-    from megatron_sdmoe.convert.cli import main
-
     for case, (args, message) in cases.items():
-        # one case as a real process: no library prints to stderr around the one line
-        proc = convert(*args, check=False) if case == "unknown tensor" else run_main(main, *args)
+        proc = convert(*args, check=False, process=case == "unknown tensor")
         assert proc.returncode == 2, (case, proc.stderr[-2000:])
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), (case, proc.stderr)
         assert message in proc.stderr, (case, proc.stderr)

@@ -2,14 +2,12 @@
 config (and the SD-MoE and head-wise variants), and its FLOPs per token equal torch's FLOP counter
 on a forward pass (3 x forward for training)."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, run_main
+from conftest import REPO, run_command
 
 from megatron_sdmoe.config import expert_input_size, is_headwise, load_config, routed_experts
 from megatron_sdmoe.estimate import activation_bytes, estimate, flops_per_token, head_dims
@@ -157,13 +155,12 @@ def test_one_gpu_config_is_the_largest_that_fits():
 
 
 def test_cli_verdicts_and_bad_input():
-    from megatron_sdmoe.estimate import main
+    def run(*args, process=False):
+        return run_command("megatron_sdmoe.estimate", REPO / "configs" / "qwen3-30b-a3b.yaml", *args, process=process)
 
-    config = REPO / "configs" / "qwen3-30b-a3b.yaml"
-    fits = run_main(main, config, "--gpus", "32", "--json")
+    fits = run("--gpus", "32", "--json")
     assert fits.returncode == 0 and json.loads(fits.stdout)["fits"] is True
-    too_big = run_main(main, config, "--gpus", "8", "parallel.expert=1", "parallel.tensor=1")
+    too_big = run("--gpus", "8", "parallel.expert=1", "parallel.tensor=1")
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
-    bad = subprocess.run([sys.executable, "-m", "megatron_sdmoe.estimate", config, "--gpus", "12"],
-                         capture_output=True, text=True)
+    bad = run("--gpus", "12", process=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: world size 12")
