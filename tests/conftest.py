@@ -1,17 +1,25 @@
-"""Shared helpers: launch the real entry point (one process, or torchrun with gloo ranks)."""
+"""Shared helpers: launch the real entry point (one process, or gloo ranks as torchrun starts them)."""
 from __future__ import annotations
 
 import importlib
 import io
 import json
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
+
+from megatron_sdmoe.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-qwen3-moe.yaml"
@@ -34,17 +42,96 @@ def run_env(**extra: str) -> dict:
 
 def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_sdmoe.train",
            check: bool = True, env: dict | None = None, config: Path = CONFIG) -> subprocess.CompletedProcess:
-    """Run `module` on `config` + SMALL + overrides in `nproc` processes (torchrun when > 1)."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", module]
+    """Run `python -m module` on `config` + SMALL + overrides in `nproc` processes, each with the
+    rendezvous variables torchrun gives its workers; returns the processes' exit code and output."""
+    args, env = [str(config), f"run.dir={run_dir}", *SMALL, *overrides], run_env(**(env or {}))
+    if FORKED:
+        proc = _forked(module, args, nproc, env)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", module]
-    proc = subprocess.run(cmd + [str(config), f"run.dir={run_dir}", *SMALL, *overrides], cwd=REPO,
-                          env=run_env(**(env or {})), capture_output=True, text=True, timeout=900)
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, "-m", module, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{module} in {nproc} processes exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
+
+
+# A fresh interpreter spends ~12 s of CPU importing torch, megatron-core, DeepSpeed and transformers:
+# most of a tiny run's time. So launched ranks are forks of multiprocessing's fork server, which has
+# imported the trainer once. Each rank is still its own process, running `python -m module` (runpy)
+# with the environment a launched run gets. What forks cannot show (all ranks share one hash seed,
+# import-time output goes to the server) is left to the tests that start torchrun, the SLURM script
+# and fresh processes: test_launch, test_slurm, test_preemption, test_config's CLI cases.
+# CUDA does not survive a fork: with a GPU, every run is a fresh process.
+FORKED = not torch.cuda.is_available()
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+_FORK_SERVER.set_forkserver_preload(["megatron_sdmoe.train"])
+
+
+def _forked(module: str, args: list[str], nproc: int, env: dict) -> subprocess.CompletedProcess:
+    with _environ(run_env()):  # the server's interpreter reads OMP_NUM_THREADS etc. when it starts, as a run's would
+        multiprocessing.forkserver.ensure_running()
+    if nproc > 1:
+        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+                      "LOCAL_WORLD_SIZE": str(nproc)}
+        envs = [{**env, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
+    else:
+        envs = [env]
+    with tempfile.TemporaryDirectory() as logs:
+        out, err = Path(logs, "stdout"), Path(logs, "stderr")
+        out.touch()  # both exist (empty) even if a rank fails before its first line
+        err.touch()
+        ranks = [_FORK_SERVER.Process(target=_run_rank, args=(module, args, rank_env, out, err)) for rank_env in envs]
+        for rank in ranks:
+            rank.start()
+        returncode = _wait(ranks, timeout=900)
+        return subprocess.CompletedProcess([module, *args], returncode, out.read_text(), err.read_text())
+
+
+def _run_rank(module: str, args: list[str], env: dict, stdout: Path, stderr: Path) -> None:
+    """In the forked rank: all ranks append to one stdout and one stderr, as under torchrun."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO)
+    sys.path.insert(0, str(REPO))  # as `python -m` puts its working directory first
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _wait(ranks: list, timeout: float) -> int:
+    """The first failed rank's exit code, else 0. Once a rank has failed, the others get a few
+    seconds to end on their own (they may be failing the same way), then are killed, as under torchrun."""
+    deadline, returncode, running = time.monotonic() + timeout, 0, {rank.sentinel: rank for rank in ranks}
+    while running:
+        ended = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
+        if not ended:
+            for rank in running.values():
+                rank.kill()
+                rank.join()
+            if not returncode:
+                raise subprocess.TimeoutExpired("launched ranks", timeout)
+            break
+        for sentinel in ended:
+            rank = running.pop(sentinel)
+            rank.join()
+            if rank.exitcode and not returncode:
+                returncode, deadline = rank.exitcode, min(deadline, time.monotonic() + 10)
+    return returncode
+
+
+@contextmanager
+def _environ(env: dict):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def run_command(module: str, *args, process: bool = False) -> subprocess.CompletedProcess:

@@ -7,11 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import CONFIG, REPO, SMALL, launch, run_env
+from conftest import CONFIG, SMALL, launch
 from megatron_sdmoe.config import load_config
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.data.indexed import write_indexed
@@ -23,9 +22,7 @@ SEQ = 64  # SMALL's data.seq_length: a sample takes 65 tokens
 
 def train(run_dir, *overrides, world: int = 1) -> subprocess.CompletedProcess:
     """sdmoe-train as rank 0 of `world` processes (the checks come before any rendezvous)."""
-    env = run_env(**({"WORLD_SIZE": str(world), "RANK": "0"} if world > 1 else {}))
-    return subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", str(CONFIG), f"run.dir={run_dir}", *SMALL,
-                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return launch(run_dir, 1, *overrides, check=False, env={"WORLD_SIZE": str(world), "RANK": "0"} if world > 1 else None)
 
 
 def assert_refused(proc, start: str) -> str:

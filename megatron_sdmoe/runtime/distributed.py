@@ -51,7 +51,7 @@ def init_distributed(tensor: int, expert: int, expert_tensor: int) -> Layout:
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:  # a plain single process: rendezvous with itself
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     device = None
     if cuda:
         # Before CUDA's first use: MoE's token buffers change size every step, which fragments the
@@ -96,7 +96,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
