@@ -85,7 +85,11 @@ def _forked(module: str, args: list[str], nproc: int, env: dict) -> subprocess.C
         ranks = [_FORK_SERVER.Process(target=_run_rank, args=(module, args, rank_env, out, err)) for rank_env in envs]
         for rank in ranks:
             rank.start()
-        returncode = _wait(ranks, timeout=900)
+        try:
+            returncode = _wait(ranks, timeout=900)
+        finally:
+            for rank in ranks:  # also when the wait is interrupted: no rank outlives its test
+                rank.kill()
         return subprocess.CompletedProcess([module, *args], returncode, out.read_text(), err.read_text())
 
 
@@ -103,17 +107,15 @@ def _run_rank(module: str, args: list[str], env: dict, stdout: Path, stderr: Pat
 
 def _wait(ranks: list, timeout: float) -> int:
     """The first failed rank's exit code, else 0. Once a rank has failed, the others get a few
-    seconds to end on their own (they may be failing the same way), then are killed, as under torchrun."""
+    seconds to end on their own (they may be failing the same way) before the caller kills them,
+    as torchrun stops the workers."""
     deadline, returncode, running = time.monotonic() + timeout, 0, {rank.sentinel: rank for rank in ranks}
     while running:
         ended = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
         if not ended:
-            for rank in running.values():
-                rank.kill()
-                rank.join()
-            if not returncode:
-                raise subprocess.TimeoutExpired("launched ranks", timeout)
-            break
+            if returncode:
+                return returncode
+            raise subprocess.TimeoutExpired("launched ranks", timeout)
         for sentinel in ended:
             rank = running.pop(sentinel)
             rank.join()
