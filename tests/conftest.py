@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -47,10 +48,10 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
     args, env = [str(config), f"run.dir={run_dir}", *SMALL, *overrides], run_env(**(env or {}))
     if FORKED:
         proc = _forked(module, args, nproc, env)
+    elif nproc > 1:
+        proc = python_m("torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args, env=env)
     else:
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-        proc = subprocess.run([sys.executable, *launcher, "-m", module, *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = python_m(module, *args, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} in {nproc} processes exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -70,7 +71,7 @@ _FORK_SERVER.set_forkserver_preload(["megatron_sdmoe.train"])
 
 
 def _forked(module: str, args: list[str], nproc: int, env: dict) -> subprocess.CompletedProcess:
-    with _environ(run_env()):  # the server's interpreter reads OMP_NUM_THREADS etc. when it starts, as a run's would
+    with mock.patch.dict(os.environ, run_env(), clear=True):  # the server's interpreter reads OMP_NUM_THREADS etc. when it starts, as a run's would
         multiprocessing.forkserver.ensure_running()
     if nproc > 1:
         rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
@@ -124,16 +125,10 @@ def _wait(ranks: list, timeout: float) -> int:
     return returncode
 
 
-@contextmanager
-def _environ(env: dict):
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def python_m(module: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args...` in a fresh interpreter, run from the repository (env: run_env())."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env or run_env(),
+                          capture_output=True, text=True, timeout=900)
 
 
 def run_command(module: str, *args, process: bool = False) -> subprocess.CompletedProcess:
@@ -142,8 +137,7 @@ def run_command(module: str, *args, process: bool = False) -> subprocess.Complet
     ~10 s a new process spends importing torch and megatron-core. `process=True` runs a real process:
     each command's tests keep one such case, so that library output around the one error line shows."""
     if process:
-        return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=run_env(),
-                              capture_output=True, text=True, timeout=900)
+        return python_m(module, *args)
     out, err, code = io.StringIO(), io.StringIO(), 0
     with redirect_stdout(out), redirect_stderr(err):
         try:

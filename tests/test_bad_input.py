@@ -155,7 +155,7 @@ def test_unwritable_run_dir(how, tmp_path):
         run_dir = tmp_path / "file" / "run"
     else:
         if os.geteuid() == 0:
-            pytest.skip("root writes into read-only directories")
+            pytest.skip("run as root, who may write into read-only directories: run the tests as another user")
         (tmp_path / "ro").mkdir(mode=0o555)
         run_dir = tmp_path / "ro" / "run"
     assert_refused(train(run_dir), f"error: run.dir {run_dir} is not writable (")

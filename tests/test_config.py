@@ -1,12 +1,9 @@
 """Config loading, overrides, validation, and the one-line exit-2 contract for bad input."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import CONFIG, REPO
+from conftest import CONFIG, python_m, run_env
 from megatron_sdmoe.config import Config, load_config, validate
 from megatron_sdmoe.errors import UserError
 
@@ -90,9 +87,7 @@ def test_default_config_is_valid_at_every_tested_layout():
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": world, "RANK": "0"}
-    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", str(CONFIG), f"run.dir={run_dir}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = python_m("megatron_sdmoe.train", CONFIG, f"run.dir={run_dir}", *args, env=run_env(WORLD_SIZE=world, RANK="0"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
@@ -100,8 +95,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
 
 
 def test_cli_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", str(tmp_path / "nope.yaml")], cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    proc = python_m("megatron_sdmoe.train", tmp_path / "nope.yaml")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: config file {tmp_path / 'nope.yaml'} not found: pass the "
                                                 "path of a YAML file (see configs/)"]

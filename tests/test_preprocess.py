@@ -7,10 +7,7 @@ call the entry points' main() in this process (`cli`); a few run them as subproc
 import functools
 import gzip
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,10 +17,10 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer as BPETokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import python_m
 from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer, sample_documents
 from megatron_sdmoe.data import inspect as data_cli, preprocess
 
-REPO = Path(__file__).resolve().parents[1]
 PREPROCESS, DATA = "megatron_sdmoe.data.preprocess", "megatron_sdmoe.data.inspect"
 MAINS = {PREPROCESS: preprocess.main, DATA: data_cli.main}
 # Handwritten documents: non-ASCII text, and sentences for --split-sentences.
@@ -76,8 +73,7 @@ def cli(capsys, monkeypatch, tmp_path):
 
 
 def run_process(module: str, *args) -> Result:
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = python_m(module, *args)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -4,19 +4,17 @@ in both launch modes: one task per GPU, and one task per node running torchrun (
 rendezvous). Ranks and rendezvous are right (the EP2 run on 2 "nodes" x 1 GPU equals one process)
 and a stop for time ends in a requeue."""
 import subprocess
-import sys
 
 import pytest
 
-from conftest import CONFIG, REPO, SMALL, launch, metrics, run_env
+from conftest import CONFIG, REPO, SMALL, launch, metrics, python_m, run_env
 
 STANDIN = REPO / "tests" / "slurm_standin"
 
 
 def submit(run_dir, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.launch.slurm", str(CONFIG), *SMALL,
-                           f"run.dir={run_dir}", "--nodes", "2", "--gpus-per-node", "1", "--dry-run", *args],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = python_m("megatron_sdmoe.launch.slurm", CONFIG, *SMALL, f"run.dir={run_dir}", "--nodes", "2",
+                    "--gpus-per-node", "1", "--dry-run", *args)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
