@@ -1,6 +1,6 @@
 """The batch script sdmoe-submit writes runs unchanged under a local SLURM stand-in (tests/
 slurm_standin: srun starts the tasks here with SLURM's variables, scontrol answers for 2 "nodes"),
-in both launch modes: one task per GPU, and one task per node running torchrun (--per-node, c10d
+in both launch modes: one task per GPU, and one task per node running torchrun (--per-node, static
 rendezvous). Ranks and rendezvous are right (the EP2 run on 2 "nodes" x 1 GPU equals one process)
 and a stop for time ends in a requeue."""
 import subprocess
@@ -42,9 +42,10 @@ def test_batch_script_trains_on_two_standin_nodes(mode, tmp_path, one_process):
     run_dir = tmp_path / "job"
     script = submit(run_dir, "parallel.expert=2", *mode).stdout
     assert "#SBATCH --nodes=2" in script and "#SBATCH --signal=USR1@120" in script and "--requeue" in script
-    if mode:  # one task per node, torchrun meeting at the first node under the job's id
-        assert "#SBATCH --ntasks-per-node=1" in script and "--nproc-per-node=1 --rdzv-backend=c10d" in script
-        assert "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID" in script
+    if mode:  # one task per node, torchrun meeting at the first node, SLURM's node id as its rank
+        assert "#SBATCH --ntasks-per-node=1" in script
+        assert "PET_NODE_RANK=$SLURM_NODEID" in script and "--nproc-per-node=1" in script
+        assert "--rdzv-backend=static --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT" in script
     job = run_job(run_dir, tmp_path)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     assert "world 2 (TP 1, EP 2, DP 2)" in job.stdout

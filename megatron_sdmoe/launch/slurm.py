@@ -5,8 +5,8 @@ Two launch modes. By default the job runs one task per GPU; each task takes its 
 (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS) and meets the others at the first node of the
 allocation (torch's env:// rendezvous). With --per-node it runs one task per node, torchrun (through
 megatron_sdmoe.launch.torchrun, which keeps the exit code and passes SIGUSR1 on), starting the
-node's G processes; the nodes meet in a c10d rendezvous at the first node (id: the job id), which
-also gives each node its rank.
+node's G processes; the nodes meet in torchrun's static rendezvous at the first node, each with
+SLURM's node id as its rank.
 SLURM sends SIGUSR1 two minutes before the time limit (`--signal=USR1@120`); training then saves
 and exits with code 3, on which the script requeues the job (`--requeue`), and the requeued job
 resumes from `latest` in the same run directory.
@@ -62,12 +62,13 @@ srun --kill-on-bad-exit=1 $srun_flags bash -c 'RANK=$$SLURM_PROCID LOCAL_RANK=$$
     WORLD_SIZE=$$SLURM_NTASKS LOCAL_WORLD_SIZE=$${SLURM_NTASKS_PER_NODE%%(*} exec "$$0" "$$@"' \\
     $python -m megatron_sdmoe.train $args""")
 
-PER_NODE = Template("""# One task per node: torchrun starts the node's $gpus processes; the nodes meet in a c10d
-# rendezvous at the first node, which gives each node its rank.
-srun --kill-on-bad-exit=1 $srun_flags $python -m megatron_sdmoe.launch.torchrun \\
-    --nnodes=$$SLURM_NNODES --nproc-per-node=$gpus --rdzv-backend=c10d \\
-    --rdzv-endpoint=$$MASTER_ADDR:$$MASTER_PORT --rdzv-id=$$SLURM_JOB_ID \\
-    -m megatron_sdmoe.train $args""")
+PER_NODE = Template("""# One task per node: torchrun starts the node's $gpus processes; the nodes meet at the first
+# node, SLURM's node id (PET_NODE_RANK, torchrun's --node-rank, set per task) as their rank. A static
+# rendezvous: c10d's agents poll the first node's store, so when that node ends first (exit 3, stopped
+# for a requeue) the others would exit 1 on the lost store and the job would not be requeued.
+srun --kill-on-bad-exit=1 $srun_flags bash -c 'PET_NODE_RANK=$$SLURM_NODEID exec "$$0" "$$@"' \\
+    $python -m megatron_sdmoe.launch.torchrun --nnodes=$$SLURM_NNODES --nproc-per-node=$gpus \\
+    --rdzv-backend=static --rdzv-endpoint=$$MASTER_ADDR:$$MASTER_PORT -m megatron_sdmoe.train $args""")
 
 
 def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, python: str, workdir: Path,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("partition", "account", "qos", "constraint", "container"):
         parser.add_argument(f"--{key}")
     parser.add_argument("--per-node", action="store_true",
-                        help="one task per node running torchrun (c10d rendezvous) instead of one task per GPU")
+                        help="one task per node running torchrun instead of one task per GPU")
     parser.add_argument("--python", help="interpreter on the nodes (default: this one; with a container, the "
                         "container's python)")
     parser.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
