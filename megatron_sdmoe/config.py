@@ -376,12 +376,6 @@ def validate(cfg: Config, world_size: int) -> None:
     need(m.attention == "gqa" or m.preset == "deepseek",
          f"model.attention=mla is DeepSeek's: use model.preset=deepseek (not {m.preset})")
     if m.attention == "mla":
-        # megatron-core 0.19.2's Transformer-Engine-free MLA down-projections are column-parallel: under
-        # TP each rank keeps only its own heads' share of the RoPE key gradient (measured: TP2 drifts
-        # from one process from step 2 on), so TP is refused rather than trained wrong.
-        need(par.tensor == 1, "model.attention=mla supports parallel.tensor=1 only (megatron-core's TE-free MLA "
-             "loses part of the RoPE key gradient under tensor parallelism): use expert/data parallelism, or "
-             "model.attention=gqa")
         for key in ("kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"):
             need(getattr(m.mla, key) >= 1, f"model.mla.{key}={getattr(m.mla, key)} must be at least 1")
         need(m.mla.q_lora_rank is None or m.mla.q_lora_rank >= 1,
@@ -484,8 +478,11 @@ def validate(cfg: Config, world_size: int) -> None:
              f"SD-MoE shares a common matrix among {group} experts, which parallel.expert={ep} splits unevenly "
              f"({local} per rank): choose an expert-parallel size whose share of experts divides {group} or is "
              "a multiple of it")
-    for key, value in [("model.num_attention_heads", m.num_attention_heads),
-                       ("model.num_query_groups", m.num_query_groups)]:
+    split_by_tp = [("model.num_attention_heads", m.num_attention_heads), ("model.num_query_groups", m.num_query_groups)]
+    if m.attention == "mla":  # its down projections are column-parallel (models/mla.py)
+        split_by_tp += [("model.mla.q_lora_rank", m.mla.q_lora_rank or 0),
+                        ("model.mla.kv_lora_rank + model.mla.qk_rope_head_dim", m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)]
+    for key, value in split_by_tp:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor={tp}: change one of them")
     need(ffn % etp == 0, f"the experts' FFN width {ffn} is not divisible by parallel.expert_tensor={etp}")
     need(m.make_vocab_size_divisible_by % tp == 0,

@@ -164,10 +164,10 @@ def convert(*args: str, check: bool = True, process: bool = True) -> subprocess.
 LAYOUTS = {"EP2": ["parallel.expert=2"], "TP2": ["parallel.tensor=2"]}
 
 
-# (MLA runs at TP1 only: config validation refuses it under tensor parallelism)
 @pytest.mark.parametrize("config, layout", [("tiny-qwen3-moe.yaml", "EP2"), ("tiny-qwen3-moe.yaml", "TP2"),
                                             ("tiny-qwen2-moe.yaml", "EP2"), ("tiny-qwen2-moe.yaml", "TP2"),
-                                            ("tiny-deepseek.yaml", "EP2"), ("tiny-headwise.yaml", "EP2")])
+                                            ("tiny-deepseek.yaml", "EP2"), ("tiny-deepseek.yaml", "TP2"),
+                                            ("tiny-headwise.yaml", "EP2")])
 def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, tmp_path):
     """The exported model's logits equal this system's under the checkpoint's layout, and its
     validation loss equals the one the run measured at the checkpoint's step."""

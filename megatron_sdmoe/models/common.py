@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, is_headwise, is_sdmoe, routed_experts,
                                    routed_topk, sdmoe_group_size)
 from megatron_sdmoe.models.attention import SDPAttention
+from megatron_sdmoe.models.mla import TensorParallelMLASelfAttention
 from megatron_sdmoe.moe.experts import GroupedExperts
 from megatron_sdmoe.moe.headwise import HeadwiseMoELayer
 from megatron_sdmoe.moe.sdmoe import SDMoEExperts
@@ -107,12 +108,15 @@ def with_moe_variant(layer_spec: ModuleSpec, cfg: Config) -> ModuleSpec:
 
 def with_sdpa_attention(layer_spec: ModuleSpec, config: TransformerConfig) -> ModuleSpec:
     """A copy of a layer spec whose core attention is torch's fused kernel (models/attention.py).
-    MLA without a query latent has no query norm (megatron-core refuses one there)."""
+    MLA is the tensor-parallel-exact one (models/mla.py); without a query latent it has no query
+    norm (megatron-core refuses one there)."""
     attention = layer_spec.submodules.self_attention
     changes = {"core_attention": SDPAttention}
     if config.multi_latent_attention and config.q_lora_rank is None:
         changes["q_layernorm"] = IdentityOp
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **changes))
+    if config.multi_latent_attention:
+        attention = dataclasses.replace(attention, module=TensorParallelMLASelfAttention)
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules,
                                                                           self_attention=attention))
 
