@@ -40,7 +40,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
 # The SD-MoE paper's 2B scale (configs/sdmoe-2b.yaml) on one GPU: all 32 experts local, the built-in
-# corpus, micro-batches of 2 x 4,096 tokens (50.8 GiB estimated); 4 of them per step for the profile,
+# corpus, micro-batches of 2 x 4,096 tokens (58.5 GiB estimated); 4 of them per step for the profile,
 # 16 for the step time (the config's own step is 64 per GPU: SD-MoE's once-per-step work is spread
 # over a step's micro-batches as in training).
 PAPER_2B=(configs/sdmoe-2b.yaml parallel.expert=1 "data.path=[]" data.tokenizer=null train.global_batch_size=8
@@ -57,7 +57,7 @@ run_part() {
     layer) python3 benchmarks/sdmoe_layer.py ;;  # one layer of the 2B config, 4 micro-batches
     mfu)  # if the estimate's largest model does not fit after all, the largest that does
       python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml --steps 30 --warmup 10 --profile \
-        || python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml model.num_layers=15 --steps 30 --warmup 10 --profile ;;
+        || python3 benchmarks/mfu.py configs/qwen3-moe-1gpu.yaml model.num_layers=13 --steps 30 --warmup 10 --profile ;;
     profile)  # operator tables of steps 16-17 (17 refreshes SD-MoE's bases) of both variants
       for variant in topk sdmoe; do
         python3 -m megatron_sdmoe.train "${PAPER_2B[@]}" moe.variant=$variant train.max_steps=17 \

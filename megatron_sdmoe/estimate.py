@@ -268,8 +268,8 @@ def _count(n: float) -> str:
 def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | None = None,
              precision: str = "bf16") -> tuple[Estimate, list[Block]]:
     """Memory per GPU under ZeRO-1/2 with AdamW (DeepSpeed keeps fp32 master weights and both Adam
-    moments, partitioned over DP for dense and over expert-DP for expert parameters; ZeRO-2 also
-    partitions gradients)."""
+    moments, partitioned over DP for dense and over expert-DP for expert parameters; gradients
+    accumulate in fp32, whole under ZeRO-1, partitioned under ZeRO-2)."""
     vocab = vocab or vocab_size(cfg)
     par = cfg.parallel
     blocks = parameter_blocks(cfg, vocab)
@@ -279,7 +279,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | 
     partitioned = sum(b.params / b.shards / (expert_dp if b.expert else dp) for b in blocks)  # ZeRO's share
     total = sum(b.params for b in blocks)
     weights = local * dtype_bytes
-    grads = (local if par.zero_stage == 1 else partitioned) * dtype_bytes
+    # Gradients accumulate in fp32 (training/engine.py): under ZeRO-1 whole, and in bf16 next to the
+    # bf16 gradients autograd writes (DeepSpeed's BF16_Optimizer keeps both); under ZeRO-2 partitioned.
+    grads = local * (4 + (dtype_bytes if dtype_bytes != 4 else 0)) if par.zero_stage == 1 else partitioned * 4
     optimizer = partitioned * 12  # fp32 master + Adam m + v
     buffers = min(DEEPSPEED_BUCKET_ELEMENTS, local) * dtype_bytes
     activations = activation_bytes(cfg, vocab, dtype_bytes)

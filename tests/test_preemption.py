@@ -94,9 +94,10 @@ def _same_weights(a, b) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
 
 
-def test_non_finite_steps_are_skipped(tmp_path):
-    launch(tmp_path, 1, "train.max_steps=6", "train.save_interval=1", module="tests.workers.nan_loss",
-           env={"NAN_STEPS": "3,4"})
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DeepSpeed's BF16_Optimizer checks the norm itself
+def test_non_finite_steps_are_skipped(precision, tmp_path):
+    launch(tmp_path, 1, "train.max_steps=6", "train.save_interval=1", f"train.precision={precision}",
+           module="tests.workers.nan_loss", env={"NAN_STEPS": "3,4"})
     rows = {row["step"]: row for row in metrics(tmp_path)}
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
     assert rows[3]["grad_norm"] == rows[4]["grad_norm"] == float("inf")

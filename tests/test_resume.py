@@ -8,7 +8,8 @@ import torch
 from conftest import launch, metrics
 
 RUN = ["train.max_steps=8", "train.eval_interval=4"]
-LAYOUTS = {"one process": (1, []), "EP2 ZeRO-2": (2, ["parallel.expert=2", "parallel.zero_stage=2"])}
+LAYOUTS = {"one process": (1, []), "EP2 ZeRO-2": (2, ["parallel.expert=2", "parallel.zero_stage=2"]),
+           "bf16 ZeRO-1": (1, ["train.precision=bf16"])}  # DeepSpeed's BF16_Optimizer (training/engine.py)
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +46,27 @@ def test_resume_is_exact(name, straight, tmp_path):
     assert resumed[-1]["val_loss"] == reference[-1]["val_loss"]
 
 
-@pytest.mark.parametrize("name, saved, resumed", [("one process", 1, 2), ("EP2 ZeRO-2", 4, 2)],
-                         ids=["DP1 to DP2", "EP2: DP4 to DP2 (expert DP 2 to 1)"])
+@pytest.mark.parametrize("name, saved, resumed", [("one process", 1, 2), ("EP2 ZeRO-2", 4, 2), ("bf16 ZeRO-1", 1, 2)],
+                         ids=["DP1 to DP2", "EP2: DP4 to DP2 (expert DP 2 to 1)", "bf16: DP1 to DP2"])
 def test_resume_at_another_data_parallel_size(name, saved, resumed, straight, tmp_path):
     """Against the straight run in LAYOUTS' number of processes. The ZeRO partitions are re-cut: Adam
-    moments misplaced by one element move step 6's loss by 0.1."""
+    moments misplaced by one element move step 6's loss by 0.1. In bf16 the two layouts' losses
+    drift apart by the updates' round-off (5e-4 by step 8), as between any two layouts
+    (test_bf16.py)."""
     layout = LAYOUTS[name][1]
     stopped_at_4(tmp_path, saved, layout)
     proc = launch(tmp_path, resumed, *RUN, *layout)
     assert "resuming from step 4" in proc.stdout
     rows, reference = metrics(tmp_path), straight(name)
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, 9))
-    for got, want in zip(rows, reference):  # tolerances of test_parallel_parity.py
-        assert got["loss"] == pytest.approx(want["loss"], abs=2e-5), got["step"]
-        assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-4), got["step"]
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
+    loss_tolerance = 3e-3 if "bf16" in name else 2e-5  # fp32: test_parallel_parity.py's
+    for got, want in zip(rows, reference):
+        assert got["loss"] == pytest.approx(want["loss"], abs=loss_tolerance), got["step"]
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
-    assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=2e-5)
+        if "bf16" not in name:
+            assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-4), got["step"]
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
+    assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=loss_tolerance)
 
 
 def test_changed_schedule_takes_effect_on_resume(tmp_path):

@@ -11,6 +11,9 @@ size, which is exactly the mean over the global batch.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -148,6 +151,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == torch.bfloat16},
+        # Gradients add up over a step's micro-batches, and over data-parallel ranks, in fp32 (as
+        # Megatron-LM's main grads do): DeepSpeed's default under bf16 is a bf16 sum, which rounds
+        # every addition to 8 bits of mantissa. Under ZeRO-1 this makes DeepSpeed use its
+        # BF16_Optimizer, under ZeRO-2 its ZeRO optimizer with an fp32 gradient partition.
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -155,6 +164,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op that only its inference
         # path uses; compiling it costs ~30 s per fresh machine and it crashed concurrent runs here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=MegatronMPU())
+    with contextlib.redirect_stdout(io.StringIO()):  # BF16_Optimizer prints memory usage as it is built
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, mpu=MegatronMPU())
     return engine

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS
 from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
@@ -38,7 +39,8 @@ def load_resharded_optimizer(optimizer, saved_places: list[dict], place: dict, l
                 files[rank] = load(rank)
         return [files[rank]["optimizer"] for rank in ranks]
 
-    for index, (group, params) in enumerate(zip(optimizer.optimizer.param_groups, optimizer.bit16_groups)):
+    bit16_groups = optimizer.bf16_groups if isinstance(optimizer, BF16_Optimizer) else optimizer.bit16_groups
+    for index, (group, params) in enumerate(zip(optimizer.optimizer.param_groups, bit16_groups)):
         states = saved_group(bool(group.get("moe")))
         for param in params:
             if param._hp_mapping is None:  # no fragment of it in this rank's partition
