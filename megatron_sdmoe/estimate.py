@@ -279,9 +279,10 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, vocab: int | 
     partitioned = sum(b.params / b.shards / (expert_dp if b.expert else dp) for b in blocks)  # ZeRO's share
     total = sum(b.params for b in blocks)
     weights = local * dtype_bytes
-    # Gradients accumulate in fp32 (training/engine.py): under ZeRO-1 whole, and in bf16 next to the
+    # Gradients accumulate in fp32 (training/engine.py): under ZeRO-1 whole, and in bf16 beside the
     # bf16 gradients autograd writes (DeepSpeed's BF16_Optimizer keeps both); under ZeRO-2 partitioned.
-    grads = local * (4 + (dtype_bytes if dtype_bytes != 4 else 0)) if par.zero_stage == 1 else partitioned * 4
+    autograd_bytes = dtype_bytes if dtype_bytes < 4 else 0
+    grads = local * (4 + autograd_bytes) if par.zero_stage == 1 else partitioned * 4
     optimizer = partitioned * 12  # fp32 master + Adam m + v
     buffers = min(DEEPSPEED_BUCKET_ELEMENTS, local) * dtype_bytes
     activations = activation_bytes(cfg, vocab, dtype_bytes)

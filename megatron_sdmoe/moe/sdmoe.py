@@ -383,8 +383,9 @@ class UpdateProjector:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        self.before = [(layer.linear_fc1.detach().float().clone(), layer.linear_fc2.detach().float().clone())
-                       for layer in self.layers]
+        """The fp32 master weights before the step (in bf16 the model's weights are their rounding)."""
+        self.before = [(safe_get_full_fp32_param(layer.linear_fc1).clone(),
+                        safe_get_full_fp32_param(layer.linear_fc2).clone()) for layer in self.layers]
 
     @torch.no_grad()
     def project(self) -> None:

@@ -15,17 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is one count per group
 
 
 def load_resharded_optimizer(optimizer, saved_places: list[dict], place: dict, load: Callable[[int], dict]) -> None:
-    """Fill the ZeRO optimizer `optimizer` (DeepSpeed's stage 1/2 optimizer, before its first step) of
-    the rank at `place` from a checkpoint saved with other data-parallel sizes. `saved_places`: the
-    saved ranks' places (checkpoint.py: _places); `load(rank)`: a saved rank's file."""
+    """Fill the ZeRO optimizer `optimizer` (DeepSpeed's stage 1/2 optimizer, or the BF16_Optimizer of
+    bf16 ZeRO-1, before its first step) of the rank at `place` from a checkpoint saved with other
+    data-parallel sizes. `saved_places`: the saved ranks' places (checkpoint.py: _places);
+    `load(rank)`: a saved rank's file."""
     files: dict[int, dict] = {}  # memory-mapped: reading a fragment reads only it
 
     def saved_group(expert: bool) -> list[dict]:
