@@ -19,6 +19,7 @@ CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe
                                                                       "model.dense_ffn_hidden_size=96"]),
          # MLA (RoPE reordered), a dense first layer, shared experts, sigmoid group-limited routing with a bias
          "deepseek": ("tiny-deepseek.yaml", []),
+         "deepseek without a query latent (V2-Lite's MLA)": ("tiny-deepseek.yaml", ["model.mla.q_lora_rank=null"]),
          # head-wise routing: the export's own modelling code (trust_remote_code)
          "head-wise, per-head banks": ("tiny-headwise.yaml", []),
          # ... a shared bank with SD-MoE, sigmoid group-limited routing with a bias, shared experts

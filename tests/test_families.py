@@ -29,7 +29,10 @@ LAYOUTS = {
     "qwen2_moe": {"one": (1, [], None), "EP2": (2, ["parallel.expert=2"], "one"),
                   "TP2": (2, ["parallel.tensor=2"], "one")},
     "deepseek": {"one": (1, [], None), "EP2": (2, ["parallel.expert=2"], "one"),
-                 "TP2": (2, ["parallel.tensor=2"], "one")},
+                 "TP2": (2, ["parallel.tensor=2"], "one"),
+                 # V2-Lite's MLA: no query latent (models/mla.py builds its query projection)
+                 "one, no query latent": (1, ["model.mla.q_lora_rank=null"], None),
+                 "TP2, no query latent": (2, ["model.mla.q_lora_rank=null", "parallel.tensor=2"], "one, no query latent")},
 }
 # Under TP the row-parallel sums round differently (~1e-7), which can flip a token between two
 # nearly tied experts: that step's grad norm then moves by ~1e-3 while the losses agree (seen with
