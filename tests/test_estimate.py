@@ -1,6 +1,6 @@
 """The estimator against the built model: its parameter count equals the model's for every tiny
-config (and the SD-MoE and head-wise variants), and its FLOPs per token equal torch's FLOP counter
-on a forward pass (3 x forward for training)."""
+config (and the SD-MoE and head-wise variants) and for the real-scale configs' architectures shrunk,
+and its FLOPs per token equal torch's FLOP counter on a forward pass (3 x forward for training)."""
 import json
 
 import pytest
@@ -23,6 +23,23 @@ CASES = {
     "headwise shared bank": ("tiny-headwise.yaml", ["headwise.bank=shared"]),
     "headwise + sdmoe": ("tiny-headwise.yaml", ["moe.variant=headwise_sdmoe"]),
 }
+# The real-scale configs' architectures, shrunk to build in a second: every combination of options
+# they use builds (DeepSeek-V2-Lite's MLA without a query latent did not, before models/mla.py).
+SHRUNK = ["model.num_layers=3", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=null",
+          "moe.num_experts=16", "moe.ffn_hidden_size=32", "parallel.tensor=1", "parallel.expert=1", "parallel.expert_tensor=1"]
+SHRUNK_MLA = ["model.num_query_groups=4", "model.dense_layers=1", "model.dense_ffn_hidden_size=64", "moe.shared_expert_ffn_hidden_size=32",
+              "model.mla.kv_lora_rank=16", "model.mla.qk_head_dim=16", "model.mla.qk_rope_head_dim=8",
+              "model.mla.v_head_dim=16"]
+CASES.update({
+    "qwen3-30b-a3b shrunk": ("qwen3-30b-a3b.yaml", [*SHRUNK, "model.num_query_groups=2", "model.kv_channels=16"]),
+    "deepseek-v2-lite shrunk": ("deepseek-v2-lite.yaml", [*SHRUNK, *SHRUNK_MLA]),
+    "deepseek-v3 shrunk": ("deepseek-v3.yaml", [*SHRUNK, *SHRUNK_MLA, "model.mla.q_lora_rank=32", "moe.topk=4",
+                                                "moe.num_groups=4", "moe.group_topk=2"]),
+    "sdmoe-2b shrunk": ("sdmoe-2b.yaml", [*SHRUNK, "model.num_query_groups=2", "model.kv_channels=16",
+                                          "moe.shared_expert_ffn_hidden_size=32"]),
+    "sdmoe-7b shrunk": ("sdmoe-7b.yaml", [*SHRUNK, "model.num_query_groups=2", "model.kv_channels=16",
+                                          "moe.shared_expert_ffn_hidden_size=32"]),
+})
 
 
 def build(name, *extra):
