@@ -42,3 +42,16 @@ def test_layouts_train_the_same_model_in_bf16(tmp_path):
         assert got[0]["grad_norm"] == pytest.approx(want[0]["grad_norm"], rel=1e-3), name
         for g, w in zip(got[1:], want[1:]):
             assert g["loss"] == pytest.approx(w["loss"], abs=3e-3), (name, g["step"])
+
+
+def test_an_fp32_run_resumes_in_bf16(tmp_path):
+    """A run started in fp32 (`auto` on a CPU) continues in bf16 (`auto` on a GPU): DeepSpeed's ZeRO
+    optimizer and BF16_Optimizer cut their fp32 partitions alike, so the masters and Adam moments
+    come back in place (one element off moves a loss by 0.1, test_resume.py)."""
+    launch(tmp_path / "fp32", 2, "train.max_steps=4")
+    launch(tmp_path / "switch", 2, "train.max_steps=4", "train.exit_interval=2")
+    proc = launch(tmp_path / "switch", 2, "train.max_steps=4", *BF16)
+    assert "resuming from step 2 with changed settings" in proc.stdout and "train.precision" in proc.stdout
+    assert "_load_legacy_checkpoint" not in proc.stdout  # DeepSpeed's print, silenced
+    for got, want in zip(metrics(tmp_path / "switch")[2:], metrics(tmp_path / "fp32")[2:]):
+        assert got["loss"] == pytest.approx(want["loss"], abs=3e-3), got["step"]

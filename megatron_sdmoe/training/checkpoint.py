@@ -20,6 +20,8 @@ the ZeRO partitions.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -238,7 +240,8 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
         # ZeRO takes the list of every data-parallel rank's state and picks its own by DP rank.
         partitions = [None] * layout.data_parallel
         partitions[layout.data_parallel_rank] = own["optimizer"]
-        engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # BF16_Optimizer prints a line as it loads
+            engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         load_resharded_optimizer(engine.optimizer, meta["ranks"], places[layout.rank], load)
     for group, own_settings in zip(engine.optimizer.param_groups, settings):
