@@ -478,10 +478,12 @@ def validate(cfg: Config, world_size: int) -> None:
              f"SD-MoE shares a common matrix among {group} experts, which parallel.expert={ep} splits unevenly "
              f"({local} per rank): choose an expert-parallel size whose share of experts divides {group} or is "
              "a multiple of it")
-    split_by_tp = [("model.num_attention_heads", m.num_attention_heads), ("model.num_query_groups", m.num_query_groups)]
+    split_by_tp = [("model.num_attention_heads", m.num_attention_heads),
+                   ("model.num_query_groups", m.num_query_groups)]
     if m.attention == "mla":  # its down projections are column-parallel (models/mla.py)
         split_by_tp += [("model.mla.q_lora_rank", m.mla.q_lora_rank or 0),
-                        ("model.mla.kv_lora_rank + model.mla.qk_rope_head_dim", m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)]
+                        ("model.mla.kv_lora_rank + model.mla.qk_rope_head_dim",
+                         m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)]
     for key, value in split_by_tp:
         need(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor={tp}: change one of them")
     need(ffn % etp == 0, f"the experts' FFN width {ffn} is not divisible by parallel.expert_tensor={etp}")

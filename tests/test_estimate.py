@@ -26,10 +26,11 @@ CASES = {
 # The real-scale configs' architectures, shrunk to build in a second: every combination of options
 # they use builds (DeepSeek-V2-Lite's MLA without a query latent did not, before models/mla.py).
 SHRUNK = ["model.num_layers=3", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=null",
-          "moe.num_experts=16", "moe.ffn_hidden_size=32", "parallel.tensor=1", "parallel.expert=1", "parallel.expert_tensor=1"]
-SHRUNK_MLA = ["model.num_query_groups=4", "model.dense_layers=1", "model.dense_ffn_hidden_size=64", "moe.shared_expert_ffn_hidden_size=32",
-              "model.mla.kv_lora_rank=16", "model.mla.qk_head_dim=16", "model.mla.qk_rope_head_dim=8",
-              "model.mla.v_head_dim=16"]
+          "moe.num_experts=16", "moe.ffn_hidden_size=32",
+          "parallel.tensor=1", "parallel.expert=1", "parallel.expert_tensor=1"]
+SHRUNK_MLA = ["model.num_query_groups=4", "model.dense_layers=1", "model.dense_ffn_hidden_size=64",
+              "moe.shared_expert_ffn_hidden_size=32", "model.mla.kv_lora_rank=16", "model.mla.qk_head_dim=16",
+              "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=16"]
 CASES.update({
     "qwen3-30b-a3b shrunk": ("qwen3-30b-a3b.yaml", [*SHRUNK, "model.num_query_groups=2", "model.kv_channels=16"]),
     "deepseek-v2-lite shrunk": ("deepseek-v2-lite.yaml", [*SHRUNK, *SHRUNK_MLA]),

@@ -32,12 +32,13 @@ LAYOUTS = {
                  "TP2": (2, ["parallel.tensor=2"], "one"),
                  # V2-Lite's MLA: no query latent (models/mla.py builds its query projection)
                  "one, no query latent": (1, ["model.mla.q_lora_rank=null"], None),
-                 "TP2, no query latent": (2, ["model.mla.q_lora_rank=null", "parallel.tensor=2"], "one, no query latent")},
+                 "TP2, no query latent": (2, ["model.mla.q_lora_rank=null", "parallel.tensor=2"],
+                                          "one, no query latent")},
 }
 # Under TP the row-parallel sums round differently (~1e-7), which can flip a token between two
-# nearly tied experts: that step's grad norm then moves by ~1e-3 while the losses agree (seen with
-# GQA as with MLA at TP2, at seed 1234 step 8, never at EP2, whose per-token arithmetic is one
-# process's). DeepSeek's runs take a seed whose routes have no such tie at this size.
+# nearly tied experts: that step's grad norm then moves by ~1e-3 while the losses agree (seen at TP2
+# and seed 1234 with MLA at step 4 and with GQA at step 8, never at EP2, whose per-token arithmetic
+# is one process's). DeepSeek's runs take a seed whose routes have no such tie at this size.
 SEED = {"qwen2_moe": [], "deepseek": ["train.seed=4"]}
 
 
