@@ -30,6 +30,9 @@ LAYOUTS = {
                   "TP2": (2, ["parallel.tensor=2"], "one")},
     "deepseek": {"one": (1, [], None), "EP2": (2, ["parallel.expert=2"], "one"),
                  "TP2": (2, ["parallel.tensor=2"], "one"),
+                 # the DeepSeek-V3-like config's layout, scaled down: TP, EP and expert TP under ZeRO-2
+                 "TP2 x EP2 x ETP2": (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=2",
+                                          "parallel.zero_stage=2"], "one"),
                  # V2-Lite's MLA: no query latent (models/mla.py builds its query projection)
                  "one, no query latent": (1, ["model.mla.q_lora_rank=null"], None),
                  "TP2, no query latent": (2, ["model.mla.q_lora_rank=null", "parallel.tensor=2"],
