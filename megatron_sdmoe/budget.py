@@ -1,6 +1,8 @@
 """`sdmoe-budget CONFIG`: head-wise routing settings (MH-MoE, methods.md section 2) that match the
 routed-expert budget of a config's flat MoE.
 
+    sdmoe-budget configs/tiny-qwen3-moe.yaml --heads 2,4 --top 3
+
 The flat reference is the config's moe section (moe.num_experts E, moe.topk k, moe.ffn_hidden_size
 f), whatever moe.variant says. A proposal (headwise.bank=per_head: H heads, each routing top-k_h
 among its own E_h experts of width f_h that read d/H) should hold the flat's total and active

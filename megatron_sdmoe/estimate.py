@@ -1,6 +1,9 @@
 """`sdmoe-estimate CONFIG`: parameters (total, active), training FLOPs per token and memory per GPU
 of a config's model under its parallel layout, with a verdict whether it fits.
 
+    sdmoe-estimate configs/qwen3-30b-a3b.yaml --gpus 32
+    sdmoe-estimate configs/deepseek-v3.yaml --gpus 1024 --json train.recompute=full
+
 Parameters are counted from the config the way models/ builds them (tests check the count against
 the built model for every tiny config). FLOPs per token are the training matmul FLOPs (3 x forward:
 2 per weight use, plus causal attention scores); the training metrics' TFLOP/s and MFU use the

@@ -1,9 +1,11 @@
 """Config loading, overrides, validation, and the one-line exit-2 contract for bad input."""
+import importlib
 import re
+import tomllib
 
 import pytest
 
-from conftest import CONFIG, python_m, run_env
+from conftest import CONFIG, REPO, python_m, run_env
 from megatron_sdmoe.config import Config, load_config, validate
 from megatron_sdmoe.errors import UserError
 
@@ -99,3 +101,18 @@ def test_cli_missing_config_file(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: config file {tmp_path / 'nope.yaml'} not found: pass the "
                                                 "path of a YAML file (see configs/)"]
+
+
+def _console_scripts():
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["scripts"].items()
+
+
+@pytest.mark.parametrize("prog, target", _console_scripts())
+def test_every_command_help_shows_an_example(prog, target, capsys):
+    module, function = target.split(":")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert re.search(rf"^ +{prog} \S", help_text, re.MULTILINE), f"{prog} --help has no example line"

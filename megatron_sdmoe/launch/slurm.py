@@ -1,6 +1,9 @@
 """`sdmoe-submit CONFIG --nodes N --gpus-per-node G [...]`: write a SLURM batch script for the run
 into `<run.dir>/slurm/job.sbatch` and submit it with sbatch (or, with --dry-run, print it).
 
+    sdmoe-submit configs/qwen3-30b-a3b.yaml --nodes 4 --gpus-per-node 8 --time 48:00:00 \
+        --profile site.yaml run.dir=/scratch/runs/q30b
+
 Two launch modes. By default the job runs one task per GPU; each task takes its rank from SLURM
 (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS) and meets the others at the first node of the
 allocation (torch's env:// rendezvous). With --per-node it runs one task per node, torchrun (through
