@@ -65,14 +65,17 @@ def test_sdmoe_resume_across_a_refresh_is_exact(tmp_path):
     assert resumed[-1]["expert_overlap"] == reference[-1]["expert_overlap"]
 
 
-@pytest.mark.parametrize("nproc, layout", [
-    (4, ["parallel.expert=2", "parallel.zero_stage=2"]),
-    (2, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.zero_stage=2", "sdmoe.common=per_expert"]),
-], ids=["EP2 x DP2", "TP2 ETP2 per-expert C"])
-def test_project_updates_keeps_adamw_changes_in_the_complement(tmp_path, nproc, layout):
+@pytest.mark.parametrize("nproc, layout, bound", [
+    (4, ["parallel.expert=2", "parallel.zero_stage=2"], 1e-4),
+    (2, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.zero_stage=2", "sdmoe.common=per_expert"], 1e-4),
+    # a GPU's defaults: bf16 under ZeRO-1 (DeepSpeed's BF16_Optimizer holds the fp32 masters); the
+    # bases are bf16, so the complement is that exact (about 2e-4; 0.2 without project_updates)
+    (4, ["parallel.expert=2", "train.precision=bf16"], 1e-3),
+], ids=["EP2 x DP2", "TP2 ETP2 per-expert C", "bf16 ZeRO-1 EP2 x DP2"])
+def test_project_updates_keeps_adamw_changes_in_the_complement(tmp_path, nproc, layout, bound):
     proc = launch(tmp_path, nproc, *SDMOE, "sdmoe.project_updates=true", "sdmoe.refresh_interval=8", "train.max_steps=3",
                   *layout, module="tests.workers.sdmoe_complement")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("COMPLEMENT "))
     result = json.loads(line.removeprefix("COMPLEMENT "))
     assert result["min_change"] > 0  # every unique matrix moved
-    assert result["off_complement"] < 1e-4
+    assert result["off_complement"] < bound

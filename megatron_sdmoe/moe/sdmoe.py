@@ -263,7 +263,8 @@ class SDMoEExperts(GroupedExperts):
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
-    def _by_projection(self, fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
+    def by_projection(self, fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{gate, up, down}: views of stacked fc1-shaped and fc2-shaped tensors."""
         ffn = self.linear_fc2.shape[-1]
         return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
 
@@ -271,7 +272,7 @@ class SDMoEExperts(GroupedExperts):
         """Common matrices per projection, [groups, m, n] (this rank's shards): the local groups'
         by default."""
         groups = self.local_groups if groups is None else groups
-        return self._by_projection(self.common_fc1[groups], self.common_fc2[groups])
+        return self.by_projection(self.common_fc1[groups], self.common_fc2[groups])
 
     def basis(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Q, V of `proj` for the local groups (views), [groups, m, k] and [groups, n, k]."""
@@ -285,7 +286,7 @@ class SDMoEExperts(GroupedExperts):
         return q.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
 
     def uniques(self) -> dict[str, torch.Tensor]:
-        return self._by_projection(self.linear_fc1, self.linear_fc2)
+        return self.by_projection(self.linear_fc1, self.linear_fc2)
 
     def _seed(self, proj: str, step: int, group: int) -> int:
         key = zlib.crc32(f"{self.layer_key}.{proj}".encode())
@@ -390,12 +391,11 @@ class UpdateProjector:
     @torch.no_grad()
     def project(self) -> None:
         for layer, (old_fc1, old_fc2) in zip(self.layers, self.before):
-            ffn = layer.linear_fc2.shape[-1]
-            for param, old, parts in ((layer.linear_fc1, old_fc1, (("gate", slice(None, ffn)), ("up", slice(ffn, None)))),
-                                      (layer.linear_fc2, old_fc2, (("down", slice(None)),))):
-                new = safe_get_full_fp32_param(param)
-                for proj, rows in parts:
-                    q, v = (basis.float() for basis in layer.expert_basis(proj))
-                    new[:, rows] = old[:, rows] + complement(new[:, rows] - old[:, rows], q, v, layer.shards[proj])
-                safe_set_full_fp32_param(param, new)
-                param.copy_(new.to(param.dtype))
+            new_fc1, new_fc2 = safe_get_full_fp32_param(layer.linear_fc1), safe_get_full_fp32_param(layer.linear_fc2)
+            old, new = layer.by_projection(old_fc1, old_fc2), layer.by_projection(new_fc1, new_fc2)
+            for proj in PROJECTIONS:  # in place: views of new_fc1, new_fc2
+                q, v = (basis.float() for basis in layer.expert_basis(proj))
+                new[proj].copy_(old[proj] + complement(new[proj] - old[proj], q, v, layer.shards[proj]))
+            for param, full in ((layer.linear_fc1, new_fc1), (layer.linear_fc2, new_fc2)):
+                safe_set_full_fp32_param(param, full)
+                param.copy_(full.to(param.dtype))

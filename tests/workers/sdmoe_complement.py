@@ -1,11 +1,13 @@
 """Trains SD-MoE through the real setup path (DeepSpeed ZeRO, AdamW) within one refresh interval
 and prints `COMPLEMENT {json}` on rank 0: the largest relative part of any unique matrix's change
-that lies outside the two-sided complement of its (unchanged) common basis."""
+that lies outside the two-sided complement of its (unchanged) common basis. The change is read from
+DeepSpeed's fp32 master weights: in bf16 the model's weights are their rounding."""
 import json
 import sys
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
 
 from megatron_sdmoe.config import load_config, validate
 from megatron_sdmoe.moe.sdmoe import complement, sdmoe_modules
@@ -20,13 +22,13 @@ def main() -> None:
     assert cfg.train.max_steps <= cfg.sdmoe.refresh_interval, "stay within one refresh interval"
     session = setup(cfg)
     layers = sdmoe_modules(session.engine.module)
-    before = [{p: u.detach().clone() for p, u in layer.uniques().items()} for layer in layers]
+    before = [master_uniques(layer) for layer in layers]
     session.trainer.run(session.start_step)
     worst, smallest_change = 0.0, float("inf")
     for layer, old in zip(layers, before):
-        for proj, unique in layer.uniques().items():
-            delta = unique.detach() - old[proj]
-            q, v = layer.expert_basis(proj)
+        for proj, unique in master_uniques(layer).items():
+            delta = unique - old[proj]
+            q, v = (basis.float() for basis in layer.expert_basis(proj))
             inside = complement(delta, q, v, layer.shards[proj])
             worst = max(worst, ((delta - inside).norm() / delta.norm()).item())
             smallest_change = min(smallest_change, delta.norm().item())
@@ -35,6 +37,10 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("COMPLEMENT " + json.dumps({"off_complement": result[0].item(), "min_change": -result[1].item()}))
     shutdown()
+
+
+def master_uniques(layer) -> dict[str, torch.Tensor]:
+    return layer.by_projection(safe_get_full_fp32_param(layer.linear_fc1), safe_get_full_fp32_param(layer.linear_fc2))
 
 
 if __name__ == "__main__":
