@@ -5,6 +5,7 @@ unwritable run directory, a tokenizer with more tokens than the model's vocabula
 and impossible layouts are test_config.py's."""
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -79,6 +80,15 @@ def test_validation_blend_too_small(tmp_path):
                  "train.eval_interval=2")
     assert_refused(proc, f"error: the validation split of {tiny} holds 40 tokens")
     assert not (tmp_path / "run").exists()
+
+
+def test_test_split_too_small(tmp_path):
+    # 100 documents of 20 tokens; data.split=95,4,1 leaves the test set 1 document: 20 tokens.
+    data = corpus(tmp_path / "data", 100, 20)
+    cfg = load_config(CONFIG, SMALL + ["data.split=95,4,1"])
+    with pytest.raises(UserError, match=re.escape(f"the test split of {data} holds 20 tokens (1 documents)")):
+        checked_blends(cfg, [data], [], 8)
+    checked_blends(cfg, [data], [], 0)  # nothing evaluated: no test set is read
 
 
 def test_one_sample_is_enough(tmp_path):

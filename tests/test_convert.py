@@ -171,12 +171,12 @@ LAYOUTS = {"EP2": ["parallel.expert=2"], "TP2": ["parallel.tensor=2"]}
                                             ("tiny-headwise.yaml", "EP2")])
 def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, tmp_path):
     """The exported model's logits equal this system's under the checkpoint's layout, and its
-    validation loss equals the one the run measured at the checkpoint's step."""
+    validation and test losses equal the ones the run measured at its last step."""
     from tests.workers.logits import TOKENS
 
-    run, config = tmp_path / "run", REPO / "configs" / config
-    launch(run, 2, "train.max_steps=2", "train.eval_interval=2", *LAYOUTS[layout], config=config)
-    launch(run, 2, *LAYOUTS[layout], str(tmp_path / "ours.pt"), module="tests.workers.logits", config=config)
+    run, config, split = tmp_path / "run", REPO / "configs" / config, "data.split=96,2,2"
+    launch(run, 2, "train.max_steps=2", "train.eval_interval=2", split, *LAYOUTS[layout], config=config)
+    launch(run, 2, split, *LAYOUTS[layout], str(tmp_path / "ours.pt"), module="tests.workers.logits", config=config)
     convert("to-hf", run, tmp_path / "hf")
     hf = load_exported(tmp_path / "hf")
     with torch.no_grad():
@@ -184,7 +184,10 @@ def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, t
     ours = torch.load(tmp_path / "ours.pt")
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
-    assert metrics(run)[-1]["val_loss"] == pytest.approx(hf_validation_loss(tmp_path / "hf", run), abs=1e-4)
+    last = metrics(run)[-1]
+    assert last["val_loss"] == pytest.approx(hf_validation_loss(tmp_path / "hf", run), abs=1e-4)
+    assert last["test_loss"] == pytest.approx(hf_validation_loss(tmp_path / "hf", run, "test"), abs=1e-4)
+    assert all("test_loss" not in row for row in metrics(run)[:-1])  # once, at the end
 
 
 # the sizes of hf_model_config (conftest's SMALL would change them); a step at learning rate 0
@@ -229,8 +232,8 @@ def load_exported(hf_dir):
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
 
 
-def hf_validation_loss(hf_dir, run) -> float:
-    """The validation loss of the transformers model in `hf_dir` on `run`'s validation samples, as
+def hf_validation_loss(hf_dir, run, split: str = "valid") -> float:
+    """The loss of the transformers model in `hf_dir` on `run`'s validation (or test) samples, as
     the run's evaluation computes it (the mean of micro-batch means)."""
     import torch.nn.functional as F
 
@@ -238,12 +241,12 @@ def hf_validation_loss(hf_dir, run) -> float:
 
     cfg = load_config(run / "config.yaml")
     tr = cfg.train
-    _, valid = build_datasets(cfg, load_tokenizer(ensure_sample_corpus().tokenizer_dir),
-                              tr.max_steps * tr.global_batch_size, tr.eval_samples)
+    samples = getattr(build_datasets(cfg, load_tokenizer(ensure_sample_corpus().tokenizer_dir),
+                                     tr.max_steps * tr.global_batch_size, tr.eval_samples), split)
     hf = load_exported(hf_dir)
     losses = []
     for start in range(0, tr.eval_samples, tr.micro_batch_size):
-        batch = get_batch(valid, list(range(start, start + tr.micro_batch_size)))
+        batch = get_batch(samples, list(range(start, start + tr.micro_batch_size)))
         with torch.no_grad():
             logits = hf(batch["tokens"]).logits
         per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")

@@ -112,7 +112,7 @@ def test_build_datasets_blend(tmp_path, tok):
     # Corpus a uses ids [1, 2000), corpus b [2000, 4000): each sample shows which one it came from.
     a = _corpus(tmp_path / "a", 1, 2000, tok.eod, seed=1)
     b = _corpus(tmp_path / "b", 2000, 4000, tok.eod, seed=2)
-    train, valid = build_datasets(_cfg(tmp_path, [0.25, a, 0.75, b]), tok, 200, 16)
+    train, valid, _ = build_datasets(_cfg(tmp_path, [0.25, a, 0.75, b]), tok, 200, 16)
     assert (len(train), len(valid)) == (200, 16)
     for ds in (train, valid):
         batch = get_batch(ds, list(range(len(ds))))
@@ -127,7 +127,7 @@ def test_build_datasets_blend(tmp_path, tok):
 
 def test_build_datasets_sample_corpus_and_batch(tmp_path, tok):
     cfg = _cfg(tmp_path, [], seq_length=64)
-    train, valid = build_datasets(cfg, tok, 48, 8)
+    train, valid, _ = build_datasets(cfg, tok, 48, 8)
     assert (len(train), len(valid)) == (48, 8)
     batch = get_batch(train, list(range(16, 32)))
     assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == {
@@ -139,13 +139,30 @@ def test_build_datasets_sample_corpus_and_batch(tmp_path, tok):
     assert torch.equal(batch["position_ids"][0], torch.arange(64))
     # Same seed, fresh index cache: the same samples (what resuming relies on).
     cfg.data.cache_dir = str(tmp_path / "other_cache")
-    again, _ = build_datasets(cfg, tok, 48, 8)
+    again = build_datasets(cfg, tok, 48, 8).train
     assert torch.equal(get_batch(again, list(range(16, 32)))["tokens"], batch["tokens"])
 
 
 def test_build_datasets_without_validation(tmp_path, tok):
-    train, valid = build_datasets(_cfg(tmp_path, []), tok, 8, 0)
-    assert len(train) == 8 and valid is None
+    train, valid, test = build_datasets(_cfg(tmp_path, []), tok, 8, 0)
+    assert len(train) == 8 and valid is None and test is None
+
+
+@single_process
+def test_build_datasets_test_split_holds_the_last_documents(tmp_path, tok):
+    # Document i is token 10 + i repeated: each sample's tokens name the documents it came from.
+    prefix = str(tmp_path / "numbered")
+    write_indexed(prefix, [[10 + i] * 40 + [tok.eod] for i in range(100)], tok.vocab_size)
+    cfg = _cfg(tmp_path, [prefix])
+    cfg.data.split = "80,10,10"
+    splits = build_datasets(cfg, tok, 64, 16)
+    assert (len(splits.train), len(splits.valid), len(splits.test)) == (64, 16, 16)
+    for dataset, documents in ((splits.train, range(0, 80)), (splits.valid, range(80, 90)),
+                               (splits.test, range(90, 100))):
+        seen = set(get_batch(dataset, list(range(len(dataset))))["tokens"].unique().tolist()) - {tok.eod}
+        assert seen and seen <= {10 + i for i in documents}
+    cfg.data.split = "90,10,0"  # no weight: no test set
+    assert build_datasets(cfg, tok, 64, 16).test is None
 
 
 def test_build_datasets_empty_splits(tmp_path, tok):

@@ -24,7 +24,8 @@ def domains(tmp_path_factory):
 
 def test_blend_reports_domains_and_route_composition(domains, tmp_path):
     blend = [f"data.path=[1, {domains['prose']}, 1, {domains['shout']}]", f"data.tokenizer={domains['tokenizer']}",
-             "moe.diag_interval=2", "moe.diag_rank=4", "moe.diag_position_buckets=2", "train.eval_interval=2"]
+             "moe.diag_interval=2", "moe.diag_rank=4", "moe.diag_position_buckets=2", "train.eval_interval=2",
+             "data.split=96,2,2"]
     runs = {"one": (1, []), "TP2": (2, ["parallel.tensor=2"]), "EP2": (2, ["parallel.expert=2"])}
     results = {}
     for name, (nproc, overrides) in runs.items():
@@ -40,12 +41,17 @@ def test_blend_reports_domains_and_route_composition(domains, tmp_path):
             for key in ("val_loss", "val_loss_prose", "val_loss_shout"):
                 assert got[key] == pytest.approx(one[step][key], abs=2e-5), (name, key)
             assert got["route_neff"] == pytest.approx(one[step]["route_neff"], abs=1e-9), name
+    # the test set, per domain too, once at the last step (4)
+    assert abs(one[4]["test_loss_prose"] - one[4]["test_loss_shout"]) > 0.01 and "test_loss" not in one[2]
+    for name in ("TP2", "EP2"):
+        for key in ("test_loss", "test_loss_prose", "test_loss_shout"):
+            assert results[name][4][key] == pytest.approx(one[4][key], abs=2e-5), (name, key)
 
 
 def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_path):
     stages = [f"data.stages=[{{name: prose, steps: 3, path: [{domains['prose']}]}}, "
               f"{{name: shout, steps: 3, path: [{domains['shout']}]}}]",
-              f"data.tokenizer={domains['tokenizer']}", "train.max_steps=6"]
+              f"data.tokenizer={domains['tokenizer']}", "train.max_steps=6", "data.split=96,2,2"]
     launch(tmp_path / "straight", 1, *stages)
     result = json.loads((tmp_path / "straight" / "stages.json").read_text())
     (l00,), (l10, l11) = result["loss"]
@@ -55,6 +61,7 @@ def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_
     rows = {row["step"]: row for row in metrics(tmp_path / "straight")}
     assert rows[3]["stage_loss_prose"] == pytest.approx(l00) and "bwt" not in rows[3]
     assert rows[6]["bwt"] == pytest.approx(result["bwt"])
+    assert "test_loss" in rows[6] and "test_loss" not in rows[3]  # the last stage's test set, at the end
     # stop at the stage boundary, start again: the same matrix, bit for bit
     launch(tmp_path / "restarted", 1, *stages, "train.exit_interval=3")
     assert len(json.loads((tmp_path / "restarted" / "stages.json").read_text())["loss"]) == 1
@@ -71,7 +78,9 @@ def test_separate_validation_blend(domains, tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path}", f"data.path=[{domains['prose']}]",
                              f"data.valid_path=[{domains['shout']}]", f"data.tokenizer={domains['tokenizer']}"])
     tok = load_tokenizer(domains["tokenizer"])
-    train, valid = build_datasets(cfg, tok, 16, 16)
+    train, valid, test = build_datasets(cfg, tok, 16, 16)
+    assert test is None  # the training blend is used whole
+
     def text(dataset, i):  # without the end-of-document token's own (lower-case) text
         return tok.detokenize([t for t in dataset[i]["tokens"].tolist() if t != tok.eod])
 

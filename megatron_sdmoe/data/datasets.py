@@ -6,6 +6,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import megatron.core.datasets
 import torch
@@ -95,23 +96,27 @@ def _single_process_is_fine():
         yield
 
 
-def checked_blends(cfg: Config, path: list, valid_path: list, num_valid_samples: int) -> tuple[tuple, tuple | None]:
+def checked_blends(cfg: Config, path: list, valid_path: list, num_eval_samples: int) -> tuple[tuple, tuple | None]:
     """The blend `path` and the validation blend `valid_path` (None if empty) parsed, refused when their
     files cannot give whole samples: each split that is read (with a validation blend, each prefix)
     must hold at least one sequence + 1 tokens, or megatron fills every sample by repeating those
-    few tokens (and, with none at all, loops forever adding epochs). Reads only the .idx files."""
+    few tokens (and, with none at all, loops forever adding epochs). The validation and test sets
+    are read when `num_eval_samples` > 0, the test set when data.split gives it a weight. Reads
+    only the .idx files."""
     _check_split(cfg.data.split)
     blend, valid_blend = parse_blend(path), parse_blend(valid_path) if valid_path else None
     if valid_blend:
         parts = [("train", prefix, (0.0, 1.0)) for prefix in blend[0]]
-        parts += [("validation", prefix, (0.0, 1.0)) for prefix in valid_blend[0] if num_valid_samples]
+        parts += [("validation", prefix, (0.0, 1.0)) for prefix in valid_blend[0] if num_eval_samples]
     else:
-        names = ("train", "validation")[:1 + bool(num_valid_samples)]
         split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.data.split))
+        names = ["train", "validation"][:1 + bool(num_eval_samples)]
         for name, bounds in zip(names, split_matrix):
             if bounds is None:
                 raise UserError(f"data.split={cfg.data.split!r} gives the {name} set no documents: give it a weight "
                                 "(e.g. 98,2,0) or set train.eval_interval=0")
+        if num_eval_samples and split_matrix[2] is not None:
+            names.append("test")
         parts = [(name, prefix, bounds) for prefix in blend[0] for name, bounds in zip(names, split_matrix)]
     need = cfg.data.seq_length + 1  # a sample's tokens and the label after the last
     for name, prefix, bounds in parts:
@@ -127,11 +132,18 @@ def checked_blends(cfg: Config, path: list, valid_path: list, num_valid_samples:
     return blend, valid_blend
 
 
-def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_valid_samples: int,
-                   path: list | None = None, valid_path: list | None = None) -> tuple[Dataset, Dataset | None]:
-    """Train and validation datasets of exactly the requested lengths (valid: None if 0 requested)
-    from the blend `path` (default data.path; empty: the sample corpus), split by data.split, or
-    validated on the separate blend `valid_path` (default data.valid_path) when one is given.
+class Splits(NamedTuple):
+    train: Dataset
+    valid: Dataset | None
+    test: Dataset | None  # when data.split gives the test set a weight (never with data.valid_path)
+
+
+def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_eval_samples: int,
+                   path: list | None = None, valid_path: list | None = None) -> Splits:
+    """Train, validation and test datasets of exactly the requested lengths (validation and test:
+    `num_eval_samples` each, None if 0; test also None when data.split gives it no weight) from the
+    blend `path` (default data.path; empty: the sample corpus), split by data.split, or validated on
+    the separate blend `valid_path` (default data.valid_path) when one is given (then no test set).
 
     Must be called on every rank. Under torch.distributed, megatron's builder already builds each
     dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
@@ -147,7 +159,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
                             f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
                             "data.tokenizer")
         path = [corpus.prefix]
-    blend, valid_blend = checked_blends(cfg, path, valid_path, num_valid_samples)
+    blend, valid_blend = checked_blends(cfg, path, valid_path, num_eval_samples)
     with _single_process_is_fine():
         config = GPTDatasetConfig(
             random_seed=cfg.train.seed,
@@ -161,11 +173,12 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             eod_mask_loss=False,
             create_attention_mask=False,  # attention kernels build the causal mask themselves
         )
-        sizes = [num_train_samples, num_valid_samples, 0]
-        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only.
-    return Subset(train, range(num_train_samples)), (Subset(valid, range(num_valid_samples))
-                                                      if num_valid_samples else None)
+        sizes = [num_train_samples, num_eval_samples, num_eval_samples]
+        built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only. It builds
+    # no dataset for a split without documents (a zero weight, or data.valid_path's missing test).
+    return Splits(*(Subset(dataset, range(n)) if dataset is not None and n else None
+                    for dataset, n in zip(built, sizes)))
 
 
 def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -115,23 +115,23 @@ class Trainer:
                 "skipped_steps": self.engine.skipped_steps, **self.throughput(tokens / seconds), **device_memory()}
 
     @torch.no_grad()
-    def evaluate(self, stage: Stage) -> dict[str, float]:
-        """`val_loss` on the stage's validation data (the mean of micro-batch means) and, for a
-        blend, `val_loss_<domain>` (token-weighted per source dataset)."""
+    def evaluate(self, dataset, domains: list[str], name: str = "val") -> dict[str, float]:
+        """`<name>_loss` on `dataset` (the mean of micro-batch means) and, for a blend,
+        `<name>_loss_<domain>` (token-weighted per source dataset)."""
         self.engine.eval()
         per_step = self.cfg.train.micro_batch_size * self.layout.data_parallel
-        means, sums = [], torch.zeros(2, len(stage.domains), dtype=torch.float64, device=self.layout.device)
+        means, sums = [], torch.zeros(2, len(domains), dtype=torch.float64, device=self.layout.device)
         for micro in range(self.cfg.train.eval_samples // per_step):
-            losses, mask, domain = self._forward(stage.valid, 0, micro)
+            losses, mask, domain = self._forward(dataset, 0, micro)
             means.append(losses.sum() / mask.sum())
             sums[0].index_add_(0, domain, losses.sum(1).double())
             sums[1].index_add_(0, domain, mask.sum(1).double())
         self.engine.train()
-        result = {"val_loss": self._mean_over_dp(means)}
-        if len(stage.domains) > 1:
+        result = {f"{name}_loss": self._mean_over_dp(means)}
+        if len(domains) > 1:
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
-            result.update({f"val_loss_{name}": (sums[0, d] / sums[1, d]).item()
-                           for d, name in enumerate(stage.domains) if sums[1, d] > 0})
+            result.update({f"{name}_loss_{domain}": (sums[0, d] / sums[1, d]).item()
+                           for d, domain in enumerate(domains) if sums[1, d] > 0})
         return result
 
     def end_of_stage(self, stage: Stage) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -144,7 +144,7 @@ class Trainer:
         for label, seen in enumerate(self.stages[:index + 1]):
             if composition:
                 composition.recording, composition.fixed_label = True, label
-            row.append(self.evaluate(seen)["val_loss"])
+            row.append(self.evaluate(seen.valid, seen.domains)["val_loss"])
         per_layer = {}
         if composition:
             composition.recording, composition.fixed_label = False, None
@@ -185,7 +185,10 @@ class Trainer:
             evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
             stage = self.stage_at(step)
             if evaluating:
-                result.update(self.evaluate(stage))
+                result.update(self.evaluate(stage.valid, stage.domains))
+            testing = done == tr.max_steps and stage.test is not None  # data.split's held-out test set, once
+            if testing:
+                result.update(self.evaluate(stage.test, stage.domains, "test"))
             stage_end = self.stage_matrix is not None and done == stage.last_step
             if stage_end:
                 scalars, stage_per_layer = self.end_of_stage(stage)
@@ -196,6 +199,7 @@ class Trainer:
                 self.metrics.log(done, result, per_layer)
                 if self.layout.is_main:
                     val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
+                    val += f" | test loss {result['test_loss']:.4f}" if testing else ""
                     val += f" | BWT {result['bwt']:+.4f}" if "bwt" in result else ""
                     bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "
                               f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "

@@ -50,7 +50,8 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, **scalars, **per_layer}) + "\n")
         self.jsonl.flush()
         for key, value in scalars.items():
-            tag = (f"val/{key[4:]}" if key.startswith("val_") else f"stages/{key}"
+            tag = (f"val/{key[4:]}" if key.startswith("val_") else f"test/{key[5:]}" if key.startswith("test_")
+                   else f"stages/{key}"
                    if key.startswith("stage_") or key == "bwt" else f"train/{key}")
             self.tb.add_scalar(tag, value, step)
         for key, values in per_layer.items():

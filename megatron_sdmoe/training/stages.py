@@ -27,6 +27,7 @@ class Stage:
     steps: int
     train: Dataset
     valid: Dataset | None
+    test: Dataset | None  # data.split's test set, evaluated when the run reaches train.max_steps
     domains: list[str]  # the validation blend's datasets, in the order of their dataset ids
 
     @property
@@ -52,8 +53,8 @@ def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     tr = cfg.train
     stages, first = [], 0
     for name, path, valid_path, steps in stage_blends(cfg):
-        train, valid = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path)
-        stages.append(Stage(name, first, steps, train, valid, domain_names(valid_path or path)))
+        splits = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path)
+        stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path)))
         first += steps
     return stages
 
