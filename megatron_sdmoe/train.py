@@ -87,7 +87,8 @@ def setup(cfg: Config) -> Session:
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     seed_everything(tr.seed)
-    model = build_model(cfg, vocab, dtype).to(layout.device)
+    resuming = latest_checkpoint(run_dir) is not None  # check_resumable has vetted it
+    model = build_model(cfg, vocab, dtype, resuming).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
     start_step = load_latest(run_dir, engine, layout)
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)

@@ -25,8 +25,9 @@ def mla_kwargs(cfg: Config) -> dict:
                 rotary_base=cfg.model.rotary_base)
 
 
-def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
-    """A megatron-core GPTModel with the preset's MoE layers, initialised layout-independently.
+def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool = False):
+    """A megatron-core GPTModel with the preset's MoE layers, initialised layout-independently
+    (`resuming`: left NaN for the checkpoint to fill, models/init.py: poison_weights).
 
     GPTModel, not HybridModel: in megatron-core 0.19.2 HybridModel's stack specs are built from
     Transformer Engine modules and treat MoE as a separate layer type, while GPTModel takes a local
@@ -36,7 +37,7 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     from megatron_sdmoe.models.common import decoder_specs, shared_transformer_kwargs
-    from megatron_sdmoe.models.init import init_weights
+    from megatron_sdmoe.models.init import init_weights, poison_weights
     from megatron_sdmoe.moe import sdmoe
 
     family = PRESETS[cfg.model.preset]
@@ -57,7 +58,10 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype):
                          share_embeddings_and_output_weights=family.TIE_EMBEDDINGS)
     finally:
         gpt_logger.setLevel(level)
-    init_weights(model, cfg)
+    if resuming:
+        poison_weights(model)
+    else:
+        init_weights(model, cfg)
     if is_sdmoe(cfg):
-        sdmoe.prepare(model, imported=bool(cfg.model.init_from))
+        sdmoe.prepare(model, imported=bool(cfg.model.init_from), split=not resuming)
     return model

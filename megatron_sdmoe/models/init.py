@@ -89,6 +89,15 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
                 p in name for p in _OUTPUT_PROJECTIONS) else std)
 
 
+@torch.no_grad()
+def poison_weights(model: torch.nn.Module) -> None:
+    """Every weight NaN, for a model whose checkpoint is about to load: drawing it first would cost
+    minutes per rank at scale on every restart, and a weight the load missed now fails loudly
+    (NaN loss) instead of training on silently from its random draw."""
+    for tensor in weight_tensors(model).values():
+        tensor.fill_(float("nan"))
+
+
 def _copy_from(source: WeightDirectory, model: torch.nn.Module, first_expert: int) -> None:
     """This rank's parts of every tensor in `source` (parameters, and the routing bias a DeepSeek
     model carries); one the model has no place for is refused, never dropped."""

@@ -361,13 +361,14 @@ def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
     return [m for m in model.modules() if isinstance(m, SDMoEExperts)]
 
 
-def prepare(model: torch.nn.Module, imported: bool) -> None:
-    """After baseline initialisation (`imported`: from model.init_from): name every SD-MoE layer
-    and split its initial weights."""
+def prepare(model: torch.nn.Module, imported: bool, split: bool = True) -> None:
+    """Name every SD-MoE layer and, after baseline initialisation (`imported`: from
+    model.init_from), split its initial weights (`split=False`: a checkpoint brings them)."""
     for name, module in model.named_modules():
         if isinstance(module, SDMoEExperts):
             module.layer_key = name
-            module.split_initial_weights(keep=imported)
+            if split:
+                module.split_initial_weights(keep=imported)
 
 
 class UpdateProjector:
