@@ -14,7 +14,9 @@ import re
 import zlib
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, routed_experts
 from megatron_sdmoe.convert.weights import WeightDirectory
@@ -79,14 +81,19 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     source = WeightDirectory(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None:
         _copy_from(source, model, first_expert)
-    for name, param in model.named_parameters():
-        if source is not None and name in source:
-            continue  # copied above
+    drawn = [(name, param) for name, param in model.named_parameters() if source is None or name not in source]
+    # one CPU core draws about 65M values/s: minutes per rank for the largest configs, so a bar
+    # (shown once a draw takes over 5 s, on the first rank)
+    bar = tqdm(total=sum(p.numel() for _, p in drawn), desc="initial weights", unit="value", unit_scale=True,
+               delay=5, disable=dist.is_initialized() and dist.get_rank() != 0)
+    for name, param in drawn:
         if param.dim() == 1:  # norm weights (no biases in these families)
             param.fill_(1.0 if "norm" in name else 0.0)
         else:
             _draw_into(name, param, first_expert, cfg.train.seed, output_std if any(
                 p in name for p in _OUTPUT_PROJECTIONS) else std)
+        bar.update(param.numel())
+    bar.close()
 
 
 @torch.no_grad()
