@@ -4,6 +4,7 @@ matrix and BWT, and keeps them across a restart at the stage boundary."""
 import json
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import launch, metrics
 
@@ -41,8 +42,11 @@ def test_blend_reports_domains_and_route_composition(domains, tmp_path):
             for key in ("val_loss", "val_loss_prose", "val_loss_shout"):
                 assert got[key] == pytest.approx(one[step][key], abs=2e-5), (name, key)
             assert got["route_neff"] == pytest.approx(one[step]["route_neff"], abs=1e-9), name
-    # the test set, per domain too, once at the last step (4)
+    # the test set, per domain too, once at the last step (4), also in TensorBoard
     assert abs(one[4]["test_loss_prose"] - one[4]["test_loss_shout"]) > 0.01 and "test_loss" not in one[2]
+    events = EventAccumulator(str(tmp_path / "one" / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("test/loss_shout")] == [(4, pytest.approx(one[4]["test_loss_shout"]))]
     for name in ("TP2", "EP2"):
         for key in ("test_loss", "test_loss_prose", "test_loss_shout"):
             assert results[name][4][key] == pytest.approx(one[4][key], abs=2e-5), (name, key)

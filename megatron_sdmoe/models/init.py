@@ -82,7 +82,7 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     if source is not None:
         _copy_from(source, model, first_expert)
     drawn = [(name, param) for name, param in model.named_parameters() if source is None or name not in source]
-    # one CPU core draws about 65M values/s: minutes per rank for the largest configs, so a bar
+    # one CPU core draws 65-80M values/s: minutes per rank for the largest configs, so a bar
     # (shown once a draw takes over 5 s, on the first rank)
     bar = tqdm(total=sum(p.numel() for _, p in drawn), desc="initial weights", unit="value", unit_scale=True,
                delay=5, disable=dist.is_initialized() and dist.get_rank() != 0)

@@ -32,6 +32,15 @@ def device_memory() -> dict[str, float]:
     return {"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
 
 
+def _tensorboard_tag(key: str) -> str:
+    """val_loss -> val/loss, test_loss_<dataset> -> test/loss_<dataset>, stage_* and bwt under
+    stages/, the rest under train/."""
+    for section in ("val", "test"):
+        if key.startswith(section + "_"):
+            return f"{section}/{key[len(section) + 1:]}"
+    return f"stages/{key}" if key.startswith("stage_") or key == "bwt" else f"train/{key}"
+
+
 class MetricsLogger:
     """Writes on the main rank only; other ranks hold a disabled logger."""
 
@@ -50,10 +59,7 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, **scalars, **per_layer}) + "\n")
         self.jsonl.flush()
         for key, value in scalars.items():
-            tag = (f"val/{key[4:]}" if key.startswith("val_") else f"test/{key[5:]}" if key.startswith("test_")
-                   else f"stages/{key}"
-                   if key.startswith("stage_") or key == "bwt" else f"train/{key}")
-            self.tb.add_scalar(tag, value, step)
+            self.tb.add_scalar(_tensorboard_tag(key), value, step)
         for key, values in per_layer.items():
             for layer, value in enumerate(values):
                 self.tb.add_scalar(f"moe/{key}/layer_{layer}", value, step)
