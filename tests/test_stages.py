@@ -46,7 +46,8 @@ def test_blend_reports_domains_and_route_composition(domains, tmp_path):
     assert abs(one[4]["test_loss_prose"] - one[4]["test_loss_shout"]) > 0.01 and "test_loss" not in one[2]
     events = EventAccumulator(str(tmp_path / "one" / "tb"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("test/loss_shout")] == [(4, pytest.approx(one[4]["test_loss_shout"]))]
+    test_scalars = [(e.step, e.value) for e in events.Scalars("test/loss_shout")]
+    assert test_scalars == [(4, pytest.approx(one[4]["test_loss_shout"]))]
     for name in ("TP2", "EP2"):
         for key in ("test_loss", "test_loss_prose", "test_loss_shout"):
             assert results[name][4][key] == pytest.approx(one[4][key], abs=2e-5), (name, key)
