@@ -2,9 +2,20 @@
 
 Entry points print its message as a single line and exit with code 2.
 """
+from contextlib import contextmanager
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
 
 class UserError(Exception):
     """Bad input that the user can fix; the message names the problem and the fix."""
+
+
+@contextmanager
+def writing_into(directory: Path, setting: str = "run.dir"):
+    """Turn a failure to write into `directory` (the value of `setting`) into the one-line error."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{setting} {directory} is not writable ({e.strerror}): choose another {setting}") from e

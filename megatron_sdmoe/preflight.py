@@ -1,17 +1,17 @@
 """Bad input that only the files show, refused before anything is written: a checkpoint in run.dir
-that this run cannot load (another model, another layout) and data files too small to give a
-sample. sdmoe-train runs these checks on every rank before it starts; sdmoe-launch and
-sdmoe-submit run them before they start or submit anything.
+that this run cannot load (another model, another layout), data files too small to give a sample,
+and weights to start from (model.init_from) that are not all there. sdmoe-launch and sdmoe-submit
+run these checks before they start or submit anything; sdmoe-train runs them on every rank (ranks
+on different nodes may see different files) before it writes anything.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_sdmoe.config import Config, load_config, validate
+from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
-from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.checkpoint import check_resumable
+from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint
 from megatron_sdmoe.training.stages import stage_blends
 
 
@@ -19,17 +19,15 @@ def checked_config(path: str, overrides: list[str], world_size: int) -> Config:
     """CONFIG + overrides, validated for `world_size` processes and against run.dir's checkpoint and the data."""
     cfg = load_config(path, overrides)
     validate(cfg, world_size)
+    check_files(cfg, world_size)
+    return cfg
+
+
+def check_files(cfg: Config, world_size: int) -> None:
+    """The checks against the files of a validated config, as this process sees them."""
     check_resumable(cfg, world_size)
     for _name, blend, valid_blend, _steps in stage_blends(cfg):
         if blend:  # empty: the built-in sample corpus, checked where it is built
             checked_blends(cfg, blend, valid_blend, cfg.train.eval_samples)
-    return cfg
-
-
-@contextmanager
-def writing_into(run_dir: Path):
-    """Turn a failure to write into run.dir into the one-line bad-input error."""
-    try:
-        yield
-    except OSError as e:
-        raise UserError(f"run.dir {run_dir} is not writable ({e.strerror}): choose another run.dir") from e
+    if cfg.model.init_from and latest_checkpoint(Path(cfg.run.dir)) is None:  # a resumed run reads its checkpoint
+        WeightDirectory(cfg.model.init_from)  # the index and every shard it names

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sdmoe.config import Config, grad_accumulation_steps, recompute_label, save_config
+from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config, validate
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
-from megatron_sdmoe.data.tokenizer import load_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
 from megatron_sdmoe.models import build_model, padded_vocab_size
-from megatron_sdmoe.preflight import checked_config, writing_into
+from megatron_sdmoe.preflight import check_files
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
+from megatron_sdmoe.runtime.agreement import agreed, check_shared_directory
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.training.checkpoint import (changed_training_settings, check_vocabulary, latest_checkpoint,
@@ -45,14 +46,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+    """run.dir (and data.cache_dir), each checked to be one directory on every rank, with the
+    resolved config.yaml written into run.dir."""
     run_dir = Path(cfg.run.dir)
-    if is_main:
-        with writing_into(run_dir):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / ".config.yaml.tmp"
-            save_config(cfg, tmp)
-            os.replace(tmp, run_dir / "config.yaml")
+    check_shared_directory(run_dir, "run.dir")
+    if cfg.data.cache_dir:  # rank 0 writes the dataset index cache, the other ranks read it
+        check_shared_directory(Path(cfg.data.cache_dir), "data.cache_dir")
+    agreed(lambda: _write_config(cfg, run_dir) if is_main else None)
     return run_dir
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+    with writing_into(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        save_config(cfg, tmp)
+        os.replace(tmp, run_dir / "config.yaml")
+
+
+def checked_tokenizer(cfg: Config) -> tuple[Tokenizer, int]:
+    """The tokenizer and the vocabulary size (before padding), refused if the model or run.dir's
+    checkpoint has fewer rows than it needs."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
+                        "raise it or leave it empty")
+    check_vocabulary(Path(cfg.run.dir), padded_vocab_size(vocab, cfg))
+    return tokenizer, vocab
 
 
 @dataclass
@@ -71,16 +92,14 @@ def setup(cfg: Config) -> Session:
     """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
+    # Until the run directory is written, bad input that one rank alone sees (other nodes, other
+    # files) is every rank's error: see runtime/agreement.py.
+    agreed(lambda: check_files(cfg, layout.world_size))
     if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
         if layout.is_main:
             ensure_sample_corpus()
         dist.barrier()
-    tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:  # refused before the run directory is written
-        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
-                        "raise it or leave it empty")
-    check_vocabulary(Path(cfg.run.dir), padded_vocab_size(vocab, cfg))
+    tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg))
     run_dir = prepare_run_dir(cfg, layout.is_main)
     stages = build_stages(cfg, tokenizer)
 
@@ -122,7 +141,9 @@ def train(cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        train(checked_config(args.config, args.overrides, world_size_from_env()))
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size_from_env())
+        train(cfg)
     except UserError as e:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,12 +1,13 @@
 """Bad input that only the files show, each refused with one line `error: <problem>: <fix>` and
 exit code 2 before anything is written: data files missing or too small to give one sample, a
 checkpoint saved by another model, vocabulary or parallel layout (or an incomplete one), an
-unwritable run directory, a tokenizer with more tokens than the model's vocabulary. Config typos
-and impossible layouts are test_config.py's."""
+unwritable run directory, a tokenizer with more tokens than the model's vocabulary, files or
+directories that not every rank sees. Config typos and impossible layouts are test_config.py's."""
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -19,11 +20,12 @@ from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.checkpoint import check_resumable
 
 SEQ = 64  # SMALL's data.seq_length: a sample takes 65 tokens
+NODE_LOCAL = "tests.workers.node_local"  # each rank in a working directory of its own, as on different nodes
 
 
 def train(run_dir, *overrides, world: int = 1) -> subprocess.CompletedProcess:
-    """sdmoe-train as rank 0 of `world` processes (the checks come before any rendezvous)."""
-    return launch(run_dir, 1, *overrides, check=False, env={"WORLD_SIZE": str(world), "RANK": "0"} if world > 1 else None)
+    """sdmoe-train in `world` processes."""
+    return launch(run_dir, world, *overrides, check=False)
 
 
 def assert_refused(proc, start: str) -> str:
@@ -175,4 +177,48 @@ def test_unwritable_run_dir(how, tmp_path):
 def test_vocabulary_larger_than_the_model(tmp_path):
     proc = train(tmp_path / "run", "model.vocab_size=100")
     assert_refused(proc, "error: model.vocab_size=100 is smaller than the tokenizer's ")
+    assert not (tmp_path / "run").exists()
+
+
+def on_own_disks(tmp_path, *overrides) -> subprocess.CompletedProcess:
+    """Two ranks, each in its own working directory under tmp_path/ranks: a relative path names
+    another file on each rank, as paths on node-local disks do."""
+    return launch(tmp_path / "run", 2, *overrides, module=NODE_LOCAL, env={"RANK_DIRS": str(tmp_path / "ranks")},
+                  check=False)
+
+
+def test_data_that_one_rank_does_not_see(tmp_path):
+    (tmp_path / "ranks" / "rank0").mkdir(parents=True)
+    corpus(tmp_path / "ranks" / "rank0" / "data", 100, 70)  # on rank 0's disk only
+    proc = on_own_disks(tmp_path, "data.path=[data]", f"data.tokenizer={tmp_path}")
+    line = assert_refused(proc, "error: data.path prefix data has no data.bin or data.idx: ")
+    assert line.endswith(f" [seen on rank 1 of 2, host {socket.gethostname()}]")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", ["run.dir", "data.cache_dir"])
+def test_directory_that_is_not_shared_by_every_rank(setting, tmp_path):
+    """Every rank writes its checkpoint shards into run.dir, and reads the index cache rank 0
+    writes into data.cache_dir: refused before the first step, not at the first checkpoint."""
+    proc = on_own_disks(tmp_path, f"{setting}=here")
+    line = assert_refused(proc, f"error: {setting}=here is not one directory shared by every rank (a node-local disk, "
+                                "or a relative path resolved in another working directory): set ")
+    assert line.endswith(f" [seen on rank 1 of 2, host {socket.gethostname()}]")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no config.yaml, no stamp left behind
+
+
+def test_directories_shared_by_every_rank(tmp_path):
+    """The same check passes when the paths are absolute: the ranks' own directories do not matter."""
+    launch(tmp_path / "run", 2, f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1", module=NODE_LOCAL,
+           env={"RANK_DIRS": str(tmp_path / "ranks")})
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists() and any((tmp_path / "cache").iterdir())
+    assert not list(tmp_path.rglob(".shared-check-*"))
+
+
+def test_weights_to_start_from_with_a_missing_shard(tmp_path):
+    (tmp_path / "hf").mkdir()
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"embedding.word_embeddings.weight": "model-00001-of-00001.safetensors"}}))
+    proc = train(tmp_path / "run", f"model.init_from={tmp_path / 'hf'}")
+    assert_refused(proc, f"error: {index} names shard model-00001-of-00001.safetensors, which is missing: ")
     assert not (tmp_path / "run").exists()

@@ -26,8 +26,8 @@ from string import Template
 
 import yaml
 
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
-from megatron_sdmoe.preflight import checked_config, writing_into
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
+from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
 SCRIPT = Template("""#!/bin/bash
