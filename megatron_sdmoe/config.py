@@ -160,6 +160,7 @@ class StageConfig:
 
     path: list = field(default_factory=list)  # the stage's blend, as data.path
     valid_path: list = field(default_factory=list)  # its validation blend, as data.valid_path
+    test_path: list = field(default_factory=list)  # its test blend, as data.test_path (the last stage's is evaluated)
     steps: int = 0  # optimizer steps on it
     name: Optional[str] = None  # label in the stage matrix; default stage_<i>
 
@@ -172,6 +173,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # Hugging Face tokenizer directory; required with data.path
     split: str = "98,2,0"  # train,validation,test weights over each prefix's documents
     valid_path: list = field(default_factory=list)  # a separate validation blend (then data.split is unused)
+    test_path: list = field(default_factory=list)  # a separate test blend (needs data.valid_path)
     seq_length: int = 128
     cache_dir: Optional[str] = None  # megatron.core.datasets index cache; default <run.dir>/data_cache
     # Continual training: an ordered list of {path, steps, name} blends that replaces data.path;
@@ -442,6 +444,10 @@ def validate(cfg: Config, world_size: int) -> None:
          f"{m.num_query_groups}: change one of them")
     need(data.valid_path == [] or data.path != [], "data.valid_path needs data.path (the sample corpus has its "
          "own split): set data.path or drop data.valid_path")
+    for key, blends in [("data", data), *((f"data.stages[{i}]", stage) for i, stage in enumerate(data.stages))]:
+        need(blends.test_path == [] or blends.valid_path != [],
+             f"{key}.test_path needs {key}.valid_path (megatron-core reads either data.split's three splits or "
+             f"separate blends for each): set {key}.valid_path too, or drop {key}.test_path")
     need((data.path == [] and data.stages == []) or data.tokenizer is not None,
          "data.path or data.stages is set but data.tokenizer is not: give the Hugging Face tokenizer directory "
          "the corpus was tokenized with")

@@ -26,8 +26,8 @@ def checked_config(path: str, overrides: list[str], world_size: int) -> Config:
 def check_files(cfg: Config, world_size: int) -> None:
     """The checks against the files of a validated config, as this process sees them."""
     check_resumable(cfg, world_size)
-    for _name, blend, valid_blend, _steps in stage_blends(cfg):
+    for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):
         if blend:  # empty: the built-in sample corpus, checked where it is built
-            checked_blends(cfg, blend, valid_blend, cfg.train.eval_samples)
+            checked_blends(cfg, blend, valid_blend, test_blend, cfg.train.eval_samples)
     if cfg.model.init_from and latest_checkpoint(Path(cfg.run.dir)) is None:  # a resumed run reads its checkpoint
         WeightDirectory(cfg.model.init_from)  # the index and every shard it names

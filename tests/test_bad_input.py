@@ -84,21 +84,29 @@ def test_validation_blend_too_small(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_test_blend_too_small(tmp_path):
+    big, tiny = corpus(tmp_path / "big", 100, 20), corpus(tmp_path / "tiny", 2, 20)
+    proc = train(tmp_path / "run", f"data.path=[{big}]", f"data.valid_path=[{big}]", f"data.test_path=[{tiny}]",
+                 f"data.tokenizer={tmp_path}")
+    assert_refused(proc, f"error: the test split of {tiny} holds 40 tokens")
+    assert not (tmp_path / "run").exists()
+
+
 def test_test_split_too_small(tmp_path):
     # 100 documents of 20 tokens; data.split=95,4,1 leaves the test set 1 document: 20 tokens.
     data = corpus(tmp_path / "data", 100, 20)
     cfg = load_config(CONFIG, SMALL + ["data.split=95,4,1"])
     with pytest.raises(UserError, match=re.escape(f"the test split of {data} holds 20 tokens (1 documents)")):
-        checked_blends(cfg, [data], [], 8)
-    checked_blends(cfg, [data], [], 0)  # nothing evaluated: no test set is read
+        checked_blends(cfg, [data], [], [], 8)
+    checked_blends(cfg, [data], [], [], 0)  # nothing evaluated: no test set is read
 
 
 def test_one_sample_is_enough(tmp_path):
     """The bound is exact: a split of seq_length + 1 tokens passes, one token fewer does not."""
     cfg = load_config(CONFIG, SMALL + ["data.split=1"])
-    checked_blends(cfg, [corpus(tmp_path / "exact", 5, 13)], [], 0)
+    checked_blends(cfg, [corpus(tmp_path / "exact", 5, 13)], [], [], 0)
     with pytest.raises(UserError, match="holds 64 tokens"):
-        checked_blends(cfg, [corpus(tmp_path / "short", 4, 16)], [], 0)
+        checked_blends(cfg, [corpus(tmp_path / "short", 4, 16)], [], [], 0)
 
 
 def test_checkpoint_of_another_model(resumed):
@@ -218,7 +226,7 @@ def test_directories_shared_by_every_rank(tmp_path):
 def test_weights_to_start_from_with_a_missing_shard(tmp_path):
     (tmp_path / "hf").mkdir()
     index = tmp_path / "hf" / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"embedding.word_embeddings.weight": "model-00001-of-00001.safetensors"}}))
+    index.write_text(json.dumps({"weight_map": {"embedding.word_embeddings.weight": "model-1.safetensors"}}))
     proc = train(tmp_path / "run", f"model.init_from={tmp_path / 'hf'}")
-    assert_refused(proc, f"error: {index} names shard model-00001-of-00001.safetensors, which is missing: ")
+    assert_refused(proc, f"error: {index} names shard model-1.safetensors, which is missing: ")
     assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
-"""Domains and stages on two tiny corpora: a blended run reports per-domain validation loss and
-the routes' effective composition number (layout-independent), and a two-stage run writes the stage
-matrix and BWT, and keeps them across a restart at the stage boundary."""
+"""Domains and stages on two tiny corpora: a blended run reports per-domain validation and test
+loss and the routes' effective composition number (layout-independent), and a two-stage run writes
+the stage matrix and BWT, and keeps them across a restart at the stage boundary; separate
+validation and test blends are read."""
 import json
 
 import pytest
@@ -91,3 +92,17 @@ def test_separate_validation_blend(domains, tmp_path):
 
     assert all(text(valid, i) == text(valid, i).upper() for i in range(16))
     assert any(text(train, i) != text(train, i).upper() for i in range(16))
+
+
+def test_separate_test_blend(domains, tmp_path):
+    """data.test_path: the test set comes from that blend, reported by its datasets' names. Here it
+    is the validation blend with its datasets in the other order (the same samples, each under its
+    other dataset id), so the final per-dataset test losses equal the validation losses."""
+    prose, shout = domains["prose"], domains["shout"]
+    launch(tmp_path / "run", 1, f"data.path=[{prose}]", f"data.valid_path=[1, {prose}, 1, {shout}]",
+           f"data.test_path=[1, {shout}, 1, {prose}]", f"data.tokenizer={domains['tokenizer']}", "train.eval_interval=2")
+    rows = {row["step"]: row for row in metrics(tmp_path / "run")}
+    assert [step for step, row in rows.items() if "test_loss" in row] == [4]  # once, at train.max_steps
+    for name in ("prose", "shout"):
+        assert rows[4][f"test_loss_{name}"] == pytest.approx(rows[4][f"val_loss_{name}"], rel=1e-6), name
+    assert abs(rows[4]["test_loss_prose"] - rows[4]["test_loss_shout"]) > 0.01

@@ -96,18 +96,20 @@ def _single_process_is_fine():
         yield
 
 
-def checked_blends(cfg: Config, path: list, valid_path: list, num_eval_samples: int) -> tuple[tuple, tuple | None]:
-    """The blend `path` and the validation blend `valid_path` (None if empty) parsed, refused when their
-    files cannot give whole samples: each split that is read (with a validation blend, each prefix)
-    must hold at least one sequence + 1 tokens, or megatron fills every sample by repeating those
-    few tokens (and, with none at all, loops forever adding epochs). The validation and test sets
-    are read when `num_eval_samples` > 0, the test set when data.split gives it a weight. Reads
-    only the .idx files."""
+def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
+                   num_eval_samples: int) -> tuple[tuple, tuple | None, tuple | None]:
+    """The blend `path` and the validation and test blends `valid_path` and `test_path` (None if
+    empty) parsed, refused when their files cannot give whole samples: each split that is read
+    (with separate blends, each prefix) must hold at least one sequence + 1 tokens, or megatron
+    fills every sample by repeating those few tokens (and, with none at all, loops forever adding
+    epochs). The validation and test sets are read when `num_eval_samples` > 0, data.split's test
+    set when it has a weight. Reads only the .idx files."""
     _check_split(cfg.data.split)
-    blend, valid_blend = parse_blend(path), parse_blend(valid_path) if valid_path else None
+    blend, valid_blend, test_blend = (parse_blend(p) if p else None for p in (path, valid_path, test_path))
     if valid_blend:
         parts = [("train", prefix, (0.0, 1.0)) for prefix in blend[0]]
-        parts += [("validation", prefix, (0.0, 1.0)) for prefix in valid_blend[0] if num_eval_samples]
+        separate = [("validation", valid_blend), ("test", test_blend)] if num_eval_samples else []
+        parts += [(name, prefix, (0.0, 1.0)) for name, other in separate if other for prefix in other[0]]
     else:
         split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.data.split))
         names = ["train", "validation"][:1 + bool(num_eval_samples)]
@@ -129,21 +131,22 @@ def checked_blends(cfg: Config, path: list, valid_path: list, num_eval_samples: 
                 "" if valid_blend else f", or give the {name} split a larger weight in data.split")
             raise UserError(f"the {name} split of {prefix} holds {tokens} tokens ({end - beg} documents), fewer "
                             f"than one sample (data.seq_length + 1 = {need}): use {fix}")
-    return blend, valid_blend
+    return blend, valid_blend, test_blend
 
 
 class Splits(NamedTuple):
     train: Dataset
     valid: Dataset | None
-    test: Dataset | None  # when data.split gives the test set a weight (never with data.valid_path)
+    test: Dataset | None  # data.split's (when it has a weight) or data.test_path's
 
 
 def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_eval_samples: int,
-                   path: list | None = None, valid_path: list | None = None) -> Splits:
+                   path: list | None = None, valid_path: list | None = None, test_path: list | None = None) -> Splits:
     """Train, validation and test datasets of exactly the requested lengths (validation and test:
-    `num_eval_samples` each, None if 0; test also None when data.split gives it no weight) from the
-    blend `path` (default data.path; empty: the sample corpus), split by data.split, or validated on
-    the separate blend `valid_path` (default data.valid_path) when one is given (then no test set).
+    `num_eval_samples` each, None if 0; test also None without a weight or a blend) from the blend
+    `path` (default data.path; empty: the sample corpus), split by data.split, or, when the
+    separate blend `valid_path` (default data.valid_path) is given, trained on whole and validated
+    and tested on `valid_path` and `test_path` (default data.test_path; empty: no test set).
 
     Must be called on every rank. Under torch.distributed, megatron's builder already builds each
     dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
@@ -152,6 +155,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
     _require_helpers()
     path = cfg.data.path if path is None else path
     valid_path = cfg.data.valid_path if valid_path is None else valid_path
+    test_path = cfg.data.test_path if test_path is None else test_path
     if not path:
         corpus = ensure_sample_corpus()
         if Path(tokenizer.directory).resolve() != Path(corpus.tokenizer_dir).resolve():
@@ -159,12 +163,12 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
                             f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
                             "data.tokenizer")
         path = [corpus.prefix]
-    blend, valid_blend = checked_blends(cfg, path, valid_path, num_eval_samples)
+    blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_eval_samples)
     with _single_process_is_fine():
         config = GPTDatasetConfig(
             random_seed=cfg.train.seed,
             sequence_length=cfg.data.seq_length,
-            **({"blend_per_split": [blend, valid_blend, None]} if valid_blend else
+            **({"blend_per_split": [blend, valid_blend, test_blend]} if valid_blend else
                {"blend": blend, "split": cfg.data.split}),
             path_to_cache=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"),
             tokenizer=tokenizer,
@@ -176,7 +180,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
         sizes = [num_train_samples, num_eval_samples, num_eval_samples]
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only. It builds
-    # no dataset for a split without documents (a zero weight, or data.valid_path's missing test).
+    # no dataset for a split without documents (a zero weight, or no test blend).
     return Splits(*(Subset(dataset, range(n)) if dataset is not None and n else None
                     for dataset, n in zip(built, sizes)))
 

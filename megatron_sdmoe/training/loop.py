@@ -186,9 +186,9 @@ class Trainer:
             stage = self.stage_at(step)
             if evaluating:
                 result.update(self.evaluate(stage.valid, stage.domains))
-            testing = done == tr.max_steps and stage.test is not None  # data.split's held-out test set, once
+            testing = done == tr.max_steps and stage.test is not None  # the held-out test set, once
             if testing:
-                result.update(self.evaluate(stage.test, stage.domains, "test"))
+                result.update(self.evaluate(stage.test, stage.test_domains, "test"))
             stage_end = self.stage_matrix is not None and done == stage.last_step
             if stage_end:
                 scalars, stage_per_layer = self.end_of_stage(stage)

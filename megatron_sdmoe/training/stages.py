@@ -27,8 +27,9 @@ class Stage:
     steps: int
     train: Dataset
     valid: Dataset | None
-    test: Dataset | None  # data.split's test set, evaluated when the run reaches train.max_steps
+    test: Dataset | None  # evaluated when the run reaches train.max_steps (the last stage's)
     domains: list[str]  # the validation blend's datasets, in the order of their dataset ids
+    test_domains: list[str]  # the test blend's
 
     @property
     def last_step(self) -> int:  # 1-based step count at which the stage ends
@@ -43,18 +44,21 @@ def domain_names(path: list) -> list[str]:
     return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
 
 
-def stage_blends(cfg: Config) -> list[tuple[str, list, list, int]]:
-    """(name, blend, validation blend, steps) of each stage; without data.stages, one over data.path."""
-    return ([(stage_name(cfg, i), s.path, s.valid_path, s.steps) for i, s in enumerate(cfg.data.stages)]
-            or [("main", cfg.data.path, cfg.data.valid_path, cfg.train.max_steps)])
+def stage_blends(cfg: Config) -> list[tuple[str, list, list, list, int]]:
+    """(name, blend, validation blend, test blend, steps) of each stage; without data.stages, one
+    over data.path."""
+    return ([(stage_name(cfg, i), s.path, s.valid_path, s.test_path, s.steps) for i, s in enumerate(cfg.data.stages)]
+            or [("main", cfg.data.path, cfg.data.valid_path, cfg.data.test_path, cfg.train.max_steps)])
 
 
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     tr = cfg.train
     stages, first = [], 0
-    for name, path, valid_path, steps in stage_blends(cfg):
-        splits = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path)
-        stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path)))
+    for name, path, valid_path, test_path, steps in stage_blends(cfg):
+        splits = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path,
+                                test_path)
+        stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path),
+                            domain_names(test_path or path)))
         first += steps
     return stages
 
