@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,7 @@ from tqdm import tqdm
 from megatron_sdmoe.config import Config, routed_experts
 from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.errors import UserError
+from megatron_sdmoe.runtime.distributed import cores_per_local_rank
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj", "linear_fc2")
@@ -81,19 +85,30 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     source = WeightDirectory(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None:
         _copy_from(source, model, first_expert)
-    drawn = [(name, param) for name, param in model.named_parameters() if source is None or name not in source]
-    # one CPU core draws 65-80M values/s: minutes per rank for the largest configs, so a bar
-    # (shown once a draw takes over 5 s, on the first rank)
-    bar = tqdm(total=sum(p.numel() for _, p in drawn), desc="initial weights", unit="value", unit_scale=True,
-               delay=5, disable=dist.is_initialized() and dist.get_rank() != 0)
-    for name, param in drawn:
+    draws = []
+    for name, param in model.named_parameters():
+        if source is not None and name in source:
+            continue
         if param.dim() == 1:  # norm weights (no biases in these families)
             param.fill_(1.0 if "norm" in name else 0.0)
         else:
-            _draw_into(name, param, first_expert, cfg.train.seed, output_std if any(
-                p in name for p in _OUTPUT_PROJECTIONS) else std)
-        bar.update(param.numel())
+            draws += _draws(name, param, first_expert, cfg.train.seed,
+                            output_std if any(p in name for p in _OUTPUT_PROJECTIONS) else std)
+    # One core draws 65-80M values/s: minutes per rank for the largest configs. Each weight has its
+    # own generator, so the draws run on this rank's cores at once (torch releases the GIL) with
+    # the same values as one by one; and a bar, shown once it takes over 5 s, on the first rank.
+    bar = tqdm(total=sum(target.numel() for target, _ in draws), desc="initial weights", unit="value",
+               unit_scale=True, delay=5, disable=dist.is_initialized() and dist.get_rank() != 0)
+    with ThreadPoolExecutor(cores_per_local_rank()) as pool:
+        for target in pool.map(_fill, draws):
+            bar.update(target.numel())
     bar.close()
+
+
+@torch.no_grad()  # in the drawing thread: grad mode is per thread
+def _fill(job: tuple[torch.Tensor, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    target, values = job
+    return target.copy_(values())
 
 
 @torch.no_grad()
@@ -118,13 +133,13 @@ def _copy_from(source: WeightDirectory, model: torch.nn.Module, first_expert: in
         targets[name].copy_(local_part(name, source.tensor(name), targets[name], first_expert))
 
 
-def _draw_into(name: str, param: torch.nn.Parameter, first_expert: int, seed: int, std: float) -> None:
+def _draws(name: str, param: torch.nn.Parameter, first_expert: int, seed: int,
+           std: float) -> list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]:
+    """(part of `param`, the draw of its values) for each whole weight `param` holds."""
     is_expert = ".experts." in name
     if getattr(param, "stacked_experts", False):  # [local experts, ...]: one draw per expert
         prefix, projection = name.rsplit(".", 1)
-        for e in range(param.shape[0]):
-            key = f"{prefix}.local_experts.{first_expert + e}.{projection}.weight"
-            param[e].copy_(draw(key, param[e], param, 1, is_expert, seed, std))
-    else:
-        key = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{first_expert + int(m.group(1))}.", name)
-        param.copy_(draw(key, param, param, 0, is_expert, seed, std))
+        keys = [f"{prefix}.local_experts.{first_expert + e}.{projection}.weight" for e in range(param.shape[0])]
+        return [(param[e], partial(draw, key, param[e], param, 1, is_expert, seed, std)) for e, key in enumerate(keys)]
+    key = _LOCAL_EXPERT.sub(lambda m: f".local_experts.{first_expert + int(m.group(1))}.", name)
+    return [(param, partial(draw, key, param, param, 0, is_expert, seed, std))]

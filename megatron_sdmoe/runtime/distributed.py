@@ -62,8 +62,7 @@ def init_distributed(tensor: int, expert: int, expert_tensor: int) -> Layout:
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:
         # Share the cores among the local ranks: oversubscribed OpenMP threads spin and stall.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        torch.set_num_threads(cores_per_local_rank())
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30), device_id=device)
 
@@ -75,6 +74,12 @@ def init_distributed(tensor: int, expert: int, expert_tensor: int) -> Layout:
                   expert_tensor=expert_tensor, data_parallel=ps.get_data_parallel_world_size(),
                   data_parallel_rank=ps.get_data_parallel_rank(),
                   device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
+
+
+def cores_per_local_rank() -> int:
+    """This process's share of the cores it may run on, split evenly among the ranks of its machine."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
 def seed_everything(seed: int) -> None:
