@@ -113,6 +113,15 @@ class HeadwiseConfig:
 
 
 @dataclass
+class SmoothingConfig:
+    """Parametric singularity smoothing (methods.md section 5, arXiv 2602.01308); see docs/smoothing.md."""
+
+    enabled: bool = False  # on a gradient-norm spike, clip every weight matrix's top singular values
+    threshold: float = 2.5  # tau: a spike is a global gradient norm above tau x its running mean
+    ema_decay: float = 0.99  # the running mean: an EMA over the steps that were not spikes (our choice)
+
+
+@dataclass
 class ParallelConfig:
     tensor: int = 1
     expert: int = 1
@@ -188,6 +197,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     sdmoe: SDMoEConfig = field(default_factory=SDMoEConfig)
     headwise: HeadwiseConfig = field(default_factory=HeadwiseConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -433,6 +443,8 @@ def validate(cfg: Config, world_size: int) -> None:
                                     and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
          f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last, or empty")
     need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
+    need(cfg.smoothing.threshold > 0, f"smoothing.threshold={cfg.smoothing.threshold} must be positive (paper: 2.5)")
+    need(0 < cfg.smoothing.ema_decay < 1, f"smoothing.ema_decay={cfg.smoothing.ema_decay} must lie in (0, 1)")
     need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
     need(moe.topk <= moe.num_experts,
          f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")

@@ -1,4 +1,5 @@
 """Config loading, overrides, validation, and the one-line exit-2 contract for bad input."""
+import dataclasses
 import importlib
 import re
 import tomllib
@@ -119,3 +120,19 @@ def test_every_command_help_shows_an_example(prog, target, capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     assert re.search(rf"^ +{prog} \S", help_text, re.MULTILINE), f"{prog} --help has no example line"
+
+
+def config_keys(section, prefix: str = ""):
+    """Every dotted key of a config section, nested sections flattened (a list of sections is one key)."""
+    for f in dataclasses.fields(section):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_readme_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+    reference = readme[readme.index("## Config reference"):]
+    assert [key for key in config_keys(Config) if f"`{key}`" not in reference] == []

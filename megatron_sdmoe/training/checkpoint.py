@@ -1,8 +1,8 @@
 """Checkpoints that resume exactly: model, ZeRO optimizer partitions, LR schedule, RNG, step.
 
 Layout on disk (`run_dir/checkpoints/`):
-    step_00000008/meta.json         step, layout, each rank's place in it, consumed samples
-                                    (written last, by rank 0)
+    step_00000008/meta.json         step, layout, each rank's place in it, consumed samples, the
+                                    training loop's own state (written last, by rank 0)
     step_00000008/config.yaml       the run's config when it saved (resuming checks the model against it)
     step_00000008/rank_00003.pt     this rank's ZeRO optimizer partition, schedule, RNG; and, if
                                     the rank is the first with its TP / EP / expert-TP position, its
@@ -111,8 +111,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_samples: int, keep: int = 0) -> Path:
-    """Write step `step` atomically, point `latest` at it, then keep only the newest `keep` (0: all)."""
+def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_samples: int, keep: int = 0,
+                    trainer_state: dict | None = None) -> Path:
+    """Write step `step` atomically, point `latest` at it, then keep only the newest `keep` (0: all).
+    `trainer_state`: the training loop's own state, the same on every rank (saved_trainer_state)."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp_{name}"
@@ -130,7 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
     if layout.is_main:
         meta = {"step": step, "consumed_samples": consumed_samples, "vocab_rows": engine.module.vocab_size,
                 "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor),
-                "ranks": places}
+                "ranks": places, "trainer": trainer_state or {}}
         _write_synced(tmp / "config.yaml", (run_dir / "config.yaml").read_text())
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -217,6 +219,12 @@ def check_vocabulary(run_dir: Path, rows: int) -> None:
         raise UserError(f"checkpoint {path} has a vocabulary of {saved} rows, but this run's tokenizer and "
                         f"model.vocab_size give {rows}: resume with the data.tokenizer and model.vocab_size it was "
                         "saved with, or start a new run.dir")
+
+
+def saved_trainer_state(run_dir: Path) -> dict:
+    """The training loop's state saved with the latest checkpoint ({} before the first)."""
+    path = latest_checkpoint(run_dir)
+    return json.loads((path / "meta.json").read_text()).get("trainer", {}) if path is not None else {}
 
 
 def load_latest(run_dir: Path, engine, layout: Layout) -> int:

@@ -18,10 +18,11 @@ from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.runtime.preemption import StopRequest
-from megatron_sdmoe.training.checkpoint import save_checkpoint
+from megatron_sdmoe.training.checkpoint import save_checkpoint, saved_trainer_state
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput, device_memory
 from megatron_sdmoe.training.profiling import StepProfiler
+from megatron_sdmoe.training.smoothing import SingularitySmoother
 from megatron_sdmoe.training.stages import Stage, StageMatrix
 from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
@@ -48,6 +49,9 @@ class Trainer:
                             if cfg.moe.diag_interval else None)
         self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, dist.get_rank())
+        self.smoother = (SingularitySmoother(cfg.smoothing, engine.module, layout.device,
+                                             saved_trainer_state(run_dir).get("smoothing"))
+                         if cfg.smoothing.enabled else None)
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -105,14 +109,16 @@ class Trainer:
         update_expert_bias(self.model_config, self.engine.module)
         if self.update_projector:
             self.update_projector.project()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        smoothing = self.smoother.after_step(grad_norm) if self.smoother else {}
         loss = self._mean_over_dp(losses)
         seconds = time.perf_counter() - start
-        grad_norm = self.engine.get_global_grad_norm()
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
         # DeepSpeed skips the update (and the LR schedule) when the gradient norm is not finite.
         return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / self.grad_accumulation, step + 1),
-                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "skipped_steps": self.engine.skipped_steps, **self.throughput(tokens / seconds), **device_memory()}
+                "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.engine.skipped_steps, **smoothing,
+                **self.throughput(tokens / seconds), **device_memory()}
 
     @torch.no_grad()
     def evaluate(self, dataset, domains: list[str], name: str = "val") -> dict[str, float]:
@@ -212,7 +218,7 @@ class Trainer:
             if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
                     or exiting or stopped or diverged):
                 save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
-                                tr.keep_checkpoints)
+                                tr.keep_checkpoints, {"smoothing": self.smoother.state()} if self.smoother else {})
             if exiting or stopped or diverged:
                 break
         bar.close()
