@@ -15,7 +15,9 @@ def test_bf16_training_learns_on_gpu(tmp_path):
     assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
 
 
-@pytest.mark.parametrize("variant", [[], ["moe.variant=sdmoe", "sdmoe.refresh_interval=2"]], ids=["topk", "sdmoe"])
+@pytest.mark.parametrize("variant", [[], ["moe.variant=sdmoe", "sdmoe.refresh_interval=2"],
+                                     ["smoothing.enabled=true", "smoothing.threshold=0.5"]],
+                         ids=["topk", "sdmoe", "smoothing every step"])
 def test_fp32_on_gpu_matches_cpu(tmp_path, variant):
     launch(tmp_path / "gpu", 1, "train.precision=fp32", *variant)
     launch(tmp_path / "cpu", 1, *variant, env={"CUDA_VISIBLE_DEVICES": ""})
