@@ -107,7 +107,7 @@ def setup(cfg: Config) -> Session:
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     seed_everything(tr.seed)
     resuming = latest_checkpoint(run_dir) is not None  # check_resumable has vetted it
-    model = build_model(cfg, vocab, dtype, resuming, layout.device)
+    model = build_model(cfg, vocab, dtype, resuming).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
     start_step = load_latest(run_dir, engine, layout)
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)

@@ -25,11 +25,9 @@ def mla_kwargs(cfg: Config) -> dict:
                 rotary_base=cfg.model.rotary_base)
 
 
-def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool = False,
-                device: torch.device | None = None):
+def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool = False):
     """A megatron-core GPTModel with the preset's MoE layers, initialised layout-independently
-    (`resuming`: left NaN for the checkpoint to fill, models/init.py: poison_weights), on `device`
-    (default: the CPU, where the weights are drawn).
+    (`resuming`: left NaN for the checkpoint to fill, models/init.py: poison_weights).
 
     GPTModel, not HybridModel: in megatron-core 0.19.2 HybridModel's stack specs are built from
     Transformer Engine modules and treat MoE as a separate layer type, while GPTModel takes a local
@@ -64,7 +62,6 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool
         poison_weights(model)
     else:
         init_weights(model, cfg)
-    model.to(device)  # before SD-MoE's split: its collectives run on the device's backend (NCCL takes no CPU tensors)
     if is_sdmoe(cfg):
         sdmoe.prepare(model, imported=bool(cfg.model.init_from), split=not resuming)
     return model
