@@ -2,6 +2,8 @@
 model, loaded with AutoModelForCausalLM.from_pretrained, gives this system's logits on the same
 tokens (fp32), for each family, SD-MoE experts (exported as plain ones) and checkpoints saved
 at EP2 and TP2; transformers -> this system -> transformers is bit-identical; bad input exits 2."""
+import json
+import shutil
 import subprocess
 
 import pytest
@@ -273,6 +275,23 @@ def test_an_imported_routing_bias_is_never_dropped(tmp_path):
     assert "mlp.router.expert_bias has no place in this model" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_weights_one_rank_cannot_read(tmp_path):
+    """model.init_from with each rank in its own working directory (as on two nodes' disks), a
+    shard truncated on rank 1's: its read error is the error of both ranks, printed once."""
+    _, config = imported_model(tmp_path, "qwen3_moe")
+    for rank in (0, 1):
+        shutil.copytree(tmp_path / "imported" / "weights", tmp_path / "ranks" / f"rank{rank}" / "weights")
+    weights = tmp_path / "ranks" / "rank1" / "weights"
+    file = json.loads((weights / "model.safetensors.index.json").read_text())["weight_map"]["output_layer.weight"]
+    (weights / file).write_bytes((weights / file).read_bytes()[:1000])  # shards open when first read
+    proc = launch(tmp_path / "run", 2, *IMPORTED, "parallel.expert=2", "model.init_from=weights", config=config,
+                  module="tests.workers.node_local", env={"RANK_DIRS": str(tmp_path / "ranks")}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: weights/{file} is not a readable safetensors file") and \
+        " [seen on rank 1 of 2, host " in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("case, field", [
     ("rope_interleave", "rope_interleave"), ("yarn", "rope_type"), ("bias", "attention_bias"),
     ("four per group", "num_experts_per_tok / topk_group"), ("quantised", "quantization_config")])
@@ -307,8 +326,6 @@ def test_a_model_transformers_cannot_represent_is_not_exported(config, overrides
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
-    import json
-    import shutil
 
     from safetensors.torch import load_file
 

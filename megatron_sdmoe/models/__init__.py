@@ -39,6 +39,7 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool
     from megatron_sdmoe.models.common import decoder_specs, shared_transformer_kwargs
     from megatron_sdmoe.models.init import init_weights, poison_weights
     from megatron_sdmoe.moe import sdmoe
+    from megatron_sdmoe.runtime.agreement import agreed
 
     family = PRESETS[cfg.model.preset]
     with warnings.catch_warnings():  # megatron-core's own default CUDA-graph scope is deprecated
@@ -60,8 +61,8 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool
         gpt_logger.setLevel(level)
     if resuming:
         poison_weights(model)
-    else:
-        init_weights(model, cfg)
+    else:  # model.init_from's files may fail to read on one rank alone
+        agreed(lambda: init_weights(model, cfg))
     if is_sdmoe(cfg):
         sdmoe.prepare(model, imported=bool(cfg.model.init_from), split=not resuming)
     return model
