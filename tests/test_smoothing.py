@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import launch, metrics
+from conftest import REPO, launch, metrics
 from megatron_sdmoe.moe.sdmoe import complement
 from megatron_sdmoe.training.smoothing import clip_top_singular_values
 
@@ -69,6 +69,18 @@ def test_layouts_smooth_the_same_model(tmp_path):
     for name in runs:
         assert seen[name]["min_top_ratio"] > 1 - 1e-4 and seen[name]["max_master_difference"] == 0, (name, seen[name])
     assert spectra(launch(tmp_path / "plain", 1, module=WORKER))["max_top_ratio"] < 0.999
+
+
+def test_deepseek_at_tp2_smooths_the_same_model(tmp_path):
+    """MLA's latent projections, shared experts, a dense first layer and MTP layers, split by TP2."""
+    config = REPO / "configs" / "tiny-deepseek.yaml"
+    one, tp2 = (spectra(launch(tmp_path / name, nproc, *EVERY_STEP, *layout, module=WORKER, config=config))
+                for name, nproc, layout in (("one", 1, []), ("TP2", 2, ["parallel.tensor=2"])))
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "TP2")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert metrics(tmp_path / "TP2")[-1]["smoothed_steps"] == 3
+    assert min(one["min_top_ratio"], tp2["min_top_ratio"]) > 1 - 1e-4
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
