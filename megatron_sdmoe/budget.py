@@ -26,9 +26,10 @@ import sys
 from dataclasses import asdict, dataclass
 
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, load_config, routed_experts, routed_topk,
-                                   router_bank_size, validate)
+                                   router_bank_size)
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 from megatron_sdmoe.estimate import expert_parameters, parameter_blocks, routed_active, sub_tokens, vocab_size
+from megatron_sdmoe.validation import validate
 
 DEFAULT_HEADS = (2, 4, 8, 16)
 TOPKS_PER_HEAD = range(1, 5)

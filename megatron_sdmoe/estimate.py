@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
                                    load_config, recompute_label, routed_experts, routed_topk, router_bank_size,
-                                   sdmoe_group_size, validate)
+                                   sdmoe_group_size)
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.validation import validate
 
 GIB = 2**30
 # Dense bf16 / fp32 peak TFLOP/s (vendor datasheets) by device-name fragment, first match wins.

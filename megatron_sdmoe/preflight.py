@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_sdmoe.config import Config, load_config, validate
+from megatron_sdmoe.config import Config, load_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint

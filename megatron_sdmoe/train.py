@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config, validate
+from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into

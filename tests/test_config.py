@@ -7,7 +7,8 @@ import tomllib
 import pytest
 
 from conftest import CONFIG, REPO, python_m, run_env
-from megatron_sdmoe.config import Config, load_config, validate
+from megatron_sdmoe.config import Config, load_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.errors import UserError
 
 

@@ -143,7 +143,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_real_scale_configs_match_published_sizes_and_fit(name):
-    from megatron_sdmoe.config import validate
+    from megatron_sdmoe.validation import validate
 
     gpus, total, active, counts_embedding, active_tolerance = PUBLISHED[name]
     cfg = load_config(REPO / "configs" / f"{name}.yaml", ["model.mtp_layers=0"])

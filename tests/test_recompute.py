@@ -115,7 +115,8 @@ def test_recomputation_saves_what_the_estimate_says(single_process_groups, name)
     20%: the per-layer model leaves out small and CPU-only tensors (QK-norm inputs, RoPE tables,
     the CPU attention kernel's score matrix) and counts the routed experts' outputs, which these
     experts do not keep."""
-    from megatron_sdmoe.config import load_config, validate
+    from megatron_sdmoe.config import load_config
+    from megatron_sdmoe.validation import validate
     from megatron_sdmoe.errors import UserError
     from megatron_sdmoe.estimate import saved_activation_bytes
     from megatron_sdmoe.models import build_model

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_sdmoe.config import Config, is_headwise, load_config, save_config, validate
+from megatron_sdmoe.config import Config, is_headwise, load_config, save_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.convert import deepseek, headwise_export, qwen
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.mapping import conversion_group

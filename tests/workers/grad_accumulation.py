@@ -8,7 +8,8 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from megatron_sdmoe.config import load_config, validate
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_sdmoe.config import load_config, validate
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
-from megatron_sdmoe.config import load_config, validate
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.validation import validate
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup

@@ -1,0 +1,233 @@
+"""Config validation: values checked against each other and the parallel layout of a world size
+(megatron-core's and DeepSpeed's rules, checked here so that each error is one clear line)."""
+from __future__ import annotations
+
+from megatron_sdmoe.config import (LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
+                                   expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
+                                   routed_topk, router_bank_size, sdmoe_group_size, stage_name)
+from megatron_sdmoe.errors import UserError
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check values against each other and the parallel layout of `world_size` processes."""
+    m, moe, par, tr, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    from megatron_sdmoe.models import PRESETS
+
+    need(m.preset in PRESETS, f"model.preset={m.preset!r} is unknown: use one of {', '.join(PRESETS)}")
+    need(moe.variant in VARIANTS, f"moe.variant={moe.variant!r} is unknown: use one of {', '.join(VARIANTS)}")
+    need(moe.expert_impl in ("grouped", "sequential"),
+         f"moe.expert_impl={moe.expert_impl!r} is unknown: use grouped or sequential")
+    if is_headwise(cfg):
+        _validate_headwise(cfg, need)
+    experts, topk, ffn, expert_input = routed_experts(cfg), routed_topk(cfg), expert_ffn_hidden_size(cfg), \
+        expert_input_size(cfg)
+    need(moe.shared_expert_ffn_hidden_size >= 0,
+         f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} must not be negative")
+    need(m.preset != "qwen2_moe" or moe.shared_expert_ffn_hidden_size > 0,
+         "model.preset=qwen2_moe has a shared expert: set moe.shared_expert_ffn_hidden_size (e.g. 4 x "
+         "moe.ffn_hidden_size)")
+    need(moe.shared_expert_ffn_hidden_size % par.tensor == 0,
+         f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} is not divisible by "
+         f"parallel.tensor={par.tensor}")
+    if moe.diag_interval:
+        need(moe.diag_interval > 0, f"moe.diag_interval={moe.diag_interval} must not be negative")
+        need(moe.expert_impl == "grouped" and par.expert_tensor == 1,
+             "moe.diag_interval needs moe.expert_impl=grouped and parallel.expert_tensor=1")
+        need(moe.diag_position_buckets >= 1,
+             f"moe.diag_position_buckets={moe.diag_position_buckets} must be at least 1")
+        need(1 <= moe.diag_rank <= min(expert_input, ffn),
+             f"moe.diag_rank={moe.diag_rank} must lie in [1, {min(expert_input, ffn)}] (the experts' smaller side)")
+    if is_sdmoe(cfg):
+        sd = cfg.sdmoe
+        need(moe.expert_impl == "grouped", f"moe.variant={moe.variant} needs moe.expert_impl=grouped")
+        need(sd.rank >= 0, f"sdmoe.rank={sd.rank} must not be negative")
+        need(sd.refresh_interval >= 1, f"sdmoe.refresh_interval={sd.refresh_interval} must be at least 1")
+        need(set(sd.projections) <= {"gate", "up", "down"},
+             f"sdmoe.projections={sd.projections}: choose from gate, up, down")
+        need(sd.common in ("shared", "per_expert"), f"sdmoe.common={sd.common!r}: use shared or per_expert")
+        need(sd.common_lr_scale > 0, f"sdmoe.common_lr_scale={sd.common_lr_scale} must be positive")
+        need(sd.rank <= min(expert_input, ffn),
+             f"sdmoe.rank={sd.rank} exceeds the smaller side of the expert matrices "
+             f"({min(expert_input, ffn)}): lower sdmoe.rank")
+        need(par.expert_tensor in (1, par.tensor),
+             f"moe.variant={moe.variant} shards the common matrices with the experts only when parallel.expert_tensor "
+             f"equals parallel.tensor ({par.tensor}) or is 1: set parallel.expert_tensor to one of them")
+    need(moe.score_function in (None, "softmax", "sigmoid"),
+         f"moe.score_function={moe.score_function!r} is unknown: use softmax or sigmoid (or leave it empty)")
+    from megatron_sdmoe.models.common import score_function
+
+    need(moe.expert_bias_update_rate == 0 or score_function(cfg) == "sigmoid",
+         "moe.expert_bias_update_rate needs sigmoid routing scores: set moe.score_function=sigmoid (or "
+         "moe.expert_bias_update_rate=0)")
+    need(moe.aux_loss_type in ("batch", "sequence"), f"moe.aux_loss_type={moe.aux_loss_type!r}: use batch or sequence")
+    need(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be positive")
+    need(moe.capacity_factor is None or moe.capacity_factor > 0,
+         f"moe.capacity_factor={moe.capacity_factor} must be positive (leave it empty for dropless routing)")
+    need(moe.token_drop_policy in ("probs", "position"),
+         f"moe.token_drop_policy={moe.token_drop_policy!r}: use probs or position")
+    need((moe.num_groups == 0) == (moe.group_topk == 0),
+         "group-limited routing needs both moe.num_groups and moe.group_topk (or neither)")
+    if moe.num_groups:
+        bank, bank_key = router_bank_size(cfg), "headwise.experts_per_head" if is_headwise(cfg) else "moe.num_experts"
+        need(moe.num_groups > 0 and bank % moe.num_groups == 0,
+             f"moe.num_groups={moe.num_groups} does not divide {bank_key}={bank} (the experts one router picks among)")
+        need(0 < moe.group_topk <= moe.num_groups,
+             f"moe.group_topk={moe.group_topk} must lie in [1, moe.num_groups={moe.num_groups}]")
+        need(topk <= moe.group_topk * (bank // moe.num_groups),
+             f"top-k={topk} exceeds the experts in moe.group_topk={moe.group_topk} groups: raise "
+             "moe.group_topk or lower the top-k")
+    need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
+    need(m.attention in ("gqa", "mla"), f"model.attention={m.attention!r}: use gqa or mla")
+    need(m.attention == "gqa" or m.preset == "deepseek",
+         f"model.attention=mla is DeepSeek's: use model.preset=deepseek (not {m.preset})")
+    if m.attention == "mla":
+        for key in ("kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            need(getattr(m.mla, key) >= 1, f"model.mla.{key}={getattr(m.mla, key)} must be at least 1")
+        need(m.mla.q_lora_rank is None or m.mla.q_lora_rank >= 1,
+             f"model.mla.q_lora_rank={m.mla.q_lora_rank} must be at least 1 (or empty)")
+    need(m.vocab_size is None or m.vocab_size >= 1, f"model.vocab_size={m.vocab_size} must be at least 1")
+    need(0 <= m.dense_layers < m.num_layers,
+         f"model.dense_layers={m.dense_layers} must lie in [0, model.num_layers - 1]: keep at least one MoE layer")
+    need(m.dense_layers == 0 or m.dense_ffn_hidden_size > 0,
+         f"model.dense_layers={m.dense_layers} needs model.dense_ffn_hidden_size (the dense MLP's width)")
+    need(m.dense_ffn_hidden_size % par.tensor == 0,
+         f"model.dense_ffn_hidden_size={m.dense_ffn_hidden_size} is not divisible by parallel.tensor={par.tensor}")
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups), ("moe.num_experts", moe.num_experts),
+                       ("moe.topk", moe.topk), ("moe.ffn_hidden_size", moe.ffn_hidden_size),
+                       ("parallel.tensor", par.tensor), ("parallel.expert", par.expert),
+                       ("parallel.expert_tensor", par.expert_tensor), ("train.max_steps", tr.max_steps),
+                       ("train.global_batch_size", tr.global_batch_size),
+                       ("train.micro_batch_size", tr.micro_batch_size), ("data.seq_length", data.seq_length),
+                       ("train.log_interval", tr.log_interval)]:
+        need(value >= 1, f"{key}={value} must be at least 1")
+    for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
+                       ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval),
+                       ("train.eval_samples", tr.eval_samples), ("train.keep_checkpoints", tr.keep_checkpoints),
+                       ("train.max_skipped_steps", tr.max_skipped_steps),
+                       ("train.time_budget_minutes", tr.time_budget_minutes),
+                       ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
+                       ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr),
+                       ("moe.expert_bias_update_rate", moe.expert_bias_update_rate),
+                       ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff)]:
+        need(value >= 0, f"{key}={value} must not be negative")
+    need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
+    need(tr.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={tr.lr_schedule!r} is unknown: use one of "
+                                          f"{', '.join(LR_SCHEDULES)}")
+    need(0 < tr.decay_fraction <= 1, f"train.decay_fraction={tr.decay_fraction} must lie in (0, 1]")
+    need(tr.recompute in RECOMPUTE, f"train.recompute={tr.recompute!r} is unknown: use one of {', '.join(RECOMPUTE)}")
+    need(0 <= tr.recompute_layers <= m.num_layers,
+         f"train.recompute_layers={tr.recompute_layers} must lie in [0, model.num_layers={m.num_layers}]")
+    need(tr.recompute_layers == 0 or tr.recompute == "full",
+         f"train.recompute_layers={tr.recompute_layers} applies to train.recompute=full only: set it, or drop "
+         "train.recompute_layers")
+    need(tr.recompute_layers == 0 or m.mtp_layers == 0,
+         "train.recompute_layers with model.mtp_layers: megatron-core recomputes multi-token-prediction layers "
+         "only when every layer is recomputed; set train.recompute_layers=0")
+    for module in tr.recompute_modules:
+        need(module in RECOMPUTE_MODULES, f"train.recompute_modules has {module!r}: "
+             + UNSUPPORTED_RECOMPUTE.get(module, "unknown") + f"; choose among {', '.join(RECOMPUTE_MODULES)}")
+    need(tr.recompute != "selective" or tr.recompute_modules != [],
+         "train.recompute=selective with empty train.recompute_modules recomputes nothing: name modules or "
+         "set train.recompute=none")
+    need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
+    need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
+                                    and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
+         f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last, or empty")
+    need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
+    need(cfg.smoothing.threshold > 0, f"smoothing.threshold={cfg.smoothing.threshold} must be positive (paper: 2.5)")
+    need(0 < cfg.smoothing.ema_decay < 1, f"smoothing.ema_decay={cfg.smoothing.ema_decay} must lie in (0, 1)")
+    need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
+    need(moe.topk <= moe.num_experts,
+         f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")
+    need(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+         f"{m.num_attention_heads}: change one of them or set model.kv_channels")
+    need(m.num_attention_heads % m.num_query_groups == 0,
+         f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
+         f"{m.num_query_groups}: change one of them")
+    need(data.valid_path == [] or data.path != [], "data.valid_path needs data.path (the sample corpus has its "
+         "own split): set data.path or drop data.valid_path")
+    for key, blends in [("data", data), *((f"data.stages[{i}]", stage) for i, stage in enumerate(data.stages))]:
+        need(blends.test_path == [] or blends.valid_path != [],
+             f"{key}.test_path needs {key}.valid_path (megatron-core reads either data.split's three splits or "
+             f"separate blends for each): set {key}.valid_path too, or drop {key}.test_path")
+    need((data.path == [] and data.stages == []) or data.tokenizer is not None,
+         "data.path or data.stages is set but data.tokenizer is not: give the Hugging Face tokenizer directory "
+         "the corpus was tokenized with")
+    if data.stages:
+        need(data.path == [], "data.stages replaces data.path: give each stage its own path and leave data.path empty")
+        for i, stage in enumerate(data.stages):
+            need(stage.path != [] and stage.steps >= 1,
+                 f"data.stages[{i}] needs a path (a blend, as data.path) and steps >= 1")
+        total = sum(stage.steps for stage in data.stages)
+        need(total == tr.max_steps,
+             f"data.stages add up to {total} steps but train.max_steps={tr.max_steps}: set train.max_steps={total}")
+        need(tr.eval_samples > 0, "data.stages evaluate every seen stage at each stage's end: set train.eval_samples")
+        names = [stage_name(cfg, i) for i in range(len(data.stages))]
+        need(len(set(names)) == len(names), f"data.stages names {names} repeat: give each stage its own name")
+
+    # Parallel layout (megatron-core's rules, checked here so the error is one clear line).
+    need(par.zero_stage in (1, 2),
+         f"parallel.zero_stage={par.zero_stage} is not supported: use 1 or 2 (ZeRO-3 partitions "
+         "expert weights across ranks and, with expert parallelism, silently merges experts)")
+    tp, ep, etp = par.tensor, par.expert, par.expert_tensor
+    need(world_size % tp == 0,
+         f"world size {world_size} is not divisible by parallel.tensor={tp}: launch a multiple of {tp} processes")
+    need(world_size % (ep * etp) == 0,
+         f"world size {world_size} is not divisible by parallel.expert x parallel.expert_tensor = {ep * etp}: "
+         f"launch a multiple of {ep * etp} processes or lower parallel.expert")
+    experts_key = ("moe.num_experts" if not is_headwise(cfg) else "headwise.experts_per_head"
+                   if cfg.headwise.bank == "shared" else "headwise.heads x headwise.experts_per_head")
+    need(experts % ep == 0,
+         f"{experts_key}={experts} is not divisible by parallel.expert={ep}: choose an expert-"
+         "parallel size that divides the number of experts")
+    if is_sdmoe(cfg) and cfg.sdmoe.common == "shared":
+        group, local = sdmoe_group_size(cfg), experts // ep
+        need(group % local == 0 or local % group == 0,
+             f"SD-MoE shares a common matrix among {group} experts, which parallel.expert={ep} splits unevenly "
+             f"({local} per rank): choose an expert-parallel size whose share of experts divides {group} or is "
+             "a multiple of it")
+    split_by_tp = [("model.num_attention_heads", m.num_attention_heads),
+                   ("model.num_query_groups", m.num_query_groups)]
+    if m.attention == "mla":  # its down projections are column-parallel (models/mla.py)
+        split_by_tp += [("model.mla.q_lora_rank", m.mla.q_lora_rank or 0),
+                        ("model.mla.kv_lora_rank + model.mla.qk_rope_head_dim",
+                         m.mla.kv_lora_rank + m.mla.qk_rope_head_dim)]
+    for key, value in split_by_tp:
+        need(value % tp == 0, f"{key}={value} is not divisible by parallel.tensor={tp}: change one of them")
+    need(ffn % etp == 0, f"the experts' FFN width {ffn} is not divisible by parallel.expert_tensor={etp}")
+    need(m.make_vocab_size_divisible_by % tp == 0,
+         f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} is not divisible by "
+         f"parallel.tensor={tp}: make it a multiple of {tp}")
+    need(tp == 1 or data.seq_length % tp == 0,
+         f"data.seq_length={data.seq_length} is not divisible by parallel.tensor={tp} (sequence parallelism)")
+    dp = world_size // tp
+    per_step = tr.micro_batch_size * dp
+    need(tr.global_batch_size % per_step == 0,
+         f"train.global_batch_size={tr.global_batch_size} is not divisible by train.micro_batch_size x "
+         f"data-parallel size = {tr.micro_batch_size} x {dp}: make it a multiple of {per_step}")
+    need(tr.eval_interval == 0 or tr.eval_samples > 0,
+         "train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples or train.eval_interval=0")
+    need(tr.eval_samples % per_step == 0,
+         f"train.eval_samples={tr.eval_samples} is not divisible by train.micro_batch_size x data-parallel "
+         f"size = {per_step}: make it a multiple of {per_step}")
+
+
+def _validate_headwise(cfg: Config, need) -> None:
+    hw, m = cfg.headwise, cfg.model
+    need(hw.bank in ("per_head", "shared"), f"headwise.bank={hw.bank!r}: use per_head or shared")
+    need(hw.heads >= 1 and m.hidden_size % hw.heads == 0,
+         f"headwise.heads={hw.heads} must divide model.hidden_size={m.hidden_size} (each head takes a slice)")
+    need(hw.experts_per_head >= 1, f"headwise.experts_per_head={hw.experts_per_head} must be at least 1")
+    need(1 <= hw.topk <= hw.experts_per_head,
+         f"headwise.topk={hw.topk} must lie in [1, headwise.experts_per_head={hw.experts_per_head}]")
+    need(hw.ffn_hidden_size >= 0, f"headwise.ffn_hidden_size={hw.ffn_hidden_size} must not be negative")
+    need(cfg.moe.expert_impl == "grouped",
+         f"moe.variant={cfg.moe.variant} needs moe.expert_impl=grouped (head-wise experts take d/H wide inputs)")
