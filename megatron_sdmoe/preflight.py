@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_sdmoe.config import Config, load_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint
 from megatron_sdmoe.training.stages import stage_blends
+from megatron_sdmoe.validation import validate
 
 
 def checked_config(path: str, overrides: list[str], world_size: int) -> Config:

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
@@ -33,6 +32,7 @@ from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
 from megatron_sdmoe.training.stages import build_stages
+from megatron_sdmoe.validation import validate
 
 EXIT_DIVERGED = 4  # stopped after too many non-finite steps, with a checkpoint of the last good weights
 

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import CONFIG, REPO, python_m, run_env
 from megatron_sdmoe.config import Config, load_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.errors import UserError
+from megatron_sdmoe.validation import validate
 
 
 def test_yaml_and_dotted_overrides():

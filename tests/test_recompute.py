@@ -116,11 +116,11 @@ def test_recomputation_saves_what_the_estimate_says(single_process_groups, name)
     the CPU attention kernel's score matrix) and counts the routed experts' outputs, which these
     experts do not keep."""
     from megatron_sdmoe.config import load_config
-    from megatron_sdmoe.validation import validate
     from megatron_sdmoe.errors import UserError
     from megatron_sdmoe.estimate import saved_activation_bytes
     from megatron_sdmoe.models import build_model
     from megatron_sdmoe.runtime import seed_everything
+    from megatron_sdmoe.validation import validate
 
     vocab, (config, overrides) = 1000, MEMORY_CASES[name]
     tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -31,12 +31,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, is_headwise, load_config, save_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.convert import deepseek, headwise_export, qwen
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.mapping import conversion_group
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.validation import validate
 
 ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen, "deepseek": deepseek}  # model.preset -> its adapter module
 OURS_LAYER = re.compile(r"(decoder\.layers\.\d+)\.(.+)")

@@ -88,7 +88,7 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     draws = []
     for name, param in model.named_parameters():
         if source is not None and name in source:
-            continue
+            continue  # copied above
         if param.dim() == 1:  # norm weights (no biases in these families)
             param.fill_(1.0 if "norm" in name else 0.0)
         else:

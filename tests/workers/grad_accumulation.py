@@ -9,11 +9,11 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from megatron_sdmoe.config import load_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup
 from megatron_sdmoe.training.router_state import set_auxiliary_loss_scale
+from megatron_sdmoe.validation import validate
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_sdmoe.config import load_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup
+from megatron_sdmoe.validation import validate
 
 TOKENS = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
 

@@ -10,11 +10,11 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from megatron_sdmoe.config import load_config
-from megatron_sdmoe.validation import validate
 from megatron_sdmoe.moe.sdmoe import complement, sdmoe_modules
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup
+from megatron_sdmoe.validation import validate
 
 
 def main() -> None:
