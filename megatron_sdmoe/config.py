@@ -37,6 +37,19 @@ class MLAConfig:
 
 
 @dataclass
+class YarnConfig:
+    """YaRN RoPE scaling (model.rope_scaling: yarn) in transformers' terms: DeepSeek-V2/V3's and
+    Qwen3's long-context setting."""
+
+    factor: float = 40.0  # context extension: frequencies below the ramp are divided by this
+    original_max_position_embeddings: int = 4096  # the context the unscaled frequencies were trained at
+    beta_fast: float = 32.0  # rotations per original context above which a frequency is kept
+    beta_slow: float = 1.0  # ... below which it is divided by `factor` (a linear ramp between)
+    mscale: float = 1.0  # with mscale_all_dim > 0: cos/sin x m(mscale) / m(mscale_all_dim), m(s) = 0.1 s ln(factor) + 1
+    mscale_all_dim: float = 0.0  # > 0 (DeepSeek): softmax scale x m(mscale_all_dim)^2 (MLA); 0: cos/sin x m(1)
+
+
+@dataclass
 class ModelConfig:
     preset: str = "qwen3_moe"  # model family (models/)
     num_layers: int = 2
@@ -48,6 +61,8 @@ class ModelConfig:
     kv_channels: Optional[int] = None  # head dim; default hidden_size / num_attention_heads
     max_position_embeddings: int = 4096
     rotary_base: int = 1000000
+    rope_scaling: str = "none"  # none | yarn (see model.yarn)
+    yarn: YarnConfig = field(default_factory=YarnConfig)
     norm_epsilon: float = 1e-6
     init_method_std: float = 0.02
     vocab_size: Optional[int] = None  # embedding rows (before padding); empty: the tokenizer's size

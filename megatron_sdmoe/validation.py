@@ -90,6 +90,17 @@ def validate(cfg: Config, world_size: int) -> None:
             need(getattr(m.mla, key) >= 1, f"model.mla.{key}={getattr(m.mla, key)} must be at least 1")
         need(m.mla.q_lora_rank is None or m.mla.q_lora_rank >= 1,
              f"model.mla.q_lora_rank={m.mla.q_lora_rank} must be at least 1 (or empty)")
+    need(m.rope_scaling in ("none", "yarn"), f"model.rope_scaling={m.rope_scaling!r}: use none or yarn")
+    if m.rope_scaling == "yarn":
+        y = m.yarn
+        need(y.factor >= 1, f"model.yarn.factor={y.factor} must be at least 1")
+        need(y.original_max_position_embeddings >= 1,
+             f"model.yarn.original_max_position_embeddings={y.original_max_position_embeddings} must be at least 1")
+        need(y.beta_fast > y.beta_slow > 0,
+             f"model.yarn.beta_fast={y.beta_fast}, beta_slow={y.beta_slow}: need beta_fast > beta_slow > 0")
+        need(y.mscale > 0 and y.mscale_all_dim >= 0,
+             f"model.yarn.mscale={y.mscale}, mscale_all_dim={y.mscale_all_dim}: need mscale > 0 and "
+             "mscale_all_dim >= 0")
     need(m.vocab_size is None or m.vocab_size >= 1, f"model.vocab_size={m.vocab_size} must be at least 1")
     need(0 <= m.dense_layers < m.num_layers,
          f"model.dense_layers={m.dense_layers} must lie in [0, model.num_layers - 1]: keep at least one MoE layer")

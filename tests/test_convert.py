@@ -15,6 +15,9 @@ from conftest import REPO, launch, metrics, run_command
 from megatron_sdmoe.config import is_headwise, load_config
 
 VOCAB = 1000
+V2_ROUTING = ["moe.score_function=softmax", "moe.expert_bias_update_rate=0", "moe.num_groups=8", "moe.group_topk=4",
+              "model.mtp_layers=0"]
+YARN = ["model.rope_scaling=yarn", "model.yarn.factor=4", "model.yarn.original_max_position_embeddings=32"]
 CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe.yaml", []),
          "qwen3_moe with SD-MoE": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe", "sdmoe.rank=4"]),
          "qwen2_moe with a dense first layer": ("tiny-qwen2-moe.yaml", ["model.dense_layers=1",
@@ -22,6 +25,17 @@ CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe
          # MLA (RoPE reordered), a dense first layer, shared experts, sigmoid group-limited routing with a bias
          "deepseek": ("tiny-deepseek.yaml", []),
          "deepseek without a query latent (V2-Lite's MLA)": ("tiny-deepseek.yaml", ["model.mla.q_lora_rank=null"]),
+         # YaRN with a partial ramp (frequencies kept, divided and in between) over the 48 tokens;
+         # cos/sin scaled by m(1) (GQA); by m(mscale) / m(mscale_all_dim) and the softmax by m(mscale_all_dim)^2 (MLA)
+         "qwen3_moe with YaRN": ("tiny-qwen3-moe.yaml", [*YARN, "model.rotary_base=10000"]),
+         "deepseek with YaRN": ("tiny-deepseek.yaml", [*YARN, "model.rotary_base=10000", "model.yarn.mscale=1.5",
+                                                      "model.yarn.mscale_all_dim=2"]),
+         # softmax routing: DeepseekV2ForCausalLM, group-limited (a group's best expert) and scaled
+         "deepseek routed as V2": ("tiny-deepseek.yaml", V2_ROUTING),
+         # ... V2-Lite's: no groups, no query latent, YaRN with its mscale
+         "deepseek as V2-Lite": ("tiny-deepseek.yaml", [*V2_ROUTING, "moe.num_groups=0", "moe.group_topk=0",
+                                                        "model.mla.q_lora_rank=null", *YARN, "model.yarn.mscale=0.707",
+                                                        "model.yarn.mscale_all_dim=0.707"]),
          # head-wise routing: the export's own modelling code (trust_remote_code)
          "head-wise, per-head banks": ("tiny-headwise.yaml", []),
          # ... a shared bank with SD-MoE, sigmoid group-limited routing with a bias, shared experts
@@ -41,11 +55,13 @@ def converted(tensors: dict, layer, transform) -> dict:
 
 
 def export(cfg, model, out_dir):
-    from megatron_sdmoe.convert.cli import OURS_LAYER, adapter_for, export_config, write_config
+    from megatron_sdmoe.convert.cli import OURS_LAYER, adapter_for, export_config, exported_names, write_config
     from megatron_sdmoe.models.init import weight_tensors
 
     adapter = adapter_for(cfg.model.preset)
-    tensors = converted(weight_tensors(model), OURS_LAYER, lambda group, t: adapter.to_hf(cfg, group, t))
+    weights = weight_tensors(model)
+    tensors = converted({name: weights[name] for name in exported_names(adapter, list(weights))}, OURS_LAYER,
+                        lambda group, t: adapter.to_hf(cfg, group, t))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
     write_config(cfg, export_config(cfg, model.vocab_size, torch.float32), out_dir)
@@ -84,16 +100,27 @@ def test_exported_model_gives_the_same_logits_in_transformers(single_process_gro
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-def hf_model_config(family: str, vocab_size: int = 1024):
+# DeepSeek-V3's YaRN fields (every one stated, as its config.json does), at a small scale
+HF_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+           "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def hf_model_config(family: str, vocab_size: int = 1024, yarn: bool = False):
     """A small transformers config of each family (hidden 64, two layers, 32-wide experts)."""
     import transformers
 
     sizes = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 moe_intermediate_size=32, num_experts_per_tok=2, norm_topk_prob=family != "qwen2_moe")
+                 moe_intermediate_size=32, num_experts_per_tok=2, norm_topk_prob=family != "qwen2_moe",
+                 **(dict(rope_parameters=HF_YARN, max_position_embeddings=128) if yarn else {}))
+    if family == "deepseek_v2":  # V2-Lite's: no query latent, greedy softmax routing, scaled
+        return transformers.DeepseekV2Config(
+            **{**sizes, "norm_topk_prob": False}, num_key_value_heads=4, intermediate_size=96, n_routed_experts=6,
+            n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=1.5, architectures=["DeepseekV2ForCausalLM"])
     if family == "deepseek":  # MLA with a query latent, a dense first layer, a shared expert, 2 of 3 groups
         return transformers.DeepseekV3Config(
             **sizes, num_key_value_heads=4, intermediate_size=96, n_routed_experts=6, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=3, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+            first_k_dense_replace=1, n_group=3, topk_group=1, q_lora_rank=32, kv_lora_rank=16, num_mtp_layers=0,
             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, architectures=["DeepseekV3ForCausalLM"])
     config = getattr(transformers, {"qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig"}[family])
     qwen2 = {"shared_expert_intermediate_size": 64, "mlp_only_layers": [0], "intermediate_size": 96}  # a dense layer
@@ -124,7 +151,7 @@ def assert_comes_back_identical(hf_dir, back_dir) -> None:
     from megatron_sdmoe.models import build_model
 
     original = load_file(hf_dir / "model.safetensors")
-    adapter, cfg = import_config(read_hf_config(hf_dir), [])
+    adapter, cfg = import_config(read_hf_config(hf_dir), [], list(original))
     ours = converted(original, HF_LAYER, lambda group, t: adapter.from_hf(cfg, group, t))
     model = build_model(cfg, cfg.model.vocab_size, torch.float32)
     missing, unexpected = model.load_state_dict(ours, strict=False)
@@ -140,16 +167,21 @@ def assert_comes_back_identical(hf_dir, back_dir) -> None:
     assert configs[0] == configs[1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek"])
-def test_hf_to_this_system_to_hf_is_identical(single_process_groups, family, tmp_path):
-    """A transformers-initialised, transformers-saved model comes back bit for bit, config included."""
-    save_hf_model(hf_model_config(family), tmp_path / "hf")
+@pytest.mark.parametrize("family, yarn", [("qwen3_moe", False), ("qwen2_moe", False), ("deepseek", False),
+                                          ("deepseek_v2", False), ("qwen3_moe", True), ("deepseek", True),
+                                          ("deepseek_v2", True)])
+def test_hf_to_this_system_to_hf_is_identical(single_process_groups, family, yarn, tmp_path):
+    """A transformers-initialised, transformers-saved model comes back bit for bit, config included
+    (YaRN's rope_parameters too: the export states every field, so a config that leaves some to
+    transformers' defaults comes back with them stated)."""
+    save_hf_model(hf_model_config(family, yarn=yarn), tmp_path / "hf")
     assert_comes_back_identical(tmp_path / "hf", tmp_path / "back")
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if "head-wise" in name])
-def test_headwise_export_comes_back_identical(single_process_groups, name, tmp_path):
-    """A head-wise export imports back (its routing settings too) and exports bit for bit again."""
+@pytest.mark.parametrize("name", ["deepseek", *[name for name in CASES if "head-wise" in name]])
+def test_export_comes_back_identical(single_process_groups, name, tmp_path):
+    """An export imports back and exports bit for bit again: DeepSeek-V3's multi-token-prediction
+    layer (as transformers' layer num_layers), head-wise models (their routing settings too)."""
     from megatron_sdmoe.models import build_model
 
     config, overrides = CASES[name]
@@ -293,25 +325,35 @@ def test_weights_one_rank_cannot_read(tmp_path):
 
 
 @pytest.mark.parametrize("case, field", [
-    ("rope_interleave", "rope_interleave"), ("yarn", "rope_type"), ("bias", "attention_bias"),
-    ("four per group", "num_experts_per_tok / topk_group"), ("quantised", "quantization_config")])
+    ("rope_interleave", "rope_interleave"), ("linear RoPE scaling", "rope_type other than default or yarn"),
+    ("YaRN's attention factor", "attention_factor"), ("YaRN untruncated", "truncate=false"),
+    ("YaRN's mscale_all_dim alone", "mscale_all_dim without mscale"), ("bias", "attention_bias"),
+    ("four per group", "num_experts_per_tok / topk_group != 2"), ("quantised", "quantization_config"),
+    ("V2, two per group", "num_experts_per_tok / topk_group != 1"), ("V2, noaux_tc", "topk_method other than")])
 def test_a_transformers_config_this_system_cannot_represent_is_refused_by_name(case, field):
     from megatron_sdmoe.convert import deepseek
     from megatron_sdmoe.errors import UserError
 
-    hf = hf_model_config("deepseek")
+    hf = hf_model_config("deepseek_v2" if case.startswith("V2") else "deepseek")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e4}
     changes = {"rope_interleave": {"rope_interleave": False}, "bias": {"attention_bias": True},
-               "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-               "four per group": {"num_experts_per_tok": 4}, "quantised": {"quantization_config": {"bits": 8}}}
+               "linear RoPE scaling": {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}},
+               "YaRN's attention factor": {"rope_parameters": {**yarn, "attention_factor": 1.2}},
+               "YaRN untruncated": {"rope_parameters": {**yarn, "truncate": False}},
+               "YaRN's mscale_all_dim alone": {"rope_parameters": {**yarn, "mscale_all_dim": 1.0}},
+               "four per group": {"num_experts_per_tok": 4}, "quantised": {"quantization_config": {"bits": 8}},
+               "V2, two per group": {"topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1},
+               "V2, noaux_tc": {"topk_method": "noaux_tc"}}
     for key, value in changes[case].items():
         setattr(hf, key, value)
     with pytest.raises(UserError, match=field):
-        deepseek.config_overrides(hf)
+        deepseek.config_overrides(hf, [])
 
 
 @pytest.mark.parametrize("config, overrides, message", [
-    ("tiny-deepseek.yaml", ["moe.topk=6", "moe.group_topk=2"], "scores a group by its top 2 experts"),
-    ("tiny-deepseek.yaml", ["moe.score_function=softmax"], "routes by sigmoid scores"),
+    ("tiny-deepseek.yaml", ["moe.topk=6", "moe.group_topk=2"], "DeepseekV3 scores a group by its top 2 experts"),
+    ("tiny-deepseek.yaml", ["moe.score_function=softmax", "moe.expert_bias_update_rate=0"],
+     "DeepseekV2 scores a group by its top 1 expert;"),
     ("tiny-deepseek.yaml", ["moe.shared_expert_ffn_hidden_size=96"], "export a multiple of that width"),
     ("tiny-qwen3-moe.yaml", ["moe.score_function=sigmoid"], "route by a softmax"),
     ("tiny-qwen3-moe.yaml", ["moe.num_groups=2", "moe.group_topk=1"], "route by a softmax"),
@@ -376,3 +418,143 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         assert message in proc.stderr, (case, proc.stderr)
     assert not (tmp_path / "out").exists() and not list((tmp_path / "exists").iterdir())
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def quantise_fp8(tensors: dict, block: int) -> dict:
+    """DeepSeek-V3's release format: every linear weight of the layers (not the routers) as
+    float8_e4m3fn, with a float32 `_scale_inv` per block x block (the block's largest magnitude
+    maps to e4m3's largest, 448)."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            rows, cols = tensor.shape
+            blocks = tensor.reshape(rows // block, block, cols // block, block)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+            out[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+            out[name + "_scale_inv"] = scale.float()
+        else:
+            out[name] = tensor
+    return out
+
+
+def test_fp8_checkpoint_imports_dequantised(single_process_groups, tmp_path):
+    """A checkpoint laid out as DeepSeek-V3's release (block-quantised FP8, a multi-token-prediction
+    layer after the decoder layers with its copies of the embedding and output layer) imports with
+    from-hf as the model transformers dequantises from it: the same logits; the MTP layer comes too."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sdmoe.models import build_model
+    from megatron_sdmoe.runtime import seed_everything
+
+    cfg = load_config(REPO / "configs" / "tiny-deepseek.yaml")  # MLA, shared experts, one MTP layer
+    seed_everything(cfg.train.seed)
+    export(cfg, build_model(cfg, VOCAB, torch.float32), tmp_path / "hf")  # config.json: dtype float32
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    mtp = f"model.layers.{cfg.model.num_layers}"
+    tensors.update({f"{mtp}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                    f"{mtp}.shared_head.head.weight": tensors["lm_head.weight"].clone()})
+    (tmp_path / "fp8").mkdir()
+    save_file(quantise_fp8(tensors, 8), str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [8, 8]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+
+    convert("from-hf", tmp_path / "fp8", tmp_path / "imported")
+    imported = load_config(tmp_path / "imported" / "config.yaml")
+    assert imported.model.mtp_layers == 1
+    ours = build_model(imported, VOCAB, torch.float32).eval()  # weights from model.init_from, MTP included
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = ours(tokens, torch.arange(48).expand_as(tokens), None) - theirs(tokens).logits
+    assert difference.abs().max().item() <= 1e-4
+
+
+def test_fp8_blocks_at_the_edge_are_partial():
+    """Scales for a weight that is not a whole number of blocks (DeepSeek-V3's 576-row key/value
+    projection in 128-row blocks): the last blocks are cut, as transformers' dequantisation of the
+    zero-padded weight gives; scales of another shape are refused."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from megatron_sdmoe.convert.fp8 import dequantize
+    from megatron_sdmoe.errors import UserError
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 12, generator=generator).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 2, generator=generator)
+    padded = torch.zeros(24, 16, dtype=torch.float8_e4m3fn)
+    padded[:20, :12] = weight
+    reference = Fp8Dequantize(None)._dequantize_one(padded, scale, output_dtype=torch.float32)[:20, :12]
+    assert torch.equal(dequantize(weight, scale, (8, 8), torch.float32), reference)
+    with pytest.raises(UserError, match=r"scales of shape \[3, 1\], not one per 8 x 8 block"):
+        dequantize(weight, scale[:, :1], (8, 8), torch.float32)
+
+
+# The model-defining fields of the released config.json files on the Hugging Face hub
+# (deepseek-ai/DeepSeek-V2-Lite, deepseek-ai/DeepSeek-V3), in their original spelling (`rope_scaling`
+# with `type`, the fields of DeepSeek's own modelling code that transformers ignores)
+RELEASED = {
+    "deepseek-v2-lite.yaml": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "attention_bias": False,
+        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+        "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+        "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+        "v_head_dim": 128, "vocab_size": 102400},
+    "deepseek-v3.yaml": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+        "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+        "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+        "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+        "v_head_dim": 128, "vocab_size": 129280}}
+
+
+@pytest.mark.parametrize("config", RELEASED)
+def test_released_deepseek_configs_import_as_the_real_scale_configs(config, tmp_path):
+    """The released DeepSeek-V2-Lite and V3 configs (V3's weights: FP8 and an MTP layer 61) import
+    as the architecture of this system's configs that imitate them, with their YaRN."""
+    from test_config import config_keys
+
+    from megatron_sdmoe.convert.cli import import_config, read_hf_config
+    from megatron_sdmoe.convert.fp8 import block_size
+
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED[config]))
+    hf = read_hf_config(tmp_path)
+    layers = hf.num_hidden_layers + (hf.model_type == "deepseek_v3")  # V3's weights hold its MTP layer
+    _, imported = import_config(hf, [], [f"model.layers.{i}.input_layernorm.weight" for i in range(layers)])
+    ours = load_config(REPO / "configs" / config)
+    defining = [key for key in config_keys(type(ours)) if key.split(".")[0] == "model" and key not in (
+        "model.max_position_embeddings", "model.rope_scaling", "model.mtp_loss_coeff", "model.init_from",
+        "model.make_vocab_size_divisible_by", "model.num_query_groups") and not key.startswith("model.yarn.")]
+    defining += ["moe.num_experts", "moe.topk", "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size",
+                 "moe.num_groups", "moe.group_topk", "moe.routed_scaling_factor"]
+
+    def value(cfg, key):
+        for part in key.split("."):
+            cfg = getattr(cfg, part)
+        return cfg
+
+    assert {key: value(imported, key) for key in defining} == {key: value(ours, key) for key in defining}
+    mscale = RELEASED[config]["rope_scaling"]["mscale"]
+    assert (imported.model.rope_scaling, imported.model.yarn.factor, imported.model.yarn.mscale,
+            imported.model.yarn.mscale_all_dim) == ("yarn", 40, mscale, mscale)
+    assert (imported.moe.expert_bias_update_rate > 0) == (config == "deepseek-v3.yaml")
+    assert block_size(hf) == ((128, 128) if config == "deepseek-v3.yaml" else None)

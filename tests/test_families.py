@@ -23,20 +23,23 @@ def test_trains_from_its_tiny_config(family, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
 
 
+YARN = ["model.rope_scaling=yarn", "model.yarn.factor=8", "model.yarn.original_max_position_embeddings=16"]
+V2_LITE_ATTENTION = ["model.mla.q_lora_rank=null", "model.rope_scaling=yarn", "model.yarn.mscale=0.707",
+                     "model.yarn.mscale_all_dim=0.707"]
 # name: (processes, overrides, the one-process run it must equal). DeepSeek's TP2 runs MLA, whose
 # RoPE key gradient megatron-core's local spec loses under TP (models/mla.py).
 LAYOUTS = {
-    "qwen2_moe": {"one": (1, [], None), "EP2": (2, ["parallel.expert=2"], "one"),
-                  "TP2": (2, ["parallel.tensor=2"], "one")},
+    # ... with YaRN on GQA (test_parallel_parity covers plain RoPE)
+    "qwen2_moe": {"one": (1, YARN, None), "EP2": (2, [*YARN, "parallel.expert=2"], "one"),
+                  "TP2": (2, [*YARN, "parallel.tensor=2"], "one")},
     "deepseek": {"one": (1, [], None), "EP2": (2, ["parallel.expert=2"], "one"),
                  "TP2": (2, ["parallel.tensor=2"], "one"),
                  # the DeepSeek-V3-like config's layout, scaled down: TP, EP and expert TP under ZeRO-2
                  "TP2 x EP2 x ETP2": (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=2",
                                           "parallel.zero_stage=2"], "one"),
-                 # V2-Lite's MLA: no query latent (models/mla.py builds its query projection)
-                 "one, no query latent": (1, ["model.mla.q_lora_rank=null"], None),
-                 "TP2, no query latent": (2, ["model.mla.q_lora_rank=null", "parallel.tensor=2"],
-                                          "one, no query latent")},
+                 # V2-Lite's MLA: no query latent (models/mla.py builds its query projection), its YaRN
+                 "one, V2-Lite's attention": (1, V2_LITE_ATTENTION, None),
+                 "TP2, V2-Lite's attention": (2, [*V2_LITE_ATTENTION, "parallel.tensor=2"], "one, V2-Lite's attention")},
 }
 # Under TP the row-parallel sums round differently (~1e-7), which can flip a token between two
 # nearly tied experts: that step's grad norm then moves by ~1e-3 while the losses agree (seen at TP2

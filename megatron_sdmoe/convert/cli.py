@@ -9,7 +9,8 @@
         whose `model.init_from` names OUT_DIR/weights, the weights in this system's names, and
         OUT_DIR/tokenizer (when HF_DIR has one; else give data.tokenizer); `sdmoe-train
         OUT_DIR/config.yaml` continues pretraining from them (`moe.variant=sdmoe` splits the
-        imported experts into common and unique parts)
+        imported experts into common and unique parts); block-quantised FP8 checkpoints
+        (DeepSeek-V3's release) are dequantised into the config's dtype
 
 Tensors stream a group at a time (a tensor, or those that convert together: a layer's stacked
 experts of one projection, Q/K/V), so peak memory is about twice the largest group. A dry run on
@@ -28,10 +29,11 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, is_headwise, load_config, save_config
-from megatron_sdmoe.convert import deepseek, headwise_export, qwen
+from megatron_sdmoe.convert import deepseek, fp8, headwise_export, qwen
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.mapping import conversion_group
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
@@ -39,7 +41,8 @@ from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 from megatron_sdmoe.validation import validate
 
 ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen, "deepseek": deepseek}  # model.preset -> its adapter module
-OURS_LAYER = re.compile(r"(decoder\.layers\.\d+)\.(.+)")
+# a decoder or MTP layer (whose decoder layer's names are then those of any other)
+OURS_LAYER = re.compile(r"((?:decoder|mtp)\.layers\.\d+)\.(?:mtp_model_layer\.)?(.+)")
 HF_LAYER = re.compile(r"(model\.layers\.\d+)\.(.+)")
 
 
@@ -58,6 +61,12 @@ def export_config(cfg: Config, vocab_size: int, dtype):
         adapter.check_routing(cfg)
     family = adapter.hf_config(cfg, vocab_size, dtype)
     return headwise_export.hf_config(cfg, family) if is_headwise(cfg) else family
+
+
+def exported_names(adapter, names: list[str]) -> list[str]:
+    """The checkpoint tensors an export holds: multi-token-prediction layers only where the class
+    has a place for them (DeepSeek-V3's layout)."""
+    return [name for name in names if adapter.EXPORTS_MTP or not name.startswith("mtp.")]
 
 
 def write_config(cfg: Config, hf_config, out: Path) -> None:
@@ -147,8 +156,7 @@ def to_hf(checkpoint: str, out: Path) -> None:
     embedding = reader.tensor("embedding.word_embeddings.weight")
     hf_config = export_config(cfg, embedding.shape[0], embedding.dtype)
     tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
-    # multi-token-prediction layers have no transformers counterpart: left out
-    groups = conversion_groups([n for n in reader.names() if not n.startswith("mtp.")], OURS_LAYER)
+    groups = conversion_groups(exported_names(adapter, reader.names()), OURS_LAYER)
 
     def transform(group, tensors):
         return adapter.to_hf(cfg, group, tensors)
@@ -176,19 +184,29 @@ def read_hf_config(hf_dir: str):
                         "directory with config.json")
 
 
-def import_config(hf, overrides: list[str]):
-    """(the family's adapter, this system's validated config) for a transformers config + overrides."""
+def import_config(hf, overrides: list[str], names: list[str]):
+    """(the family's adapter, this system's validated config) for a transformers config, the
+    names of its weights and overrides."""
     architectures = {arch: adapter for adapter in set(ADAPTERS.values()) for arch in adapter.ARCHITECTURES.values()}
     adapter = architectures.get(headwise_export.family_architecture((hf.architectures or [None])[0]))
     if adapter is None:
         raise UserError(f"architectures={hf.architectures} cannot be imported: this system imports "
                         f"{', '.join(sorted(architectures))} and their head-wise exports")
     headwise = getattr(hf, "headwise", None) is not None
-    cfg = load_config(None, [*adapter.config_overrides(hf), *(headwise_export.config_overrides(hf) if headwise else []),
+    cfg = load_config(None, [*adapter.config_overrides(hf, names),
+                             *(headwise_export.config_overrides(hf) if headwise else []),
                              *overrides])
     par = cfg.parallel
     validate(cfg, max(par.tensor, par.expert * par.expert_tensor))
     return adapter, cfg
+
+
+def _unquantised_dtype(hf) -> torch.dtype:
+    """The dtype a quantised model computes in (its config's), bf16 if it names none."""
+    dtype = getattr(hf, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize > 1 \
+        else torch.bfloat16
 
 
 def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
@@ -196,10 +214,13 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
 
     out = out.resolve()
     has_tokenizer = (Path(hf_dir) / "tokenizer_config.json").is_file()  # else data.tokenizer as overridden
-    adapter, cfg = import_config(read_hf_config(hf_dir), [f"model.init_from={out / 'weights'}",
-                                                          *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer,
-                                                          *overrides])
-    source = WeightDirectory(hf_dir)
+    hf = read_hf_config(hf_dir)
+    source, block = WeightDirectory(hf_dir), fp8.block_size(hf)
+    if block:  # FP8 weights with block scales (DeepSeek-V3's release): written in the model's dtype
+        source = fp8.DequantizedWeights(source, block, _unquantised_dtype(hf))
+    adapter, cfg = import_config(hf, [f"model.init_from={out / 'weights'}",
+                                      *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides],
+                                 source.names())
     groups = conversion_groups(source.names(), HF_LAYER)
 
     def transform(group, tensors):

@@ -9,11 +9,13 @@ of its gate_proj / up_proj), plus what only it has.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import torch
 
+from megatron_sdmoe.convert import fp8
 from megatron_sdmoe.errors import UserError
 
 GLOBAL_NAMES = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -37,9 +39,30 @@ _TOGETHER = [(r"mlp\.experts\.(?:linear|common)_(fc\d)", r"experts.\1"),
              (r"mlp\.((?:shared_experts?\.)?)(?:gate|up)_proj\.weight", r"\1fc1")]
 
 
+# Multi-token-prediction layer k is transformers' layer <num_layers + k> (DeepSeek-V3's checkpoints:
+# its own norms and projection, then a decoder layer's tensors; transformers' classes do not run
+# it). Ours: mtp.layers.<k>.{MTP_OWN} and mtp.layers.<k>.mtp_model_layer.<a decoder layer's names>.
+MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight")
+MTP_LAYER = "mtp_model_layer."
+
+
 def layer_index(name: str) -> int:
-    """The layer of a conversion group's prefix: decoder.layers.<i> or model.layers.<i>."""
+    """The layer of a conversion group's prefix: decoder.layers.<i>, mtp.layers.<k> or model.layers.<i>."""
     return int(name.split(".")[2])
+
+
+def hf_layer_prefix(name: str, num_layers: int) -> str:
+    """transformers' prefix of our decoder or MTP layer group `name`."""
+    mtp = name.startswith("mtp.")
+    return f"model.layers.{layer_index(name) + num_layers * mtp}."
+
+
+def our_layer_prefix(name: str, num_layers: int, key: str) -> str:
+    """Our prefix of tensor `key` (ours, within the layer) of transformers' layer group `name`."""
+    index = layer_index(name)
+    if index < num_layers:
+        return f"decoder.layers.{index}."
+    return f"mtp.layers.{index - num_layers}." + ("" if key in MTP_OWN else MTP_LAYER)
 
 
 def conversion_group(key: str) -> str:
@@ -51,13 +74,15 @@ def conversion_group(key: str) -> str:
     return key
 
 
-def to_hf(name: str, tensors, renamed: dict[str, str], gate_up: dict[str, str]) -> dict[str, torch.Tensor]:
-    """`name`: a global tensor's name, or `decoder.layers.<i>` with `tensors` some of that layer's
-    (names relative to it; a conversion group at least). Returns the transformers tensors of
-    those this module knows (the adapter adds the rest)."""
+def to_hf(name: str, tensors, renamed: dict[str, str], gate_up: dict[str, str],
+          num_layers: int) -> dict[str, torch.Tensor]:
+    """`name`: a global tensor's name, or `decoder.layers.<i>` / `mtp.layers.<k>` with `tensors`
+    some of that layer's (names relative to it, an MTP layer's decoder layer unprefixed; a
+    conversion group at least). Returns the transformers tensors of those this module knows (the
+    adapter adds the rest)."""
     if name in GLOBAL_NAMES:
         return {GLOBAL_NAMES[name]: tensors[name]}
-    prefix, out, renamed = f"model.layers.{layer_index(name)}.", {}, {**LAYER_NAMES, **renamed}
+    prefix, out, renamed = hf_layer_prefix(name, num_layers), {}, {**LAYER_NAMES, **renamed}
     for key in tensors:
         if key in renamed:
             out[prefix + renamed[key]] = tensors[key]
@@ -77,19 +102,20 @@ def to_hf(name: str, tensors, renamed: dict[str, str], gate_up: dict[str, str]) 
     return out
 
 
-def from_hf(name: str, tensors, renamed: dict[str, str], gate_up: dict[str, str],
-            experts: int) -> dict[str, torch.Tensor]:
+def from_hf(name: str, tensors, renamed: dict[str, str], gate_up: dict[str, str], experts: int,
+            num_layers: int) -> dict[str, torch.Tensor]:
     """The inverse of `to_hf` (routed experts come back as plain ones, `experts` of them)."""
     globals_ = {hf: ours for ours, hf in GLOBAL_NAMES.items()}
     if name in globals_:
         return {globals_[name]: tensors[name]}
-    prefix, renamed = f"decoder.layers.{layer_index(name)}.", {**LAYER_NAMES, **renamed}
-    out = {prefix + ours: tensors[hf] for ours, hf in renamed.items() if hf in tensors}
-    out.update({prefix + ours: torch.cat([tensors[f"{hf}gate_proj.weight"], tensors[f"{hf}up_proj.weight"]])
+    prefix, renamed = functools.partial(our_layer_prefix, name, num_layers), {**LAYER_NAMES, **renamed}
+    out = {prefix(ours) + ours: tensors[hf] for ours, hf in renamed.items() if hf in tensors}
+    out.update({prefix(ours) + ours: torch.cat([tensors[f"{hf}gate_proj.weight"], tensors[f"{hf}up_proj.weight"]])
                 for ours, hf in gate_up.items() if f"{hf}gate_proj.weight" in tensors})
     for fc, projections in EXPERT_PROJECTIONS.items():
         if f"mlp.experts.0.{projections[0]}.weight" in tensors:
-            out[f"{prefix}mlp.experts.linear_{fc}"] = _stacked(tensors, projections, experts)
+            key = f"mlp.experts.linear_{fc}"
+            out[prefix(key) + key] = _stacked(tensors, projections, experts)
     return out
 
 
@@ -115,9 +141,20 @@ def refuse_unsupported(preset: str, fields: dict[str, bool]) -> None:
 
 def shared_unsupported(hf) -> dict[str, bool]:
     """The fields no family here supports."""
-    return {"rope_parameters.rope_type": (hf.rope_parameters or {}).get("rope_type", "default") != "default",
+    rope = hf.rope_parameters or {}
+    yarn = rope.get("rope_type") == "yarn"
+    return {"rope_parameters.rope_type other than default or yarn": rope.get("rope_type", "default") not in
+            ("default", "yarn"),
+            # a set attention factor replaces the one YaRN derives; megatron-core always truncates
+            "rope_parameters.attention_factor": yarn and rope.get("attention_factor") is not None,
+            "rope_parameters.truncate=false": yarn and rope.get("truncate", True) is False,
+            "rope_parameters.partial_rotary_factor": rope.get("partial_rotary_factor", 1.0) != 1.0,
+            # transformers then scales cos/sin by m(1) but the softmax by m(mscale_all_dim)^2
+            "rope_parameters.mscale_all_dim without mscale": yarn and bool(rope.get("mscale_all_dim"))
+            and not rope.get("mscale"),
             "tie_word_embeddings": hf.tie_word_embeddings, "hidden_act": hf.hidden_act != "silu",
-            "quantization_config": getattr(hf, "quantization_config", None) is not None}
+            "quantization_config other than block-wise fp8":
+                getattr(hf, "quantization_config", None) is not None and fp8.block_size(hf) is None}
 
 
 def shared_overrides(hf) -> dict[str, object]:
@@ -128,8 +165,28 @@ def shared_overrides(hf) -> dict[str, object]:
             "model.rotary_base": int(hf.rope_parameters["rope_theta"]), "model.vocab_size": hf.vocab_size,
             # padding to a multiple that divides the vocabulary keeps its size (up to 128)
             "model.make_vocab_size_divisible_by": math.gcd(hf.vocab_size, 128), "moe.variant": "topk",
-            "moe.topk": hf.num_experts_per_tok}
+            "moe.topk": hf.num_experts_per_tok, **_rope_overrides(hf)}
 
 
-def rope_parameters(rotary_base: int) -> dict:
-    return {"rope_type": "default", "rope_theta": float(rotary_base)}
+def _rope_overrides(hf) -> dict[str, object]:
+    rope = hf.rope_parameters
+    if rope.get("rope_type") != "yarn":
+        return {}
+    original = rope["original_max_position_embeddings"]
+    mscale_all_dim = rope.get("mscale_all_dim") or 0.0
+    # transformers' defaults for what the config leaves out; mscale counts only with mscale_all_dim
+    return {"model.rope_scaling": "yarn", "model.yarn.factor": rope.get("factor") or hf.max_position_embeddings / original,
+            "model.yarn.original_max_position_embeddings": original,
+            "model.yarn.beta_fast": rope.get("beta_fast") or 32.0, "model.yarn.beta_slow": rope.get("beta_slow") or 1.0,
+            "model.yarn.mscale": rope["mscale"] if mscale_all_dim else rope.get("mscale") or 1.0,
+            "model.yarn.mscale_all_dim": mscale_all_dim}
+
+
+def rope_parameters(model) -> dict:
+    """transformers' rope_parameters of `cfg.model` (model.rope_scaling: yarn with every field)."""
+    params = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    if model.rope_scaling == "yarn":
+        y = model.yarn
+        params.update(rope_type="yarn", factor=y.factor, original_max_position_embeddings=y.original_max_position_embeddings,
+                      beta_fast=y.beta_fast, beta_slow=y.beta_slow, mscale=y.mscale, mscale_all_dim=y.mscale_all_dim)
+    return params

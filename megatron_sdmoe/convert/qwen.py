@@ -24,6 +24,8 @@ RENAMED = {"input_layernorm.weight": "input_layernorm.weight",
            "mlp.linear_fc2.weight": "mlp.down_proj.weight"}  # dense layers (transformers' mlp_only_layers)
 GATE_UP = {"mlp.shared_experts.linear_fc1.weight": "mlp.shared_expert.", "mlp.linear_fc1.weight": "mlp."}
 ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+# transformers' Qwen MoE classes have no multi-token prediction: an MTP layer's tensors are not exported
+EXPORTS_MTP = False
 
 
 def check_routing(cfg: Config) -> None:
@@ -55,7 +57,7 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype):
                   num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
                   head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
                   max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
-                  rope_parameters=mapping.rope_parameters(m.rotary_base),
+                  rope_parameters=mapping.rope_parameters(m),
                   tie_word_embeddings=PRESETS[m.preset].TIE_EMBEDDINGS, num_experts=routed_experts(cfg),
                   num_experts_per_tok=routed_topk(cfg), moe_intermediate_size=expert_ffn_hidden_size(cfg),
                   intermediate_size=m.dense_ffn_hidden_size or moe.ffn_hidden_size,
@@ -70,9 +72,10 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype):
     return Qwen3MoeConfig(**common, attention_bias=False)
 
 
-def config_overrides(hf) -> list[str]:
-    """The model-defining settings of a transformers config, as this system's overrides (the
-    inverse of `hf_config`); a field this adapter cannot represent is refused by name."""
+def config_overrides(hf, names: list[str]) -> list[str]:
+    """The model-defining settings of a transformers config (and the names of its weights), as
+    this system's overrides (the inverse of `hf_config`); a field this adapter cannot represent is
+    refused by name."""
     from transformers import Qwen2MoeConfig
 
     preset = "qwen2_moe" if isinstance(hf, Qwen2MoeConfig) else "qwen3_moe"  # head-wise exports subclass them
@@ -97,7 +100,7 @@ def config_overrides(hf) -> list[str]:
 
 def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A conversion group (mapping.to_hf) -> transformers tensors."""
-    out = mapping.to_hf(name, tensors, RENAMED, GATE_UP)
+    out = mapping.to_hf(name, tensors, RENAMED, GATE_UP, cfg.model.num_layers)
     for key in tensors:
         if key.startswith("self_attention.linear_qkv."):
             out.update({f"model.layers.{layer_index(name)}.self_attn.{p}_proj.{key.rsplit('.', 1)[1]}": t
@@ -107,7 +110,7 @@ def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str,
 
 def from_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `to_hf`."""
-    out = mapping.from_hf(name, tensors, RENAMED, GATE_UP, routed_experts(cfg))
+    out = mapping.from_hf(name, tensors, RENAMED, GATE_UP, routed_experts(cfg), cfg.model.num_layers)
     for part in ("weight", "bias"):
         if f"self_attn.q_proj.{part}" in tensors:
             out[f"decoder.layers.{layer_index(name)}.self_attention.linear_qkv.{part}"] = _merge_qkv(

@@ -37,7 +37,8 @@ class ShardWriter:
 
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-          torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+          torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # FP8 checkpoints (convert/fp8.py)
 _DTYPE_OF = {code: dtype for dtype, code in DTYPES.items()}
 
 
