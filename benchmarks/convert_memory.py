@@ -1,11 +1,12 @@
-"""Peak memory of `sdmoe-convert to-hf` on a checkpoint of at least 1 GB, against its largest layer.
+"""Peak memory of `sdmoe-convert to-hf`, and of `from-hf` back, on a checkpoint of at least 1 GB,
+against its largest layer.
 
 Trains one step of a Qwen3-like MoE of about 400M parameters (fp32, EP2 on the CPU) to get a
-checkpoint, then converts it in this process while a thread samples the process's anonymous
-resident memory (RssAnon: what conversion allocates; the memory-mapped checkpoint shards are file
-pages, reclaimable, and not counted), and prints the peak over the value before conversion next to
-the largest layer's size. transformers and the tokenizer are loaded first: they cost the same
-whatever the model's size.
+checkpoint, then converts it to transformers' format and that export back, in this process, while a
+thread samples the process's anonymous resident memory (RssAnon: what conversion allocates; the
+memory-mapped shards are file pages, reclaimable, and not counted), and prints each peak over the
+value before that conversion next to the largest layer's size. transformers and the tokenizer are
+loaded first: they cost the same whatever the model's size.
 
     .venv/bin/python benchmarks/convert_memory.py [--nproc 2] [key=value ...]
 """
@@ -50,7 +51,7 @@ def main() -> None:
     import transformers  # noqa: F401  (a fixed cost, loaded before measuring)
 
     from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
-    from megatron_sdmoe.convert.cli import to_hf
+    from megatron_sdmoe.convert.cli import from_hf, to_hf
     from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer
 
     load_tokenizer(ensure_sample_corpus().tokenizer_dir)
@@ -70,18 +71,21 @@ def main() -> None:
                 layers[match.group(0)] = layers.get(match.group(0), 0) + reader.tensor(name).nbytes
         total = sum(reader.tensor(name).nbytes for name in reader.names())
         del reader
-        before = anon_bytes()
-        sampler = PeakSampler()
-        sampler.start()
-        start = time.perf_counter()
-        to_hf(str(run), Path(tmp) / "hf")
-        seconds = time.perf_counter() - start
-        sampler.running = False
-        sampler.join()
-    largest, peak = max(layers.values()), sampler.peak - before
-    gib = 2**30
-    print(f"model tensors {total / gib:.2f} GiB | largest layer {largest / gib:.3f} GiB | conversion peak "
-          f"(RssAnon over start) {peak / gib:.3f} GiB = {peak / largest:.2f}x the largest layer | {seconds:.1f} s")
+        largest, gib = max(layers.values()), 2**30
+        print(f"model tensors {total / gib:.2f} GiB | largest layer {largest / gib:.3f} GiB")
+        for direction, convert in (("to-hf", lambda: to_hf(str(run), Path(tmp) / "hf")),
+                                   ("from-hf", lambda: from_hf(str(Path(tmp) / "hf"), Path(tmp) / "back", []))):
+            before = anon_bytes()
+            sampler = PeakSampler()
+            sampler.start()
+            start = time.perf_counter()
+            convert()
+            seconds = time.perf_counter() - start
+            sampler.running = False
+            sampler.join()
+            peak = sampler.peak - before
+            print(f"{direction}: peak (RssAnon over start) {peak / gib:.3f} GiB = {peak / largest:.2f}x the largest "
+                  f"layer | {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -493,9 +493,20 @@ def test_fp8_blocks_at_the_edge_are_partial():
 
 
 # The model-defining fields of the released config.json files on the Hugging Face hub
-# (deepseek-ai/DeepSeek-V2-Lite, deepseek-ai/DeepSeek-V3), in their original spelling (`rope_scaling`
-# with `type`, the fields of DeepSeek's own modelling code that transformers ignores)
+# (Qwen/Qwen3-30B-A3B, deepseek-ai/DeepSeek-V2-Lite, deepseek-ai/DeepSeek-V3), in their original
+# spelling (`rope_scaling` with `type`, the fields of DeepSeek's own modelling code that
+# transformers ignores)
 RELEASED = {
+    "qwen3-30b-a3b.yaml": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960,
+        "max_window_layers": 48, "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
+        "vocab_size": 151936},
     "deepseek-v2-lite.yaml": {
         "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "attention_bias": False,
         "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
@@ -528,13 +539,15 @@ RELEASED = {
 
 
 @pytest.mark.parametrize("config", RELEASED)
-def test_released_deepseek_configs_import_as_the_real_scale_configs(config, tmp_path):
-    """The released DeepSeek-V2-Lite and V3 configs (V3's weights: FP8 and an MTP layer 61) import
-    as the architecture of this system's configs that imitate them, with their YaRN."""
+def test_released_configs_import_as_the_real_scale_configs(config, tmp_path):
+    """The released Qwen3-30B-A3B, DeepSeek-V2-Lite and DeepSeek-V3 configs (V3's weights: FP8 and
+    an MTP layer 61) import as the architecture of this system's configs that imitate them, the
+    DeepSeek ones with their YaRN."""
     from test_config import config_keys
 
     from megatron_sdmoe.convert.cli import import_config, read_hf_config
     from megatron_sdmoe.convert.fp8 import block_size
+    from megatron_sdmoe.models.common import score_function
 
     (tmp_path / "config.json").write_text(json.dumps(RELEASED[config]))
     hf = read_hf_config(tmp_path)
@@ -543,9 +556,11 @@ def test_released_deepseek_configs_import_as_the_real_scale_configs(config, tmp_
     ours = load_config(REPO / "configs" / config)
     defining = [key for key in config_keys(type(ours)) if key.split(".")[0] == "model" and key not in (
         "model.max_position_embeddings", "model.rope_scaling", "model.mtp_loss_coeff", "model.init_from",
-        "model.make_vocab_size_divisible_by", "model.num_query_groups") and not key.startswith("model.yarn.")]
+        "model.make_vocab_size_divisible_by") and not key.startswith("model.yarn.")]
     defining += ["moe.num_experts", "moe.topk", "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size",
                  "moe.num_groups", "moe.group_topk", "moe.routed_scaling_factor"]
+    if ours.model.dense_layers == 0:  # the width of dense layers there are none of
+        defining.remove("model.dense_ffn_hidden_size")
 
     def value(cfg, key):
         for part in key.split("."):
@@ -553,8 +568,12 @@ def test_released_deepseek_configs_import_as_the_real_scale_configs(config, tmp_
         return cfg
 
     assert {key: value(imported, key) for key in defining} == {key: value(ours, key) for key in defining}
-    mscale = RELEASED[config]["rope_scaling"]["mscale"]
-    assert (imported.model.rope_scaling, imported.model.yarn.factor, imported.model.yarn.mscale,
-            imported.model.yarn.mscale_all_dim) == ("yarn", 40, mscale, mscale)
+    assert score_function(imported) == score_function(ours)
+    yarn = RELEASED[config]["rope_scaling"]
+    assert imported.model.rope_scaling == ("yarn" if yarn else "none")
+    if yarn:
+        y = imported.model.yarn
+        assert (y.factor, y.original_max_position_embeddings, y.mscale, y.mscale_all_dim) == (
+            40, 4096, yarn["mscale"], yarn["mscale"])
     assert (imported.moe.expert_bias_update_rate > 0) == (config == "deepseek-v3.yaml")
     assert block_size(hf) == ((128, 128) if config == "deepseek-v3.yaml" else None)
