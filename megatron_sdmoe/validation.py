@@ -102,6 +102,10 @@ def validate(cfg: Config, world_size: int) -> None:
              f"model.yarn.mscale={y.mscale}, mscale_all_dim={y.mscale_all_dim}: need mscale > 0 and "
              "mscale_all_dim >= 0")
     need(m.vocab_size is None or m.vocab_size >= 1, f"model.vocab_size={m.vocab_size} must be at least 1")
+    # RoPE would run on past it, but an export would state a context the model was never trained at
+    need(cfg.data.seq_length <= m.max_position_embeddings,
+         f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
+         "raise model.max_position_embeddings or shorten data.seq_length")
     need(0 <= m.dense_layers < m.num_layers,
          f"model.dense_layers={m.dense_layers} must lie in [0, model.num_layers - 1]: keep at least one MoE layer")
     need(m.dense_layers == 0 or m.dense_ffn_hidden_size > 0,

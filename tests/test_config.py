@@ -59,6 +59,7 @@ def test_load_errors(override, message):
     (["model.attention=mla"], 1, "model.attention=mla is DeepSeek's: use model.preset=deepseek"),
     (["model.preset=deepseek", "model.attention=mla", "model.mla.qk_rope_head_dim=63", "parallel.tensor=2"], 2,
      "model.mla.kv_lora_rank + model.mla.qk_rope_head_dim=575 is not divisible by parallel.tensor=2"),
+    (["data.seq_length=8192"], 1, "data.seq_length=8192 exceeds model.max_position_embeddings=4096"),
     (["model.rope_scaling=linear"], 1, "model.rope_scaling='linear': use none or yarn"),
     (["model.rope_scaling=yarn", "model.yarn.beta_fast=0.5"], 1, "need beta_fast > beta_slow > 0"),
     (["model.rope_scaling=yarn", "model.yarn.factor=0.5"], 1, "model.yarn.factor=0.5 must be at least 1"),
