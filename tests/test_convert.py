@@ -461,7 +461,8 @@ def test_fp8_checkpoint_imports_dequantised(single_process_groups, tmp_path):
                                      "weight_block_size": [8, 8]}
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
 
-    convert("from-hf", tmp_path / "fp8", tmp_path / "imported")
+    proc = convert("from-hf", tmp_path / "fp8", tmp_path / "imported")
+    assert "(DeepseekV3ForCausalLM, 4 layers, 1 MTP, FP8 dequantised to torch.float32)" in proc.stdout, proc.stdout
     imported = load_config(tmp_path / "imported" / "config.yaml")
     assert imported.model.mtp_layers == 1
     ours = build_model(imported, VOCAB, torch.float32).eval()  # weights from model.init_from, MTP included

@@ -233,7 +233,10 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
         if has_tokenizer:
             load_tokenizer(hf_dir).hf.save_pretrained(tmp / "tokenizer")
         save_config(cfg, tmp / "config.yaml")
-    print(f"wrote {out}: continue pretraining with sdmoe-train {out / 'config.yaml'} run.dir=...")
+    m = cfg.model
+    read = [f"{hf.architectures[0]}, {m.num_layers} layers"] + [f"{m.mtp_layers} MTP"] * bool(m.mtp_layers) + \
+        ["YaRN"] * (m.rope_scaling == "yarn") + [f"FP8 dequantised to {source.dtype}"] * bool(block)
+    print(f"wrote {out} ({', '.join(read)}): continue pretraining with sdmoe-train {out / 'config.yaml'} run.dir=...")
 
 
 def main(argv: list[str] | None = None) -> None:
