@@ -1,7 +1,8 @@
 """Surviving preemption and crashes: SIGUSR1 / SIGTERM and the time budget stop after a step with a
 checkpoint and the requeue exit code; kill -9 at any step loses nothing but the steps since the
-last checkpoint; a save killed half-way leaves the previous checkpoint usable; retention keeps N.
-Every resumed run reaches the uninterrupted run's losses exactly."""
+last checkpoint; a save killed half-way leaves the previous checkpoint usable; retention keeps N;
+a save that one rank cannot write stops every rank with one line. Every resumed run reaches the
+uninterrupted run's losses exactly."""
 import json
 import os
 import signal
@@ -116,3 +117,24 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000005"
     launch(tmp_path / "two", 1, "train.max_steps=2", "train.save_interval=1")
     assert _same_weights(_model(tmp_path, 5), _model(tmp_path / "two", 2))
+
+
+def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """A full disk or a quota on one rank of two (a file size limit stands in for it): every rank
+    stops at the checkpoint with exit code 2 and one line naming the OS's reason and the rank,
+    `latest` still names the previous checkpoint and no partial one is left; once there is space,
+    starting again resumes."""
+    layout = ["parallel.expert=2", "train.save_interval=2"]
+    launch(tmp_path, 2, "train.max_steps=2", *layout)
+    size = (tmp_path / "checkpoints" / "step_00000002" / "rank_00001.pt").stat().st_size
+    proc = launch(tmp_path, 2, "train.max_steps=4", *layout, module="tests.workers.file_size_limit",
+                  env={"FULL_RANK": "1", "FILE_SIZE_LIMIT": str(size // 2)}, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "step_00000004 failed (File too large): free space or quota under" in errors[0], errors[0]
+    assert "(checkpoints/latest still names step_00000002) [seen on rank 1 of 2, host " in errors[0], errors[0]
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
+    launch(tmp_path, 2, "train.max_steps=4", *layout)
+    assert (checkpoints / "latest").read_text() == "step_00000004"

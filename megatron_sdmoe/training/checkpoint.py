@@ -13,7 +13,8 @@ Layout on disk (`run_dir/checkpoints/`):
 DeepSpeed's own save_checkpoint is not used: with megatron-core experts (not DeepSpeed MoE
 layers) it drops every parameter whose name contains "expert" from the model file. A checkpoint
 is written to a temporary directory and renamed into place, then `latest` is moved; a crash
-mid-save leaves the previous checkpoint as `latest`.
+mid-save leaves the previous checkpoint as `latest`, and a write that fails on any rank (a full
+disk, a quota) is every rank's one-line error, the partial checkpoint removed.
 
 A checkpoint resumes at another data-parallel size (the same TP / EP / expert-TP): reshard.py re-cuts
 the ZeRO partitions.
@@ -39,6 +40,7 @@ from megatron_sdmoe.config import Config, is_headwise, is_sdmoe, to_dict
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.models.init import weight_tensors
 from megatron_sdmoe.runtime import Layout
+from megatron_sdmoe.runtime.agreement import agreed
 from megatron_sdmoe.training.reshard import load_resharded_optimizer
 from megatron_sdmoe.training.schedule import resume_schedule
 
@@ -118,32 +120,58 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp_{name}"
-    if layout.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = {"optimizer": engine.optimizer.state_dict(), "scheduler": engine.lr_scheduler.state_dict(),
-             "rng": _rng_state()}
-    places = _places()
-    if owner_rank(places, _position()) == layout.rank:
-        state.update(model=engine.module.state_dict(), shards=model_shards(engine.module), position=_position())
-    _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")
-    dist.barrier()
-    if layout.is_main:
+    main = layout.is_main
+    # Each phase runs under `agreed`, whose collective is the phase's barrier: a write that fails
+    # on one rank (a full disk, a quota) is every rank's one-line error, and `latest` keeps the
+    # last complete checkpoint.
+    try:
+        agreed(lambda: _checked(final, run_dir, lambda: _fresh(tmp) if main else None))
+        state = {"optimizer": engine.optimizer.state_dict(), "scheduler": engine.lr_scheduler.state_dict(),
+                 "rng": _rng_state()}
+        places = _places()
+        if owner_rank(places, _position()) == layout.rank:
+            state.update(model=engine.module.state_dict(), shards=model_shards(engine.module), position=_position())
+        agreed(lambda: _checked(final, run_dir, lambda: _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")))
         meta = {"step": step, "consumed_samples": consumed_samples, "vocab_rows": engine.module.vocab_size,
                 "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor),
                 "ranks": places, "trainer": trainer_state or {}}
-        _write_synced(tmp / "config.yaml", (run_dir / "config.yaml").read_text())
-        _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_synced(root / f".{LATEST}.tmp", name)
-        os.replace(root / f".{LATEST}.tmp", root / LATEST)
-        if keep:
-            for old in sorted(root.glob("step_*"))[:-keep]:  # zero-padded names sort by step
-                shutil.rmtree(old)
-    dist.barrier()
+        agreed(lambda: _checked(final, run_dir, lambda: _complete(run_dir, tmp, final, meta, keep) if main else None))
+    except UserError:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def _fresh(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def _checked(final: Path, run_dir: Path, write):
+    """`write()`, its OSError as the one-line error: the checkpoint, the reason, what is kept."""
+    try:
+        return write()
+    except OSError as e:
+        previous = latest_checkpoint(run_dir)
+        kept = f"checkpoints/latest still names {previous.name}" if previous else "no earlier checkpoint exists"
+        raise UserError(f"writing checkpoint {final} failed ({e.strerror or e}): free space or quota under "
+                        f"{final.parent}, then start again in the same run.dir to resume ({kept})") from e
+
+
+def _complete(run_dir: Path, tmp: Path, final: Path, meta: dict, keep: int) -> None:
+    """Rank 0, once every rank's file is written: the config and meta.json, the rename, `latest`,
+    then retention."""
+    root = final.parent
+    _write_synced(tmp / "config.yaml", (run_dir / "config.yaml").read_text())
+    _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_synced(root / f".{LATEST}.tmp", final.name)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    if keep:
+        for old in sorted(root.glob("step_*"))[:-keep]:  # zero-padded names sort by step
+            shutil.rmtree(old)
 
 
 def check_resumable(cfg: Config, world_size: int) -> None:
@@ -259,9 +287,33 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
     return meta["step"]
 
 
+class _KeptErrors:
+    """A file whose write errors are kept: torch.save reports a failed write (a full disk, a quota)
+    only as a RuntimeError from its zip writer, without the OS's reason."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _save_synced(obj, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = _KeptErrors(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
         f.flush()
         os.fsync(f.fileno())
 

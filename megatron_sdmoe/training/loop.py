@@ -168,63 +168,73 @@ class Trainer:
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
         stop = StopRequest(tr.time_budget_minutes, self.layout.device)
-        stopped, skipped_in_a_row, diverged = None, 0, False
-        for step in range(start_step, tr.max_steps):
-            started = time.perf_counter()
-            done = step + 1
-            diagnosing = self.diagnostics is not None and done % self.cfg.moe.diag_interval == 0
-            if diagnosing:
-                self.diagnostics.capture_gradients(True)
-                self.composition.recording = True
-            self.profiler.before_step(done)
-            result = self.train_step(step)
-            self.profiler.after_step(done)
-            per_layer = {}
-            if diagnosing:
-                per_layer, overlaps = self.diagnostics.compute()
-                per_layer["route_neff"] = self.composition.compute()
-                self.diagnostics.capture_gradients(False)
-                self.composition.recording = False
-                self.metrics.log_heatmaps(done, "expert_overlap", overlaps)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}")
-            evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
-            stage = self.stage_at(step)
-            if evaluating:
-                result.update(self.evaluate(stage.valid, stage.domains))
-            testing = done == tr.max_steps and stage.test is not None  # the held-out test set, once
-            if testing:
-                result.update(self.evaluate(stage.test, stage.test_domains, "test"))
-            stage_end = self.stage_matrix is not None and done == stage.last_step
-            if stage_end:
-                scalars, stage_per_layer = self.end_of_stage(stage)
-                result.update(scalars)
-                per_layer.update(stage_per_layer)
-            if evaluating or diagnosing or stage_end or done % tr.log_interval == 0 or done == tr.max_steps:
-                per_layer.update(self.expert_load.collect())
-                self.metrics.log(done, result, per_layer)
-                if self.layout.is_main:
-                    val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
-                    val += f" | test loss {result['test_loss']:.4f}" if testing else ""
-                    val += f" | BWT {result['bwt']:+.4f}" if "bwt" in result else ""
-                    bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "
-                              f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
-                              f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"
-                              + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
-            stopped = stop.after_step(time.perf_counter() - started)
-            skipped_in_a_row = 0 if self.engine.was_step_applied() else skipped_in_a_row + 1
-            diverged = 0 < tr.max_skipped_steps <= skipped_in_a_row
-            exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
-            if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
-                    or exiting or stopped or diverged):
-                save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
-                                tr.keep_checkpoints, {"smoothing": self.smoother.state()} if self.smoother else {})
-            if exiting or stopped or diverged:
-                break
-        bar.close()
-        self.profiler.close()
+        self.skipped_in_a_row = 0
+        try:  # the bar ends its line before an error is printed
+            for step in range(start_step, tr.max_steps):
+                stopped, leaving = self._run_step(step, bar, stop)
+                if leaving:
+                    return stopped
+        finally:
+            bar.close()
+            self.profiler.close()
+        return None
+
+    def _run_step(self, step: int, bar, stop: StopRequest) -> tuple[str | None, bool]:
+        """Step `step` with its diagnostics, evaluation, metrics and checkpoint; returns why to stop
+        early (a signal, the time budget) and whether the run ends here (that, or train.exit_interval)."""
+        tr = self.cfg.train
+        started = time.perf_counter()
+        done = step + 1
+        diagnosing = self.diagnostics is not None and done % self.cfg.moe.diag_interval == 0
+        if diagnosing:
+            self.diagnostics.capture_gradients(True)
+            self.composition.recording = True
+        self.profiler.before_step(done)
+        result = self.train_step(step)
+        self.profiler.after_step(done)
+        per_layer = {}
+        if diagnosing:
+            per_layer, overlaps = self.diagnostics.compute()
+            per_layer["route_neff"] = self.composition.compute()
+            self.diagnostics.capture_gradients(False)
+            self.composition.recording = False
+            self.metrics.log_heatmaps(done, "expert_overlap", overlaps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.4f}")
+        evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
+        stage = self.stage_at(step)
+        if evaluating:
+            result.update(self.evaluate(stage.valid, stage.domains))
+        testing = done == tr.max_steps and stage.test is not None  # the held-out test set, once
+        if testing:
+            result.update(self.evaluate(stage.test, stage.test_domains, "test"))
+        stage_end = self.stage_matrix is not None and done == stage.last_step
+        if stage_end:
+            scalars, stage_per_layer = self.end_of_stage(stage)
+            result.update(scalars)
+            per_layer.update(stage_per_layer)
+        if evaluating or diagnosing or stage_end or done % tr.log_interval == 0 or done == tr.max_steps:
+            per_layer.update(self.expert_load.collect())
+            self.metrics.log(done, result, per_layer)
+            if self.layout.is_main:
+                val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""
+                val += f" | test loss {result['test_loss']:.4f}" if testing else ""
+                val += f" | BWT {result['bwt']:+.4f}" if "bwt" in result else ""
+                bar.write(f"step {done:>5}/{tr.max_steps} | loss {result['loss']:.4f} | aux "
+                          f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
+                          f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"
+                          + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
+        stopped = stop.after_step(time.perf_counter() - started)
+        self.skipped_in_a_row = 0 if self.engine.was_step_applied() else self.skipped_in_a_row + 1
+        diverged = 0 < tr.max_skipped_steps <= self.skipped_in_a_row
+        exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
+        if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
+                or exiting or stopped or diverged):
+            save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
+                            tr.keep_checkpoints, {"smoothing": self.smoother.state()} if self.smoother else {})
         if diverged:
-            raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and were "
-                           f"skipped (steps {done - skipped_in_a_row + 1}-{done}); the checkpoint of step {done} "
-                           "holds the last good weights: lower train.lr or raise train.warmup_steps, then resume")
-        return stopped
+            raise Diverged(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and "
+                           f"were skipped (steps {done - self.skipped_in_a_row + 1}-{done}); the checkpoint of step "
+                           f"{done} holds the last good weights: lower train.lr or raise train.warmup_steps, then "
+                           "resume")
+        return stopped, bool(exiting or stopped)
