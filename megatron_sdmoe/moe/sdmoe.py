@@ -153,7 +153,7 @@ class SpectralSplit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, v = ctx.saved_tensors
-        (groups, blocks, m, k), n = q.shape, v.shape[-2]
+        (groups, blocks, m, _), n = q.shape, v.shape[-2]
         experts = grad.shape[0] // groups
         # every expert's block gets its group's basis: [G*S*B, m, k] and [G*S*B, n, k]
         per_block = lambda t: t.unsqueeze(1).expand(groups, experts, *t.shape[1:]).reshape(  # noqa: E731
