@@ -153,6 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         if rank_from_env() == 0:
             print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except torch.OutOfMemoryError as e:  # one rank's: it says so itself (the launcher ends the others)
+        print(f"error: rank {rank_from_env()} ran out of GPU memory ({str(e).splitlines()[0]}): lower "
+              "train.micro_batch_size, set train.recompute=selective (or full), or spread the model over more "
+              "GPUs (sdmoe-estimate CONFIG --gpus N says what fits)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

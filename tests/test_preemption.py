@@ -1,8 +1,8 @@
 """Surviving preemption and crashes: SIGUSR1 / SIGTERM and the time budget stop after a step with a
 checkpoint and the requeue exit code; kill -9 at any step loses nothing but the steps since the
 last checkpoint; a save killed half-way leaves the previous checkpoint usable; retention keeps N;
-a save that one rank cannot write stops every rank with one line. Every resumed run reaches the
-uninterrupted run's losses exactly."""
+a save that one rank cannot write stops every rank with one line, as running out of GPU memory
+does the rank it happens on. Every resumed run reaches the uninterrupted run's losses exactly."""
 import json
 import os
 import signal
@@ -138,3 +138,18 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank_with_one_line(t
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
     launch(tmp_path, 2, "train.max_steps=4", *layout)
     assert (checkpoints / "latest").read_text() == "step_00000004"
+
+
+def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(tmp_path):
+    """torch's out-of-memory error on a rank (injected at step 2: no GPU here to fill): that rank
+    prints one line with torch's own first line and what to change, exit code 2 (requeueing would
+    run out again); the checkpoint before it stays."""
+    proc = launch(tmp_path, 1, "train.max_steps=4", "train.save_interval=1", module="tests.workers.out_of_memory",
+                  check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [
+        "error: rank 0 ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+        "capacity of 79.19 GiB of which 1.05 GiB is free.): lower train.micro_batch_size, set "
+        "train.recompute=selective (or full), or spread the model over more GPUs (sdmoe-estimate CONFIG --gpus N "
+        "says what fits)"], proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
