@@ -26,6 +26,7 @@ from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, sh
 from megatron_sdmoe.runtime.agreement import agreed, check_shared_directory
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
+from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.training.checkpoint import (changed_training_settings, check_vocabulary, latest_checkpoint,
                                                 load_latest)
 from megatron_sdmoe.training.engine import build_engine
@@ -111,6 +112,7 @@ def setup(cfg: Config) -> Session:
     model = build_model(cfg, vocab, dtype, resuming).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
     start_step = load_latest(run_dir, engine, layout)
+    record_start(run_dir, layout, start_step, dtype)
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())

@@ -2,10 +2,14 @@
 identical losses for steps 5-8 (model, ZeRO optimizer partitions, LR schedule, RNG, data position).
 Resuming with another number of processes (another data-parallel size) continues the same run:
 the losses of one run in two layouts agree to round-off (test_parallel_parity.py)."""
+import json
+import socket
+import subprocess
+
 import pytest
 import torch
 
-from conftest import launch, metrics
+from conftest import REPO, launch, metrics
 
 RUN = ["train.max_steps=8", "train.eval_interval=4"]
 LAYOUTS = {"one process": (1, []), "EP2 ZeRO-2": (2, ["parallel.expert=2", "parallel.zero_stage=2"]),
@@ -38,12 +42,29 @@ def test_resume_is_exact(name, straight, tmp_path):
     stopped_at_4(tmp_path, nproc, layout)
     proc = launch(tmp_path, nproc, *RUN, *layout)
     assert "resuming from step 4" in proc.stdout
+    assert_starts_recorded(tmp_path, nproc)
     resumed, reference = metrics(tmp_path)[4:], straight(name)[4:]
     assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [5, 6, 7, 8]
     for got, want in zip(resumed, reference):
         for key in ("loss", "aux_loss", "grad_norm", "lr"):
             assert got[key] == want[key], (got["step"], key)
     assert resumed[-1]["val_loss"] == reference[-1]["val_loss"]
+
+
+def assert_starts_recorded(run_dir, nproc: int) -> None:
+    """starts.jsonl: one line per start, with the step it started from, every rank's host and
+    device, and the versions installed (importlib.metadata's, git's commit)."""
+    from importlib import metadata
+
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["start_step"] for s in starts] == [0, 4]
+    for start in starts:
+        assert start["world_size"] == nproc and start["hosts"] == {socket.gethostname(): nproc}
+        assert start["devices"] == {"cpu": nproc} and start["precision"] in ("float32", "bfloat16")
+        for package in ("torch", "megatron-core", "deepspeed", "transformers"):
+            assert start["versions"][package] == metadata.version(package), package
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert start["commit"].removesuffix("+dirty") == head.stdout.strip()
 
 
 @pytest.mark.parametrize("name, saved, resumed", [("one process", 1, 2), ("EP2 ZeRO-2", 4, 2), ("bf16 ZeRO-1", 1, 2)],
