@@ -577,4 +577,7 @@ def test_released_configs_import_as_the_real_scale_configs(config, tmp_path):
         assert (y.factor, y.original_max_position_embeddings, y.mscale, y.mscale_all_dim) == (
             40, 4096, yarn["mscale"], yarn["mscale"])
     assert (imported.moe.expert_bias_update_rate > 0) == (config == "deepseek-v3.yaml")
+    released = RELEASED[config]
+    assert imported.moe.aux_loss_coeff == released.get("aux_loss_alpha", released.get("router_aux_loss_coef"))
+    assert imported.moe.aux_loss_type == ("sequence" if released.get("seq_aux") else "batch")
     assert block_size(hf) == ((128, 128) if config == "deepseek-v3.yaml" else None)

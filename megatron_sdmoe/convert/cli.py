@@ -235,7 +235,7 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
         save_config(cfg, tmp / "config.yaml")
     m = cfg.model
     read = [f"{hf.architectures[0]}, {m.num_layers} layers"] + [f"{m.mtp_layers} MTP"] * bool(m.mtp_layers) + \
-        ["YaRN"] * (m.rope_scaling == "yarn") + [f"FP8 dequantised to {source.dtype}"] * bool(block)
+        ["YaRN"] * (m.rope_scaling == "yarn") + ([f"FP8 dequantised to {source.dtype}"] if block else [])
     print(f"wrote {out} ({', '.join(read)}): continue pretraining with sdmoe-train {out / 'config.yaml'} run.dir=...")
 
 

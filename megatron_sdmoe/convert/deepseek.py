@@ -128,7 +128,10 @@ def config_overrides(hf, names: list[str]) -> list[str]:
                  "moe.score_function": "softmax" if v2 else "sigmoid",
                  "moe.routed_scaling_factor": hf.routed_scaling_factor,
                  "moe.num_groups": hf.n_group if grouped else 0, "moe.group_topk": hf.topk_group if grouped else 0,
-                 "moe.expert_bias_update_rate": 0 if v2 else mapping.BIAS_UPDATE_RATE}
+                 "moe.expert_bias_update_rate": 0 if v2 else mapping.BIAS_UPDATE_RATE,
+                 # DeepSeek's released configs say how they were trained (transformers does not read it)
+                 **({"moe.aux_loss_coeff": hf.aux_loss_alpha} if hasattr(hf, "aux_loss_alpha") else {}),
+                 **({"moe.aux_loss_type": "sequence" if hf.seq_aux else "batch"} if hasattr(hf, "seq_aux") else {})}
     return [f"{key}={value}" for key, value in overrides.items()]
 
 
