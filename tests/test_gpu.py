@@ -3,7 +3,7 @@ recorded in the README with the command that produced them."""
 import pytest
 import torch
 
-from conftest import launch, metrics
+from conftest import CONFIG, REPO, launch, metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -15,12 +15,17 @@ def test_bf16_training_learns_on_gpu(tmp_path):
     assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
 
 
-@pytest.mark.parametrize("variant", [[], ["moe.variant=sdmoe", "sdmoe.refresh_interval=2"],
-                                     ["smoothing.enabled=true", "smoothing.threshold=0.5"]],
-                         ids=["topk", "sdmoe", "smoothing every step"])
-def test_fp32_on_gpu_matches_cpu(tmp_path, variant):
-    launch(tmp_path / "gpu", 1, "train.precision=fp32", *variant)
-    launch(tmp_path / "cpu", 1, *variant, env={"CUDA_VISIBLE_DEVICES": ""})
+YARN = ["model.rope_scaling=yarn", "model.yarn.factor=4", "model.yarn.original_max_position_embeddings=32"]
+
+
+@pytest.mark.parametrize("config, variant", [
+    (CONFIG, []), (CONFIG, ["moe.variant=sdmoe", "sdmoe.refresh_interval=2"]),
+    (CONFIG, ["smoothing.enabled=true", "smoothing.threshold=0.5"]), (CONFIG, YARN),
+    (REPO / "configs" / "tiny-deepseek.yaml", [*YARN, "model.yarn.mscale=0.707", "model.yarn.mscale_all_dim=0.707"])],
+    ids=["topk", "sdmoe", "smoothing every step", "YaRN (GQA)", "DeepSeek-like: MLA with YaRN, MTP, bias balancing"])
+def test_fp32_on_gpu_matches_cpu(tmp_path, config, variant):
+    launch(tmp_path / "gpu", 1, "train.precision=fp32", *variant, config=config)
+    launch(tmp_path / "cpu", 1, *variant, env={"CUDA_VISIBLE_DEVICES": ""}, config=config)
     for gpu, cpu in zip(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu")):
         assert gpu["loss"] == pytest.approx(cpu["loss"], abs=1e-3)
 
