@@ -173,13 +173,11 @@ def _rope_overrides(hf) -> dict[str, object]:
     if rope.get("rope_type") != "yarn":
         return {}
     original = rope["original_max_position_embeddings"]
-    mscale_all_dim = rope.get("mscale_all_dim") or 0.0
-    # transformers' defaults for what the config leaves out; mscale counts only with mscale_all_dim
+    # transformers' defaults for what the config leaves out (mscale counts only with mscale_all_dim)
     return {"model.rope_scaling": "yarn", "model.yarn.factor": rope.get("factor") or hf.max_position_embeddings / original,
             "model.yarn.original_max_position_embeddings": original,
             "model.yarn.beta_fast": rope.get("beta_fast") or 32.0, "model.yarn.beta_slow": rope.get("beta_slow") or 1.0,
-            "model.yarn.mscale": rope["mscale"] if mscale_all_dim else rope.get("mscale") or 1.0,
-            "model.yarn.mscale_all_dim": mscale_all_dim}
+            "model.yarn.mscale": rope.get("mscale") or 1.0, "model.yarn.mscale_all_dim": rope.get("mscale_all_dim") or 0.0}
 
 
 def rope_parameters(model) -> dict:
