@@ -53,7 +53,9 @@ def versions() -> dict[str, str | None]:
 
 def commit() -> str | None:
     """This project's git commit, `+dirty` with uncommitted changes to tracked files; None outside
-    a checkout or without git."""
+    its own checkout (an installed copy, which may sit inside another repository) or without git."""
+    if not (REPO / ".git").exists():
+        return None
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
