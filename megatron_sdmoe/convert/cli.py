@@ -35,7 +35,7 @@ from tqdm import tqdm
 from megatron_sdmoe.config import Config, is_headwise, load_config, save_config
 from megatron_sdmoe.convert import deepseek, fp8, headwise_export, qwen
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
-from megatron_sdmoe.convert.mapping import conversion_group
+from megatron_sdmoe.convert.mapping import MTP_COPIES, conversion_group, layer_index
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 from megatron_sdmoe.validation import validate
@@ -67,6 +67,19 @@ def exported_names(adapter, names: list[str]) -> list[str]:
     """The checkpoint tensors an export holds: multi-token-prediction layers only where the class
     has a place for them (DeepSeek-V3's layout)."""
     return [name for name in names if adapter.EXPORTS_MTP or not name.startswith("mtp.")]
+
+
+def imported_names(cfg: Config, names: list[str]) -> list[str]:
+    """The transformers tensors an import converts: all but the MTP layers' copies of the embedding
+    and output layer (mapping.MTP_COPIES)."""
+    m = cfg.model
+
+    def copy(name: str) -> bool:
+        match = HF_LAYER.fullmatch(name)
+        return bool(match) and match.group(2) in MTP_COPIES and \
+            m.num_layers <= layer_index(match.group(1)) < m.num_layers + m.mtp_layers
+
+    return [name for name in names if not copy(name)]
 
 
 def write_config(cfg: Config, hf_config, out: Path) -> None:
@@ -221,7 +234,7 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
     adapter, cfg = import_config(hf, [f"model.init_from={out / 'weights'}",
                                       *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides],
                                  source.names())
-    groups = conversion_groups(source.names(), HF_LAYER)
+    groups = conversion_groups(imported_names(cfg, source.names()), HF_LAYER)
 
     def transform(group, tensors):
         return adapter.from_hf(cfg, group, tensors)

@@ -33,9 +33,6 @@ RENAMED = {"input_layernorm.weight": "input_layernorm.weight",
            # a multi-token-prediction layer's own (mapping.MTP_OWN)
            "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
            "final_layernorm.weight": "shared_head.norm.weight"}
-# DeepSeek's checkpoints repeat the embedding and output layer in each MTP layer; megatron-core's
-# MTP shares the model's, as DeepSeek-V3 trains it, so the copies are read and left out
-MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 # MTP layers are exported as DeepSeek-V3 lays them out (transformers reads the count, not the layers)
 EXPORTS_MTP = True
 GATE_UP = {"mlp.linear_fc1.weight": "mlp.", "mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts."}
@@ -140,7 +137,4 @@ def to_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str,
 
 
 def from_hf(cfg: Config, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for copy in MTP_COPIES:  # read, so that the conversion counts them as used, and left out
-        if copy in tensors:
-            tensors[copy]
     return mapping.from_hf(name, tensors, RENAMED, GATE_UP, routed_experts(cfg), cfg.model.num_layers)

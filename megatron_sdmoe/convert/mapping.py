@@ -44,6 +44,9 @@ _TOGETHER = [(r"mlp\.experts\.(?:linear|common)_(fc\d)", r"experts.\1"),
 # it). Ours: mtp.layers.<k>.{MTP_OWN} and mtp.layers.<k>.mtp_model_layer.<a decoder layer's names>.
 MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight")
 MTP_LAYER = "mtp_model_layer."
+# DeepSeek's checkpoints repeat the embedding and output layer in each MTP layer; megatron-core's
+# MTP shares the model's, as DeepSeek-V3 trains it, so importing leaves the copies out unread
+MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 
 
 def layer_index(name: str) -> int:
