@@ -11,6 +11,7 @@ import socket
 import subprocess
 
 import pytest
+import torch
 
 from conftest import CONFIG, SMALL, launch
 from megatron_sdmoe.config import load_config
@@ -138,26 +139,45 @@ def test_training_settings_may_change_on_resume(resumed):
                                                  "moe.diag_interval=5", "train.lr=0.001"]), 1)
 
 
-def test_checkpoint_of_another_layout(resumed):
-    run_dir, before = resumed
-    proc = train(run_dir, "parallel.expert=2", world=2)
-    assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} was saved with layout "
-                         "{'world_size': 1, 'tensor': 1, 'expert': 1, 'expert_tensor': 1} but this run has "
-                         "{'world_size': 2, 'tensor': 1, 'expert': 2, 'expert_tensor': 1}")
+def test_sequential_experts_at_another_expert_parallel_size(tmp_path):
+    """megatron-core's SequentialMLP names experts by local index: its weights cannot move between EP ranks."""
+    run_dir = tmp_path / "run"
+    launch(run_dir, 1, "moe.expert_impl=sequential", "train.max_steps=2")
+    before = snapshot(run_dir)
+    proc = train(run_dir, "moe.expert_impl=sequential", "parallel.expert=2", world=2)
+    assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'}: megatron-core's sequential "
+                         "experts name their weights by local index, so they cannot move between EP ranks: resume "
+                         "with parallel.tensor=1, parallel.expert=1 and parallel.expert_tensor=1")
     assert snapshot(run_dir) == before
 
 
-def test_checkpoint_of_an_older_version_at_another_world_size(resumed):
-    """Without the ranks' places (meta.json `ranks`), the ZeRO partitions cannot be re-cut."""
+def test_checkpoint_of_an_older_version_at_another_layout(resumed):
+    """Without the split records' global expert indices, the tensors cannot be re-cut for another
+    TP / EP layout; without the ranks' places (meta.json `ranks`), not even the ZeRO partitions for
+    another data-parallel size."""
     run_dir, _ = resumed
-    meta_file = run_dir / "checkpoints" / "step_00000002" / "meta.json"
+    checkpoint = run_dir / "checkpoints" / "step_00000002"
+    rank_file = checkpoint / "rank_00000.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["shards"] = {name: {k: v for k, v in split.items() if k not in ("first", "weight")}
+                       for name, split in state["shards"].items()}
+    torch.save(state, rank_file)
+    before = snapshot(run_dir)
+    assert_refused(train(run_dir, "parallel.expert=2", world=2),
+                   f"error: checkpoint {checkpoint} was saved by an older version, without the split records that "
+                   "resuming at another model-parallel layout needs: resume with parallel.tensor=1, "
+                   "parallel.expert=1 and parallel.expert_tensor=1")
+    assert snapshot(run_dir) == before
+    meta_file = checkpoint / "meta.json"
     meta = json.loads(meta_file.read_text())
     del meta["ranks"]
     meta_file.write_text(json.dumps(meta))
     before = snapshot(run_dir)
-    assert_refused(train(run_dir, world=2), f"error: checkpoint {meta_file.parent} was saved by an older version at "
-                                            "world size 1, without the ranks' places that resuming at world size 2 "
-                                            "needs: resume at world size 1")
+    assert_refused(train(run_dir, world=2), f"error: checkpoint {checkpoint} was saved by an older version with "
+                                            "layout {'world_size': 1, 'tensor': 1, 'expert': 1, 'expert_tensor': 1}, "
+                                            "without the ranks' places that resuming with layout {'world_size': 2, "
+                                            "'tensor': 1, 'expert': 1, 'expert_tensor': 1} needs: resume with its "
+                                            "layout")
     assert snapshot(run_dir) == before
 
 

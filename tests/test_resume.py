@@ -78,16 +78,45 @@ def test_resume_at_another_data_parallel_size(name, saved, resumed, straight, tm
     stopped_at_4(tmp_path, saved, layout)
     proc = launch(tmp_path, resumed, *RUN, *layout)
     assert "resuming from step 4" in proc.stdout
-    rows, reference = metrics(tmp_path), straight(name)
+    assert_continues(metrics(tmp_path), straight(name), bf16="bf16" in name)
+
+
+def assert_continues(rows: list[dict], reference: list[dict], bf16: bool = False) -> None:
+    """Steps 1-8 of a run stopped at 4 and resumed in another layout are the straight run's, to the
+    round-off between layouts."""
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, 9))
-    loss_tolerance = 3e-3 if "bf16" in name else 2e-5  # fp32: test_parallel_parity.py's
+    loss_tolerance = 3e-3 if bf16 else 2e-5  # fp32: test_parallel_parity.py's
     for got, want in zip(rows, reference):
         assert got["loss"] == pytest.approx(want["loss"], abs=loss_tolerance), got["step"]
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
-        if "bf16" not in name:
+        if not bf16:
             assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-4), got["step"]
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
     assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=loss_tolerance)
+
+
+# (saved processes, saved layout, resumed processes, resumed layout, model): each model's hard case
+RELAID = {
+    "qwen3: EP1 to EP2": (1, [], 2, ["parallel.expert=2"], []),
+    # MLA, shared experts, the routing bias of auxiliary-loss-free balancing, an MTP layer
+    "deepseek: EP2 to TP2": (2, ["parallel.expert=2"], 2, ["parallel.tensor=2"], ["model.mtp_layers=1"]),
+    # the bases of the step-3 refresh: at EP2 both ranks hold the layer's one group's, at ETP2 each its rows
+    "sdmoe: TP2 ETP2 to EP2": (2, ["parallel.tensor=2", "parallel.expert_tensor=2"], 2, ["parallel.expert=2"],
+                               ["moe.variant=sdmoe", "sdmoe.refresh_interval=3"]),
+}
+
+
+@pytest.mark.parametrize("name", RELAID)
+def test_resume_at_another_model_parallel_layout(name, tmp_path):
+    """Another TP / EP / expert-TP: every tensor, its fp32 master and Adam moments (and SD-MoE's
+    bases) are assembled whole and re-cut, against the straight run in the saved layout."""
+    saved, saved_layout, resumed, resumed_layout, model = RELAID[name]
+    config = {"config": REPO / "configs" / "tiny-deepseek.yaml"} if name.startswith("deepseek") else {}
+    launch(tmp_path / "straight", saved, *RUN, *saved_layout, *model, **config)
+    launch(tmp_path / "resumed", saved, *RUN, *saved_layout, *model, "train.exit_interval=4", **config)
+    proc = launch(tmp_path / "resumed", resumed, *RUN, *resumed_layout, *model, **config)
+    assert "resuming from step 4" in proc.stdout
+    assert_continues(metrics(tmp_path / "resumed"), metrics(tmp_path / "straight"))
 
 
 def test_changed_schedule_takes_effect_on_resume(tmp_path):

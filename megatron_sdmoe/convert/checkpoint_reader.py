@@ -2,8 +2,8 @@
 
 Every model-owner rank file (training/checkpoint.py) holds that rank's shard of each model
 tensor, the rank's place in the layout (`position`: TP, EP and expert-TP ranks) and how each
-tensor is split (`shards`: TP partition dim and stride, whether it stacks experts). The files are
-memory-mapped, so assembling a tensor reads only its shards.
+tensor is split (`shards`: models/init.py's split records); training/reshard.py assembles them.
+The files are memory-mapped, so assembling a tensor reads only its shards.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.checkpoint import latest_checkpoint
+from megatron_sdmoe.training.reshard import assemble
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -24,14 +25,6 @@ def checkpoint_dir(path: str | Path) -> Path:
         raise UserError(f"{path} is not a complete checkpoint: give a run directory or a checkpoints/step_* "
                         "directory with meta.json")
     return path
-
-
-def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
-    """The inverse of megatron-core's TP split (models/init.py: shard) over ranks in order."""
-    if dim is None or len(shards) == 1:  # replicated, or not split: no copy
-        return shards[0]
-    parts = [s.chunk(stride, dim) for s in shards]
-    return torch.cat([parts[rank][k] for k in range(stride) for rank in range(len(shards))], dim)
 
 
 class CheckpointReader:
@@ -51,24 +44,12 @@ class CheckpointReader:
         self.owners = owners
 
     def names(self) -> list[str]:
-        return list(self.shards)
+        """The weights (the split records also cover SD-MoE's bases, which conversion does not read)."""
+        return [name for name, split in self.shards.items() if split.get("weight", True)]
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._assemble(name, lambda shard: shard)
+        return assemble(self.owners, name, lambda owner: owner["model"][name])
 
     def placeholder(self, name: str) -> torch.Tensor:
         """A data-less (meta) tensor of `name`'s whole shape and dtype; reads no shard."""
-        return self._assemble(name, lambda shard: shard.to("meta"))
-
-    def _assemble(self, name: str, load) -> torch.Tensor:
-        info = self.shards[name]
-        if info["experts"]:  # EP ranks hold consecutive experts, each split over expert TP
-            by_ep: dict[int, dict[int, torch.Tensor]] = {}
-            for owner in self.owners:
-                by_ep.setdefault(owner["position"]["ep"], {})[owner["position"]["etp"]] = load(owner["model"][name])
-            return torch.cat([unshard([etp[r] for r in sorted(etp)], info["dim"], info["stride"])
-                              for _, etp in sorted(by_ep.items())])
-        by_tp: dict[int, torch.Tensor] = {}
-        for owner in self.owners:
-            by_tp.setdefault(owner["position"]["tp"], load(owner["model"][name]))
-        return unshard([by_tp[r] for r in sorted(by_tp)], info["dim"], info["stride"])
+        return assemble(self.owners, name, lambda owner: owner["model"][name].to("meta"))

@@ -57,16 +57,27 @@ def draw(key: str, local: torch.Tensor, param: torch.nn.Parameter, dim_offset: i
     return shard(full, dim, param.partition_stride, is_expert) if parallel else full
 
 
-def local_part(name: str, full: torch.Tensor, param: torch.nn.Parameter, first_expert: int) -> torch.Tensor:
-    """This rank's part of the whole tensor `full` of `param`: its experts, its TP shard."""
-    if getattr(param, "stacked_experts", False):
-        full = full[first_expert:first_expert + param.shape[0]]
-    if getattr(param, "tensor_model_parallel", False):
-        full = shard(full, param.partition_dim, param.partition_stride, ".experts." in name)
-    if full.shape != param.shape:
+def local_part(name: str, full: torch.Tensor, split: dict, shape: torch.Size, offset: int = 0) -> torch.Tensor:
+    """This rank's part, of shape `shape`, of the whole tensor `full` split as `split` (split_record):
+    its experts (`offset`: the global index of full's first), its TP shard."""
+    if split["experts"]:
+        first = split["first"] - offset
+        full = full[first:first + shape[0]]
+    if split["dim"] is not None:
+        full = shard(full, split["dim"], split["stride"], ".experts." in name)
+    if full.shape != shape:
         raise UserError(f"model.init_from: {name} has shape {tuple(full.shape)} where this model needs "
-                        f"{tuple(param.shape)} on this rank: convert weights of this model's sizes")
+                        f"{tuple(shape)} on this rank: convert weights of this model's sizes")
     return full
+
+
+def split_record(tensor: torch.Tensor) -> dict:
+    """How a layout splits a weight: its TP partition dim and stride, whether dim 0 stacks experts
+    (split over EP), and the global index of this rank's first."""
+    stacked = getattr(tensor, "stacked_experts", False)
+    return {"dim": tensor.partition_dim if getattr(tensor, "tensor_model_parallel", False) else None,
+            "stride": getattr(tensor, "partition_stride", 1), "experts": stacked, "weight": True,
+            "first": ps.get_expert_model_parallel_rank() * tensor.shape[0] if stacked else 0}
 
 
 def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,6 +85,16 @@ def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     and the routing biases of auxiliary-loss-free balancing (buffers, but learnt state)."""
     return {**dict(model.named_parameters()),
             **{name: b for name, b in model.named_buffers() if name.endswith("expert_bias")}}
+
+
+def split_tensors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, dict]]:
+    """Every tensor a layout splits, with its split record: the weights, and the SD-MoE bases (state
+    that resuming at another layout re-cuts; conversion reads only the weights)."""
+    tensors = {name: (t, split_record(t)) for name, t in weight_tensors(model).items()}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "basis_splits"):
+            tensors.update({f"{prefix}.{name}": entry for name, entry in module.basis_splits().items()})
+    return tensors
 
 
 @torch.no_grad()
@@ -84,7 +105,7 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     first_expert = ps.get_expert_model_parallel_rank() * num_local
     source = WeightDirectory(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None:
-        _copy_from(source, model, first_expert)
+        _copy_from(source, model)
     draws = []
     for name, param in model.named_parameters():
         if source is not None and name in source:
@@ -120,17 +141,18 @@ def poison_weights(model: torch.nn.Module) -> None:
         tensor.fill_(float("nan"))
 
 
-def _copy_from(source: WeightDirectory, model: torch.nn.Module, first_expert: int) -> None:
+def _copy_from(source: WeightDirectory, model: torch.nn.Module) -> None:
     """This rank's parts of every tensor in `source` (parameters, and the routing bias a DeepSeek
     model carries); one the model has no place for is refused, never dropped."""
-    targets = weight_tensors(model)
+    targets = {name: (t, split_record(t)) for name, t in weight_tensors(model).items()}
     unknown = [name for name in source.names() if name not in targets]
     if unknown:
         hint = " (a routing bias: set moe.expert_bias_update_rate > 0)" if unknown[0].endswith("expert_bias") else ""
         raise UserError(f"model.init_from: {unknown[0]} has no place in this model{hint}: convert weights of "
                         "this model's architecture")
     for name in source.names():
-        targets[name].copy_(local_part(name, source.tensor(name), targets[name], first_expert))
+        target, split = targets[name]
+        target.copy_(local_part(name, source.tensor(name), split, target.shape))
 
 
 def _draws(name: str, param: torch.nn.Parameter, first_expert: int, seed: int,

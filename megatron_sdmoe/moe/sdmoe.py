@@ -251,6 +251,14 @@ class SDMoEExperts(GroupedExperts):
                 setattr(param, attr, getattr(unique, attr))
         return param
 
+    def basis_splits(self) -> dict[str, tuple[torch.Tensor, dict]]:
+        """How a layout splits the bases (models/init.py: split_record): dim 0 stacks them by group
+        (or expert) id over EP, and the split side's factor has this expert-TP rank's rows (gate and
+        up: Q's, down: V's)."""
+        split = {"stride": 1, "experts": True, "weight": False, "first": self.basis_ids[0]}
+        return {name: (getattr(self, name), {**split, "dim": 2 if name in ("q_fc1", "v_fc2") else None})
+                for name in ("q_fc1", "v_fc1", "q_fc2", "v_fc2")}
+
     # -- forward -----------------------------------------------------------------------------
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         common_fc1, common_fc2 = self.common_fc1[self.local_groups], self.common_fc2[self.local_groups]

@@ -16,8 +16,8 @@ is written to a temporary directory and renamed into place, then `latest` is mov
 mid-save leaves the previous checkpoint as `latest`, and a write that fails on any rank (a full
 disk, a quota) is every rank's one-line error, the partial checkpoint removed.
 
-A checkpoint resumes at another data-parallel size (the same TP / EP / expert-TP): reshard.py re-cuts
-the ZeRO partitions.
+A checkpoint resumes in another layout: at another data-parallel size reshard.py re-cuts the ZeRO
+partitions; at another TP / EP / expert-TP it re-cuts every tensor and its optimizer state.
 """
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_sdmoe.config import Config, is_headwise, is_sdmoe, to_dict
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.models.init import weight_tensors
+from megatron_sdmoe.models.init import split_tensors
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.runtime.agreement import agreed
-from megatron_sdmoe.training.reshard import load_resharded_optimizer
+from megatron_sdmoe.training.reshard import SavedRanks, load_resharded_optimizer, relaid_model_state
 from megatron_sdmoe.training.schedule import resume_schedule
 
 LATEST = "latest"
@@ -85,11 +85,12 @@ def owner_rank(places: list[dict[str, int]], position: dict[str, int]) -> int:
 
 
 def model_shards(model: torch.nn.Module) -> dict[str, dict]:
-    """How each parameter (and routing bias) is split over ranks: TP partition dim and stride, and
-    whether it stacks experts (split over EP); convert/checkpoint_reader.py reassembles them."""
-    return {name: {"dim": t.partition_dim if getattr(t, "tensor_model_parallel", False) else None,
-                   "stride": getattr(t, "partition_stride", 1), "experts": getattr(t, "stacked_experts", False)}
-            for name, t in weight_tensors(model).items()}
+    """How each tensor a layout splits is split over ranks (models/init.py: split_record);
+    convert/checkpoint_reader.py and reshard.py reassemble them."""
+    return {name: split for name, (_, split) in split_tensors(model).items()}
+
+
+MODEL_PARALLEL = ("tensor", "expert", "expert_tensor")  # a change re-cuts every tensor (reshard.py)
 
 
 def _layout_meta(world_size: int, tensor: int, expert: int, expert_tensor: int) -> dict:
@@ -176,33 +177,41 @@ def _complete(run_dir: Path, tmp: Path, final: Path, meta: dict, keep: int) -> N
 
 def check_resumable(cfg: Config, world_size: int) -> None:
     """Refuse, before anything is written, a checkpoint in run.dir that this run cannot load: one that
-    `latest` names but is incomplete, one saved with another model-parallel layout (or at another
-    world size, before checkpoints recorded the ranks' places), or by another model."""
+    `latest` names but is incomplete, one saved in another layout by a version that did not record
+    what re-cutting it needs, or one saved by another model."""
     path = latest_checkpoint(Path(cfg.run.dir))
     if path is None:
         return
     if not (path / "meta.json").exists():
         raise UserError(f"checkpoint {path} named by {path.parent / LATEST} is missing or incomplete: point "
                         f"{path.parent / LATEST} at a complete step_* directory or start a new run.dir")
-    meta = json.loads((path / "meta.json").read_text())
-    saved, par = meta["layout"], cfg.parallel
-    wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
-    model_parallel = ("tensor", "expert", "expert_tensor")
-    if any(saved[key] != wanted[key] for key in model_parallel):
-        raise UserError(f"checkpoint {path} was saved with layout {saved} but this run has {wanted}: resume with "
-                        "the same parallel.tensor, parallel.expert and parallel.expert_tensor (the world size may change)")
-    if saved["world_size"] != world_size and "ranks" not in meta:
-        raise UserError(f"checkpoint {path} was saved by an older version at world size {saved['world_size']}, "
-                        f"without the ranks' places that resuming at world size {world_size} needs: resume at "
-                        f"world size {saved['world_size']}")
-    saved_config = _saved_config(path)
-    if saved_config is None:  # written before checkpoints kept their config: nothing to compare
-        return
+    saved_config = _saved_config(path)  # None: written before checkpoints kept it, nothing to compare
     sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
-    differing = _differences(saved_config, cfg, sections, allowed=RESUMABLE_CHANGES)
+    differing = _differences(saved_config, cfg, sections, allowed=RESUMABLE_CHANGES) if saved_config else []
     if differing:
         raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
                         "the checkpoint's settings or start a new run.dir")
+    meta = json.loads((path / "meta.json").read_text())
+    saved, par = meta["layout"], cfg.parallel
+    wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
+    if saved != wanted and "ranks" not in meta:
+        raise UserError(f"checkpoint {path} was saved by an older version with layout {saved}, without the ranks' "
+                        f"places that resuming with layout {wanted} needs: resume with its layout")
+    if any(saved[key] != wanted[key] for key in MODEL_PARALLEL):
+        _check_relayable(path, saved, wanted, cfg)
+
+
+def _check_relayable(path: Path, saved: dict, wanted: dict, cfg: Config) -> None:
+    """Refuse a TP / EP / expert-TP change that reshard.py cannot make exactly."""
+    again = f"resume with parallel.tensor={saved['tensor']}, parallel.expert={saved['expert']} and " \
+            f"parallel.expert_tensor={saved['expert_tensor']}"
+    if cfg.moe.expert_impl == "sequential" and max(saved["expert"], wanted["expert"]) > 1:
+        raise UserError(f"checkpoint {path}: megatron-core's sequential experts name their weights by local index, "
+                        f"so they cannot move between EP ranks: {again}")
+    shards = torch.load(path / "rank_00000.pt", map_location="cpu", mmap=True, weights_only=False).get("shards", {})
+    if "first" not in next(iter(shards.values()), {}):
+        raise UserError(f"checkpoint {path} was saved by an older version, without the split records that resuming "
+                        f"at another model-parallel layout needs: {again}")
 
 
 def _saved_config(checkpoint: Path) -> dict | None:
@@ -262,28 +271,35 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
     if path is None:
         return 0
     meta = json.loads((path / "meta.json").read_text())
-    load = lambda rank: torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False,  # noqa: E731
-                                   mmap=True)
     places = _places()
+    saved = SavedRanks(path, meta.get("ranks", places))  # without "ranks": saved in this very layout
     # this run's optimizer settings (weight decay, betas, eps): loading the saved state overwrites them
     settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
-    same_size = meta["layout"]["world_size"] == layout.world_size
-    # the model shard of this rank's position: the same as before (data-parallel size aside)
-    owner = owner_rank(places if same_size else meta["ranks"], _position())
-    own = load(layout.rank if same_size else owner)
-    engine.module.load_state_dict(own["model"] if "model" in own else load(owner)["model"], strict=True)
-    if same_size:
+    current = _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)
+    relaid = any(meta["layout"][key] != current[key] for key in MODEL_PARALLEL)
+    same_ranks = meta["layout"] == current
+    if relaid:
+        engine.module.load_state_dict(relaid_model_state(engine.module, saved), strict=True)
+        own = saved.file(0)  # for the schedule, the same on every rank
+    else:  # the model shard of this rank's position: the same as before (data-parallel size aside)
+        owner = owner_rank(saved.places, _position())
+        own = saved.file(layout.rank if same_ranks else owner)
+        engine.module.load_state_dict(own["model"] if "model" in own else saved.file(owner)["model"], strict=True)
+    if same_ranks:
         # ZeRO takes the list of every data-parallel rank's state and picks its own by DP rank.
         partitions = [None] * layout.data_parallel
         partitions[layout.data_parallel_rank] = own["optimizer"]
         with contextlib.redirect_stdout(io.StringIO()):  # BF16_Optimizer prints a line as it loads
             engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
-        load_resharded_optimizer(engine.optimizer, meta["ranks"], places[layout.rank], load)
+        load_resharded_optimizer(engine.optimizer, saved, places[layout.rank], relaid)
     for group, own_settings in zip(engine.optimizer.param_groups, settings):
         group.update(own_settings)
     resume_schedule(engine.lr_scheduler, own["scheduler"])
-    _set_rng_state(own["rng"])
+    if not relaid:
+        # At another layout the saved per-rank RNG streams have no counterparts; nothing draws from
+        # them while training (dropout is off), so this run's seeded streams stand.
+        _set_rng_state(own["rng"])
     return meta["step"]
 
 
