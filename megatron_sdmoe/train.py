@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.lr=1e-3 parallel.expert=2")
+    # The deepspeed launcher (and torch.distributed.launch) pass each worker its local rank as an
+    # argument; the LOCAL_RANK it also sets in the environment is what the runtime reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

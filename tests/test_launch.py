@@ -1,5 +1,5 @@
 """sdmoe-launch: N processes on this machine through torchrun (gloo on the CPU). Two processes at
-EP2 equal one process; SIGUSR1 to the launcher reaches the workers, which save and stop, and the
+EP2 equal one process (also under DeepSpeed's launcher); SIGUSR1 to the launcher reaches the workers, which save and stop, and the
 launcher exits with their requeue code 3 (plain torchrun would exit 1); bad input is refused with
 one line and exit code 2 before any process starts."""
 import signal
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIG, REPO, SMALL, launch, log_path, metrics, run_env, wait_for_step
+from conftest import CONFIG, REPO, SMALL, free_port, launch, log_path, metrics, run_env, wait_for_step
 
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
@@ -23,6 +23,25 @@ def command(run_dir, *args) -> list[str]:
 def test_two_processes_equal_one(tmp_path):
     run = subprocess.run(command(tmp_path / "ep2"), cwd=REPO, env=run_env(), capture_output=True, text=True,
                          timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    launch(tmp_path / "one", 1)
+    got, want = metrics(tmp_path / "ep2"), metrics(tmp_path / "one")
+    assert [row["step"] for row in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], abs=2e-5)
+
+
+def test_deepspeed_launcher(tmp_path):
+    """DeepSpeed's per-node launcher (what the `deepspeed` command starts on each node) passes every
+    worker `--local_rank`; two processes at EP2 under it equal one process too."""
+    import base64
+    import json
+
+    hosts = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
+    run = subprocess.run([sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={hosts}", "--node_rank=0",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "megatron_sdmoe.train",
+                          str(CONFIG), f"run.dir={tmp_path / 'ep2'}", *SMALL, "parallel.expert=2"],
+                         cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     launch(tmp_path / "one", 1)
     got, want = metrics(tmp_path / "ep2"), metrics(tmp_path / "one")

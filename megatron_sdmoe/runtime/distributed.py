@@ -78,7 +78,8 @@ def init_distributed(tensor: int, expert: int, expert_tensor: int) -> Layout:
 
 def cores_per_local_rank() -> int:
     """This process's share of the cores it may run on, split evenly among the ranks of its machine."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    # torchrun's name, the deepspeed launcher's, or (neither: one machine) the world size
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
