@@ -307,6 +307,17 @@ def test_an_imported_routing_bias_is_never_dropped(tmp_path):
     assert "mlp.router.expert_bias has no place in this model" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_sequential_experts_are_refused_by_name(tmp_path):
+    """megatron-core's SequentialMLP keeps one weight per expert, named by its local index."""
+    launch(tmp_path / "run", 1, "moe.expert_impl=sequential", "train.max_steps=1")
+    proc = convert("to-hf", str(tmp_path / "run"), str(tmp_path / "hf"), check=False, process=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'run' / 'checkpoints' / 'step_00000001'} holds megatron-core's sequential experts "
+        "(moe.expert_impl=sequential), which conversion does not read: convert a run with moe.expert_impl=grouped "
+        "(the default, the same model)"]
+    assert not (tmp_path / "hf").exists()
+
+
 def test_weights_one_rank_cannot_read(tmp_path):
     """model.init_from with each rank in its own working directory (as on two nodes' disks), a
     shard truncated on rank 1's: its read error is the error of both ranks, printed once."""

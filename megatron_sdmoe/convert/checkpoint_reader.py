@@ -32,6 +32,10 @@ class CheckpointReader:
         self.dir = checkpoint_dir(path)
         self.meta = json.loads((self.dir / "meta.json").read_text())
         self.config: Config = load_config(self.dir / "config.yaml")
+        if self.config.moe.expert_impl == "sequential":  # per-expert weights named by local index
+            raise UserError(f"{self.dir} holds megatron-core's sequential experts (moe.expert_impl=sequential), "
+                            "which conversion does not read: convert a run with moe.expert_impl=grouped (the "
+                            "default, the same model)")
         owners = []
         for file in sorted(self.dir.glob("rank_*.pt")):
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
