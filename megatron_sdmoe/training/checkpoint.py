@@ -191,6 +191,11 @@ def check_resumable(cfg: Config, world_size: int) -> None:
     if differing:
         raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
                         "the checkpoint's settings or start a new run.dir")
+    saved_batch = (saved_config or {}).get("train", {}).get("global_batch_size", cfg.train.global_batch_size)
+    if saved_batch != cfg.train.global_batch_size:  # step k reads samples [k B, (k + 1) B) of its stage
+        raise UserError(f"checkpoint {path} was trained with train.global_batch_size={saved_batch}, not "
+                        f"{cfg.train.global_batch_size}: the data position counts global batches, so another size "
+                        f"would skip or repeat samples; resume with train.global_batch_size={saved_batch}")
     meta = json.loads((path / "meta.json").read_text())
     saved, par = meta["layout"], cfg.parallel
     wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
