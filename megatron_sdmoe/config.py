@@ -150,6 +150,7 @@ class TrainConfig:
     seed: int = 1234
     max_steps: int = 100
     global_batch_size: int = 16  # sequences per optimizer step, whatever the layout
+    batch_size_schedule: Optional[str] = None  # batch warmup by tokens, '0:256 10B:1024' (ends at global_batch_size)
     micro_batch_size: int = 4  # sequences per forward pass on one data-parallel rank
     lr: float = 3e-3
     lr_schedule: str = "cosine"  # after warmup: cosine decay | wsd (constant, then linear decay) | constant

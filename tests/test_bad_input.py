@@ -137,8 +137,8 @@ def test_another_global_batch_size_on_resume(resumed):
     run_dir, before = resumed
     proc = train(run_dir, "train.global_batch_size=16")
     assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} was trained with "
-                         "train.global_batch_size=8, not 16: the data position counts global batches, so another "
-                         "size would skip or repeat samples; resume with train.global_batch_size=8")
+                         "train.global_batch_size=8, not 16: the data position counts global batches, so other "
+                         "batches would skip or repeat samples; resume with train.global_batch_size=8")
     assert snapshot(run_dir) == before
 
 

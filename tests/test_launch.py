@@ -20,15 +20,20 @@ def command(run_dir, *args) -> list[str]:
     return [str(SDMOE_LAUNCH), str(CONFIG), "--gpus", "2", f"run.dir={run_dir}", *SMALL, "parallel.expert=2", *args]
 
 
-def test_two_processes_equal_one(tmp_path):
-    run = subprocess.run(command(tmp_path / "ep2"), cwd=REPO, env=run_env(), capture_output=True, text=True,
-                         timeout=900)
+def assert_equals_one_process(run: subprocess.CompletedProcess, tmp_path) -> None:
+    """`run` trained tmp_path/ep2 as one process does tmp_path/one."""
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     launch(tmp_path / "one", 1)
     got, want = metrics(tmp_path / "ep2"), metrics(tmp_path / "one")
     assert [row["step"] for row in got] == [1, 2, 3, 4]
     for g, w in zip(got, want):
         assert g["loss"] == pytest.approx(w["loss"], abs=2e-5)
+
+
+def test_two_processes_equal_one(tmp_path):
+    run = subprocess.run(command(tmp_path / "ep2"), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert_equals_one_process(run, tmp_path)
 
 
 def test_deepspeed_launcher(tmp_path):
@@ -42,12 +47,7 @@ def test_deepspeed_launcher(tmp_path):
                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "megatron_sdmoe.train",
                           str(CONFIG), f"run.dir={tmp_path / 'ep2'}", *SMALL, "parallel.expert=2"],
                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    launch(tmp_path / "one", 1)
-    got, want = metrics(tmp_path / "ep2"), metrics(tmp_path / "one")
-    assert [row["step"] for row in got] == [1, 2, 3, 4]
-    for g, w in zip(got, want):
-        assert g["loss"] == pytest.approx(w["loss"], abs=2e-5)
+    assert_equals_one_process(run, tmp_path)
 
 
 def test_sigusr1_reaches_the_workers(tmp_path):

@@ -36,7 +36,7 @@ import yaml
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_sdmoe.config import Config, is_headwise, is_sdmoe, to_dict
+from megatron_sdmoe.config import Config, TrainConfig, is_headwise, is_sdmoe, to_dict
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.models.init import split_tensors
 from megatron_sdmoe.runtime import Layout
@@ -90,6 +90,7 @@ def model_shards(model: torch.nn.Module) -> dict[str, dict]:
     return {name: split for name, (_, split) in split_tensors(model).items()}
 
 
+BATCH_SETTINGS = ("global_batch_size", "batch_size_schedule")  # training settings a resumed run keeps
 MODEL_PARALLEL = ("tensor", "expert", "expert_tensor")  # a change re-cuts every tensor (reshard.py)
 
 
@@ -191,11 +192,13 @@ def check_resumable(cfg: Config, world_size: int) -> None:
     if differing:
         raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
                         "the checkpoint's settings or start a new run.dir")
-    saved_batch = (saved_config or {}).get("train", {}).get("global_batch_size", cfg.train.global_batch_size)
-    if saved_batch != cfg.train.global_batch_size:  # step k reads samples [k B, (k + 1) B) of its stage
-        raise UserError(f"checkpoint {path} was trained with train.global_batch_size={saved_batch}, not "
-                        f"{cfg.train.global_batch_size}: the data position counts global batches, so another size "
-                        f"would skip or repeat samples; resume with train.global_batch_size={saved_batch}")
+    if saved_config:  # a step's samples follow from the batches before it (training/batches.py)
+        for key in BATCH_SETTINGS:
+            saved_value, value = saved_config["train"].get(key, getattr(TrainConfig(), key)), getattr(cfg.train, key)
+            if saved_value != value:
+                raise UserError(f"checkpoint {path} was trained with train.{key}={saved_value}, not {value}: the "
+                                "data position counts global batches, so other batches would skip or repeat "
+                                f"samples; resume with train.{key}={saved_value}")
     meta = json.loads((path / "meta.json").read_text())
     saved, par = meta["layout"], cfg.parallel
     wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)

@@ -11,13 +11,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_sdmoe.config import Config, grad_accumulation_steps
+from megatron_sdmoe.config import Config
 from megatron_sdmoe.data.datasets import get_batch
 from megatron_sdmoe.moe.composition import RouteComposition
 from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.runtime.preemption import StopRequest
+from megatron_sdmoe.training.batches import BatchSchedule
 from megatron_sdmoe.training.checkpoint import save_checkpoint, saved_trainer_state
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput, device_memory
@@ -38,7 +39,7 @@ class Trainer:
         self.stages, self.run_dir, self.metrics = stages, run_dir, metrics
         self.stage_matrix = (StageMatrix(run_dir, [s.name for s in stages], layout.is_main)
                              if cfg.data.stages else None)
-        self.grad_accumulation = grad_accumulation_steps(cfg, layout.world_size)
+        self.batches = BatchSchedule(cfg)
         self.model_config = engine.module.config  # megatron-core's TransformerConfig
         self.expert_load = ExpertLoadMeter(engine.module)
         self.sdmoe_layers = sdmoe_modules(engine.module)
@@ -88,8 +89,12 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over global batch `step` (0-based)."""
         stage = self.stage_at(step)
-        # DeepSpeed divides the LM loss by the accumulation steps; the auxiliary losses get the same scale.
-        set_auxiliary_loss_scale(1.0 / self.grad_accumulation, self.layout.device)
+        batch = self.batches.size(step)
+        accumulation = batch // (self.cfg.train.micro_batch_size * self.layout.data_parallel)
+        # DeepSpeed divides the LM loss by its accumulation steps, set from the step's batch (a
+        # schedule may change it); the auxiliary losses get the same scale.
+        self.engine.set_train_batch_size(batch)
+        set_auxiliary_loss_scale(1.0 / accumulation, self.layout.device)
         start = time.perf_counter()  # a step's time includes its basis refresh
         if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
             with torch.profiler.record_function("sdmoe_refresh_bases"):  # a row of its own in train.profile_steps
@@ -98,11 +103,15 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
         if self.update_projector:
             self.update_projector.snapshot()
-        losses = []
-        for micro in range(self.grad_accumulation):
+        losses, first_sample = [], self.batches.first_sample(step) - self.batches.first_sample(stage.first_step)
+        for micro in range(accumulation):
+            last = micro == accumulation - 1
             for layer in self.sdmoe_layers:  # W = C + U and the gradient routing once per step
-                layer.more_micro_batches = micro < self.grad_accumulation - 1
-            loss = self._loss(stage.train, (step - stage.first_step) * self.cfg.train.global_batch_size, micro)
+                layer.more_micro_batches = not last
+            # The optimizer steps on the step's last micro-batch: said outright, as DeepSpeed's own
+            # count of micro-batches falls out of step with the batches once their size changes.
+            self.engine.set_gradient_accumulation_boundary(last)
+            loss = self._loss(stage.train, first_sample, micro)
             self.engine.backward(loss)
             self.engine.step()  # the optimizer steps on the last micro-batch
             losses.append(loss.detach())
@@ -114,11 +123,11 @@ class Trainer:
         smoothing = self.smoother.after_step(grad_norm) if self.smoother else {}
         loss = self._mean_over_dp(losses)
         seconds = time.perf_counter() - start
-        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        tokens = batch * self.cfg.data.seq_length
         # DeepSpeed skips the update (and the LR schedule) when the gradient norm is not finite.
-        return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / self.grad_accumulation, step + 1),
-                "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.engine.skipped_steps, **smoothing,
-                **self.throughput(tokens / seconds), **device_memory()}
+        return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / accumulation, step + 1),
+                "global_batch": batch, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.engine.skipped_steps,
+                **smoothing, **self.throughput(tokens / seconds), **device_memory()}
 
     @torch.no_grad()
     def evaluate(self, dataset, domains: list[str], name: str = "val") -> dict[str, float]:
@@ -230,7 +239,7 @@ class Trainer:
         exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
         if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
                 or exiting or stopped or diverged):
-            save_checkpoint(self.run_dir, done, self.engine, self.layout, done * tr.global_batch_size,
+            save_checkpoint(self.run_dir, done, self.engine, self.layout, self.batches.first_sample(done),
                             tr.keep_checkpoints, {"smoothing": self.smoother.state()} if self.smoother else {})
         if diverged:
             raise Diverged(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and "

@@ -59,10 +59,11 @@ def assemble(owners: list[dict], name: str, piece: Callable[[dict], torch.Tensor
         by_ep.setdefault(owner["position"]["ep"], {})[owner["position"]["etp"]] = owner
     parts, taken = [], set()
     for _, by_etp in sorted(by_ep.items()):
-        first_owner = next(iter(by_etp.values()))
+        owner = next(iter(by_etp.values()))
+        count = owner["model"][name].shape[0]
         # "first" is recorded since checkpoints hold bases; before, only experts stacked: EP rank x count
-        first = first_owner["shards"][name].get("first", first_owner["position"]["ep"] * first_owner["model"][name].shape[0])
-        held = range(first, first + first_owner["model"][name].shape[0])
+        first = owner["shards"][name].get("first", owner["position"]["ep"] * count)
+        held = range(first, first + count)
         wanted = [i for i in held if i not in taken and (entries is None or entries.start <= i < entries.stop)]
         if wanted:
             rows = slice(wanted[0] - first, wanted[-1] - first + 1)

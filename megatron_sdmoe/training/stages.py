@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from megatron_sdmoe.config import Config, stage_name
 from megatron_sdmoe.data.datasets import build_datasets, parse_blend
 from megatron_sdmoe.data.tokenizer import Tokenizer
+from megatron_sdmoe.training.batches import BatchSchedule
 
 
 @dataclass
@@ -52,11 +53,11 @@ def stage_blends(cfg: Config) -> list[tuple[str, list, list, list, int]]:
 
 
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
-    tr = cfg.train
+    batches = BatchSchedule(cfg)
     stages, first = [], 0
     for name, path, valid_path, test_path, steps in stage_blends(cfg):
-        splits = build_datasets(cfg, tokenizer, steps * tr.global_batch_size, tr.eval_samples, path, valid_path,
-                                test_path)
+        samples = batches.first_sample(first + steps) - batches.first_sample(first)
+        splits = build_datasets(cfg, tokenizer, samples, cfg.train.eval_samples, path, valid_path, test_path)
         stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path),
                             domain_names(test_path or path)))
         first += steps

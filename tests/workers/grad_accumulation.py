@@ -8,7 +8,7 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from megatron_sdmoe.config import load_config
+from megatron_sdmoe.config import grad_accumulation_steps, load_config
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
 from megatron_sdmoe.train import setup
@@ -22,7 +22,7 @@ def main() -> None:
     assert world_size_from_env() == 1, "the reference is one process's gradient"
     session = setup(cfg)
     trainer, engine = session.trainer, session.engine
-    micro_batches, train = trainer.grad_accumulation, trainer.stage_at(0).train
+    micro_batches, train = grad_accumulation_steps(cfg, 1), trainer.stage_at(0).train
     set_auxiliary_loss_scale(1.0 / micro_batches, session.layout.device)  # as train_step does
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
