@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_en
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.training.checkpoint import (changed_training_settings, check_vocabulary, latest_checkpoint,
-                                                load_latest)
+                                                load_latest, relaid_from)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
@@ -114,7 +115,9 @@ def setup(cfg: Config) -> Session:
     resuming = latest_checkpoint(run_dir) is not None  # check_resumable has vetted it
     model = build_model(cfg, vocab, dtype, resuming).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
+    relaid, started = relaid_from(run_dir, layout), time.perf_counter()
     start_step = load_latest(run_dir, engine, layout)
+    load_seconds = time.perf_counter() - started
     record_start(run_dir, layout, start_step, dtype)
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)
     if layout.is_main:
@@ -124,6 +127,8 @@ def setup(cfg: Config) -> Session:
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
               + (f"recompute: {recompute_label(cfg)} | " if cfg.train.recompute != "none" else "")
               + (f"resuming from step {start_step}" if start_step else "starting at step 0")
+              + ((f" (saved in {relaid}: re-cut in {load_seconds:.1f} s)" if relaid
+                  else f" (loaded in {load_seconds:.1f} s)") if start_step else "")
               + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
     trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics)
     return Session(cfg, layout, run_dir, engine, trainer, start_step)

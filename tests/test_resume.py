@@ -115,7 +115,9 @@ def test_resume_at_another_model_parallel_layout(name, tmp_path):
     launch(tmp_path / "straight", saved, *RUN, *saved_layout, *model, **config)
     launch(tmp_path / "resumed", saved, *RUN, *saved_layout, *model, "train.exit_interval=4", **config)
     proc = launch(tmp_path / "resumed", resumed, *RUN, *resumed_layout, *model, **config)
-    assert "resuming from step 4" in proc.stdout
+    sizes = dict(item.split("=") for item in saved_layout)
+    tp, ep, etp = (sizes.get(f"parallel.{key}", "1") for key in ("tensor", "expert", "expert_tensor"))
+    assert f"resuming from step 4 (saved in world {saved}, TP {tp}, EP {ep}, expert TP {etp}: re-cut in" in proc.stdout
     assert_continues(metrics(tmp_path / "resumed"), metrics(tmp_path / "straight"))
 
 
@@ -125,7 +127,8 @@ def test_changed_schedule_takes_effect_on_resume(tmp_path):
     cosine's LR after k - 2 steps)."""
     stopped_at_4(tmp_path, 1, [])
     proc = launch(tmp_path, 1, *RUN, "train.max_steps=12", "train.lr=0.004", "smoothing.enabled=true")
-    assert ("resuming from step 4 with changed settings: smoothing.enabled: False -> True, train.exit_interval: "
+    assert "resuming from step 4 (loaded in" in proc.stdout
+    assert ("s) with changed settings: smoothing.enabled: False -> True, train.exit_interval: "
             "4 -> 0, train.lr: 0.01 -> 0.004, train.max_steps: 8 -> 12") in proc.stdout
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.004)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12 - 1, eta_min=0.004 * 0.1)

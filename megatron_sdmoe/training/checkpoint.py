@@ -266,6 +266,17 @@ def check_vocabulary(run_dir: Path, rows: int) -> None:
                         "saved with, or start a new run.dir")
 
 
+def relaid_from(run_dir: Path, layout: Layout) -> str | None:
+    """The layout the latest checkpoint was saved in, in words, if this run's differs (None: the
+    same layout, or no checkpoint)."""
+    path = latest_checkpoint(run_dir)
+    saved = json.loads((path / "meta.json").read_text())["layout"] if path is not None else None
+    if saved is None or saved == _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor):
+        return None
+    return (f"world {saved['world_size']}, TP {saved['tensor']}, EP {saved['expert']}, "
+            f"expert TP {saved['expert_tensor']}")
+
+
 def saved_trainer_state(run_dir: Path) -> dict:
     """The training loop's state saved with the latest checkpoint ({} before the first)."""
     path = latest_checkpoint(run_dir)

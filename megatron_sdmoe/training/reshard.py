@@ -24,9 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+from tqdm import tqdm
 
 from megatron_sdmoe.models.init import local_part, split_record, split_tensors
 
@@ -138,7 +140,7 @@ def relaid_model_state(model: torch.nn.Module, saved: SavedRanks) -> dict[str, t
     """This rank's state dict of `model`, from a checkpoint saved with another TP / EP / ETP layout."""
     owners = saved.owners()
     state = dict(owners[0]["model"])  # what no layout splits (megatron-core's empty _extra_state), as saved
-    for name, (tensor, split) in split_tensors(model).items():
+    for name, (tensor, split) in _progress(split_tensors(model).items(), "re-cutting weights"):
         state[name] = this_ranks_part(name, split, tensor.shape, owners, lambda owner: owner["model"][name])
     return state
 
@@ -154,7 +156,7 @@ def load_resharded_optimizer(optimizer, saved: SavedRanks, place: dict, relaid: 
     bit16_groups = optimizer.bf16_groups if isinstance(optimizer, BF16_Optimizer) else optimizer.bit16_groups
     for group, params in zip(optimizer.optimizer.param_groups, bit16_groups):
         expert = bool(group.get("moe"))
-        for param in params:
+        for param in _progress(params, "re-cutting optimizer state") if relaid else params:
             if param._hp_mapping is None:  # no fragment of it in this rank's partition
                 continue
             name = optimizer.param_names[param]
@@ -185,3 +187,8 @@ def _relaid_state(name: str, param: torch.Tensor, owners: list[dict], saved: Sav
 
     return {key: this_ranks_part(name, split, param.shape, owners, lambda owner: shard_of(owner, key)).reshape(-1)
             for key in STATE}
+
+
+def _progress(items, description: str):
+    """A bar on the first rank, once re-cutting takes over 5 s (every tensor is read whole)."""
+    return tqdm(items, desc=description, unit="tensor", delay=5, disable=dist.get_rank() != 0)
