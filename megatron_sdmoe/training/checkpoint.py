@@ -52,6 +52,9 @@ RESUMABLE_CHANGES = {"model.init_method_std", "model.init_from", "model.mtp_loss
                      "moe.diag_interval", "moe.diag_rank", "moe.diag_position_buckets", "sdmoe.refresh_interval",
                      "sdmoe.common_lr_scale", "sdmoe.project_updates", "sdmoe.power_iterations", "sdmoe.oversample"}
 
+# Training settings a resumed run keeps: a step's samples follow from the batches before it.
+BATCH_SETTINGS = ("global_batch_size", "batch_size_schedule")
+
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
@@ -90,12 +93,15 @@ def model_shards(model: torch.nn.Module) -> dict[str, dict]:
     return {name: split for name, (_, split) in split_tensors(model).items()}
 
 
-BATCH_SETTINGS = ("global_batch_size", "batch_size_schedule")  # training settings a resumed run keeps
 MODEL_PARALLEL = ("tensor", "expert", "expert_tensor")  # a change re-cuts every tensor (reshard.py)
 
 
 def _layout_meta(world_size: int, tensor: int, expert: int, expert_tensor: int) -> dict:
     return {"world_size": world_size, "tensor": tensor, "expert": expert, "expert_tensor": expert_tensor}
+
+
+def _layout_of(layout: Layout) -> dict:
+    return _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)
 
 
 def _rng_state() -> dict:
@@ -135,7 +141,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
             state.update(model=engine.module.state_dict(), shards=model_shards(engine.module), position=_position())
         agreed(lambda: _checked(final, run_dir, lambda: _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")))
         meta = {"step": step, "consumed_samples": consumed_samples, "vocab_rows": engine.module.vocab_size,
-                "layout": _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor),
+                "layout": _layout_of(layout),
                 "ranks": places, "trainer": trainer_state or {}}
         agreed(lambda: _checked(final, run_dir, lambda: _complete(run_dir, tmp, final, meta, keep) if main else None))
     except UserError:
@@ -192,7 +198,7 @@ def check_resumable(cfg: Config, world_size: int) -> None:
     if differing:
         raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
                         "the checkpoint's settings or start a new run.dir")
-    if saved_config:  # a step's samples follow from the batches before it (training/batches.py)
+    if saved_config:
         for key in BATCH_SETTINGS:
             saved_value, value = saved_config["train"].get(key, getattr(TrainConfig(), key)), getattr(cfg.train, key)
             if saved_value != value:
@@ -271,7 +277,7 @@ def relaid_from(run_dir: Path, layout: Layout) -> str | None:
     same layout, or no checkpoint)."""
     path = latest_checkpoint(run_dir)
     saved = json.loads((path / "meta.json").read_text())["layout"] if path is not None else None
-    if saved is None or saved == _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor):
+    if saved is None or saved == _layout_of(layout):
         return None
     return (f"world {saved['world_size']}, TP {saved['tensor']}, EP {saved['expert']}, "
             f"expert TP {saved['expert_tensor']}")
@@ -294,7 +300,7 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
     saved = SavedRanks(path, meta.get("ranks", places))  # without "ranks": saved in this very layout
     # this run's optimizer settings (weight decay, betas, eps): loading the saved state overwrites them
     settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
-    current = _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)
+    current = _layout_of(layout)
     relaid = any(meta["layout"][key] != current[key] for key in MODEL_PARALLEL)
     same_ranks = meta["layout"] == current
     if relaid:
