@@ -11,7 +11,8 @@ from pathlib import Path
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
-from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint
+from megatron_sdmoe.training.batches import check_batches
+from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint, saved_step
 from megatron_sdmoe.training.stages import stage_blends
 from megatron_sdmoe.validation import validate
 
@@ -27,6 +28,7 @@ def checked_config(path: str, overrides: list[str], world_size: int) -> Config:
 def check_files(cfg: Config, world_size: int) -> None:
     """The checks against the files of a validated config, as this process sees them."""
     check_resumable(cfg, world_size)
+    check_batches(cfg, world_size, saved_step(Path(cfg.run.dir)))
     for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):
         if blend:  # empty: the built-in sample corpus, checked where it is built
             checked_blends(cfg, blend, valid_blend, test_blend, cfg.train.eval_samples)

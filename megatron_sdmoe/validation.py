@@ -6,7 +6,7 @@ from megatron_sdmoe.config import (LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, U
                                    expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
                                    routed_topk, router_bank_size, sdmoe_group_size, stage_name)
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.batches import BatchSchedule, schedule_entries
+from megatron_sdmoe.training.batches import schedule_entries
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -229,14 +229,9 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.global_batch_size % per_step == 0,
          f"train.global_batch_size={tr.global_batch_size} is not divisible by train.micro_batch_size x "
          f"data-parallel size = {tr.micro_batch_size} x {dp}: make it a multiple of {per_step}")
-    if tr.batch_size_schedule:
-        schedule = BatchSchedule(cfg)
-        last = schedule_entries(cfg)[-1][1]
-        need(last == tr.global_batch_size, f"train.batch_size_schedule ends at a global batch of {last}, not "
-             f"train.global_batch_size={tr.global_batch_size}: make its last batch train.global_batch_size")
-        for size in sorted(schedule.sizes_in(0, tr.max_steps)):
-            need(size % per_step == 0, f"train.batch_size_schedule's global batch {size} is not divisible by "
-                 f"train.micro_batch_size x data-parallel size = {per_step}: make each batch a multiple of {per_step}")
+    last = schedule_entries(cfg)[-1][1]  # each batch's divisibility: preflight.py, from the resumed step on
+    need(last == tr.global_batch_size, f"train.batch_size_schedule ends at a global batch of {last}, not "
+         f"train.global_batch_size={tr.global_batch_size}: make its last batch train.global_batch_size")
     need(tr.eval_interval == 0 or tr.eval_samples > 0,
          "train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples or train.eval_interval=0")
     need(tr.eval_samples % per_step == 0,

@@ -68,9 +68,23 @@ def test_resume_across_the_change_is_exact(stop, tmp_path):
 @pytest.mark.parametrize("schedule, message", [
     ("0:4 640", 'Invalid schedule entry "640"'),
     ("64:4 640:8", "first schedule entry must have threshold 0"),
-    ("0:4 640:16", "ends at a global batch of 16, not train.global_batch_size=8"),
-    ("0:2 640:8", "global batch 2 is not divisible by train.micro_batch_size x data-parallel size = 4")])
+    ("0:4 640:16", "ends at a global batch of 16, not train.global_batch_size=8")])
 def test_a_bad_schedule_is_refused_by_name(schedule, message):
     cfg = load_config(CONFIG, [*SMALL, f"train.batch_size_schedule={schedule}"])
     with pytest.raises(UserError, match=message):
         validate(cfg, 2)
+
+
+def test_batches_must_divide_from_the_resumed_step_on(tmp_path):
+    """Batch 2 (steps 1-2: 256 tokens are 4 samples) is no multiple of 2 ranks x micro-batch 2: a
+    fresh start in two processes is refused; a run that has passed it may move to two processes."""
+    schedule = ["train.batch_size_schedule=0:2 256:8", "train.max_steps=4"]
+    refused = launch(tmp_path / "fresh", 2, *schedule, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: train.batch_size_schedule's global batch 2 (from step 0 on) is not divisible by "
+        "train.micro_batch_size x data-parallel size = 4: make each batch a multiple of 4, or change the layout"]
+    assert not (tmp_path / "fresh").exists()
+    launch(tmp_path / "moved", 1, *schedule, "train.exit_interval=2")
+    proc = launch(tmp_path / "moved", 2, *schedule)
+    assert "resuming from step 2" in proc.stdout
+    assert [row["global_batch"] for row in metrics(tmp_path / "moved")] == [2, 2, 8, 8]

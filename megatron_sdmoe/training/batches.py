@@ -14,7 +14,7 @@ import math
 
 from megatron.core.num_microbatches_calculator import StepBatchsizeNumMicroBatchesCalculator
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import Config, data_parallel_size
 from megatron_sdmoe.errors import UserError
 
 
@@ -66,3 +66,15 @@ class BatchSchedule:
         """The batch sizes steps [first_step, last_step) use."""
         last = self._segment(max(last_step - 1, first_step))
         return {self.sizes[s] for s in range(self._segment(first_step), last + 1)}
+
+
+def check_batches(cfg: Config, world_size: int, first_step: int) -> None:
+    """Refuse a batch of steps [first_step, train.max_steps) that the micro-batches of `world_size`
+    processes cannot make up. Earlier steps' batches may not divide: a run can move to more GPUs
+    once its warmup has passed them."""
+    per_step = cfg.train.micro_batch_size * data_parallel_size(cfg, world_size)
+    for size in sorted(BatchSchedule(cfg).sizes_in(first_step, cfg.train.max_steps)):
+        if size % per_step:
+            raise UserError(f"train.batch_size_schedule's global batch {size} (from step {first_step} on) is not "
+                            f"divisible by train.micro_batch_size x data-parallel size = {per_step}: make each "
+                            f"batch a multiple of {per_step}, or change the layout")

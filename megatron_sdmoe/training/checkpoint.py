@@ -283,6 +283,12 @@ def relaid_from(run_dir: Path, layout: Layout) -> str | None:
             f"expert TP {saved['expert_tensor']}")
 
 
+def saved_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint (0 before the first)."""
+    path = latest_checkpoint(run_dir)
+    return json.loads((path / "meta.json").read_text())["step"] if path is not None else 0
+
+
 def saved_trainer_state(run_dir: Path) -> dict:
     """The training loop's state saved with the latest checkpoint ({} before the first)."""
     path = latest_checkpoint(run_dir)
