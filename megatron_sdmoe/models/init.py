@@ -30,7 +30,8 @@ _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj", "linear_fc2")
 
 
-def _tp_group(is_expert: bool) -> tuple[int, int]:
+def tp_size_and_rank(is_expert: bool) -> tuple[int, int]:
+    """The size of this rank's TP group (expert TP for experts) and its rank in it."""
     if is_expert:
         return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -39,7 +40,7 @@ def _tp_group(is_expert: bool) -> tuple[int, int]:
 def shard(full: torch.Tensor, dim: int, stride: int, is_expert: bool) -> torch.Tensor:
     """This rank's slice of a whole weight, as megatron-core lays out TP shards
     (stride > 1: the SwiGLU fc1 holds [gate_r; up_r] for TP rank r)."""
-    size, rank = _tp_group(is_expert)
+    size, rank = tp_size_and_rank(is_expert)
     chunks = full.chunk(size * stride, dim=dim)
     return torch.cat([chunks[rank + k * size] for k in range(stride)], dim=dim)
 
@@ -51,7 +52,7 @@ def draw(key: str, local: torch.Tensor, param: torch.nn.Parameter, dim_offset: i
     parallel = getattr(param, "tensor_model_parallel", False)
     dim = param.partition_dim - dim_offset if parallel else None
     if parallel:
-        shape[dim] *= _tp_group(is_expert)[0]
+        shape[dim] *= tp_size_and_rank(is_expert)[0]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
     return shard(full, dim, param.partition_stride, is_expert) if parallel else full

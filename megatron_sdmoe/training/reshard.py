@@ -30,7 +30,7 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 from tqdm import tqdm
 
-from megatron_sdmoe.models.init import local_part, split_record, split_tensors
+from megatron_sdmoe.models.init import local_part, split_record, split_tensors, tp_size_and_rank
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; "step" is one count per group
 STATE = ("fp32", *MOMENTS)
@@ -130,8 +130,14 @@ def stacked_entries(split: dict, shape: torch.Size) -> slice | None:
 def this_ranks_part(name: str, split: dict, shape: torch.Size, owners: list[dict],
                     piece: Callable[[dict], torch.Tensor]) -> torch.Tensor:
     """This rank's part of `name` (split as `split`, of shape `shape` here) from another layout's
-    owners (`piece(owner)`: that owner's shard): joined whole, only this rank's experts, then cut."""
+    owners (`piece(owner)`: that owner's shard): joined whole (only this rank's experts, and only its
+    TP shard where the TP size stayed), then cut."""
     entries = stacked_entries(split, shape)
+    size, rank = tp_size_and_rank(".experts." in name)  # the TP group local_part cuts over
+    key = "etp" if split["experts"] else "tp"  # the TP rank assemble joins by
+    if split["dim"] is not None and len({owner["position"][key] for owner in owners}) == size:
+        # cut as it was saved: this rank's shard is its TP rank's own, read alone
+        owners, split = [owner for owner in owners if owner["position"][key] == rank], {**split, "dim": None}
     whole = assemble(owners, name, piece, entries)
     return local_part(name, whole, split, shape, offset=entries.start if entries else 0)
 
