@@ -154,6 +154,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per forward pass on one data-parallel rank
     lr: float = 3e-3
     lr_schedule: str = "cosine"  # after warmup: cosine decay | wsd (constant, then linear decay) | constant
+    lr_schedule_unit: str = "steps"  # the schedule's clock: steps | tokens (in global_batch_size batches; for a batch warmup)
     min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio at max_steps
     warmup_steps: int = 10
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
@@ -340,6 +341,7 @@ def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
 
 VARIANTS = ("topk", "sdmoe", "headwise", "headwise_sdmoe")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
+LR_SCHEDULE_UNITS = ("steps", "tokens")
 RECOMPUTE = ("none", "full", "selective")
 # megatron-core's selective recompute modules that run with this project's layer specs
 RECOMPUTE_MODULES = ("moe", "shared_experts", "mlp")

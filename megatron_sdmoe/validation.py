@@ -2,7 +2,7 @@
 (megatron-core's and DeepSpeed's rules, checked here so that each error is one clear line)."""
 from __future__ import annotations
 
-from megatron_sdmoe.config import (LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
+from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
                                    expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
                                    routed_topk, router_bank_size, sdmoe_group_size, stage_name)
 from megatron_sdmoe.errors import UserError
@@ -136,6 +136,8 @@ def validate(cfg: Config, world_size: int) -> None:
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
     need(tr.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={tr.lr_schedule!r} is unknown: use one of "
                                           f"{', '.join(LR_SCHEDULES)}")
+    need(tr.lr_schedule_unit in LR_SCHEDULE_UNITS, f"train.lr_schedule_unit={tr.lr_schedule_unit!r} is unknown: use "
+                                                   f"one of {', '.join(LR_SCHEDULE_UNITS)}")
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction={tr.decay_fraction} must lie in (0, 1]")
     need(tr.recompute in RECOMPUTE, f"train.recompute={tr.recompute!r} is unknown: use one of {', '.join(RECOMPUTE)}")
     need(0 <= tr.recompute_layers <= m.num_layers,

@@ -9,6 +9,7 @@ from conftest import CONFIG, SMALL, launch, metrics
 from megatron_sdmoe.config import load_config
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import BatchSchedule
+from megatron_sdmoe.training.schedule import LRMultiplier
 from megatron_sdmoe.validation import validate
 
 SCHEDULE = "train.batch_size_schedule=0:4 640:8"  # SMALL's 64-token samples: batch 8 from sample 10 on
@@ -53,16 +54,21 @@ def test_a_run_warms_up_its_batch(tmp_path):
 def test_resume_across_the_change_is_exact(stop, tmp_path):
     """Also what shows that the optimizer steps at each step's end: the engine of a resumed run
     counts micro-batches from 0, the straight run's from step 1; left to DeepSpeed's count (a
-    multiple of the accumulation steps), the straight run would step in the middle of step 4's batch."""
-    launch(tmp_path / "straight", 1, *RUN)
-    launch(tmp_path / "resumed", 1, *RUN, f"train.exit_interval={stop}")
-    proc = launch(tmp_path / "resumed", 1, *RUN)
+    multiple of the accumulation steps), the straight run would step in the middle of step 4's batch.
+    The LR schedule runs in tokens: warmup_steps=1 is the first 8 samples, two steps of batch 4."""
+    run = [*RUN, "train.lr_schedule_unit=tokens"]
+    launch(tmp_path / "straight", 1, *run)
+    launch(tmp_path / "resumed", 1, *run, f"train.exit_interval={stop}")
+    proc = launch(tmp_path / "resumed", 1, *run)
     assert f"resuming from step {stop}" in proc.stdout
     got, want = metrics(tmp_path / "resumed"), metrics(tmp_path / "straight")
     assert [row["step"] for row in got] == list(range(1, 7))
     for g, w in zip(got, want):
         for key in ("loss", "grad_norm", "lr", "global_batch"):
             assert g[key] == w[key], (g["step"], key)
+    multiplier = LRMultiplier(load_config(CONFIG, [*SMALL, *run]))
+    assert [row["lr"] for row in want] == pytest.approx([0.01 * multiplier(step) for step in range(6)], rel=1e-6)
+    assert want[0]["lr"] == pytest.approx(0.005) and want[1]["lr"] == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("schedule, message", [

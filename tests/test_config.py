@@ -64,6 +64,7 @@ def test_load_errors(override, message):
     (["model.rope_scaling=yarn", "model.yarn.beta_fast=0.5"], 1, "need beta_fast > beta_slow > 0"),
     (["model.rope_scaling=yarn", "model.yarn.factor=0.5"], 1, "model.yarn.factor=0.5 must be at least 1"),
     (["train.lr_schedule=linear"], 1, "train.lr_schedule='linear' is unknown: use one of cosine, wsd, constant"),
+    (["train.lr_schedule_unit=samples"], 1, "train.lr_schedule_unit='samples' is unknown: use one of steps, tokens"),
     (["train.lr_schedule=wsd", "train.decay_fraction=0"], 1, "train.decay_fraction=0.0 must lie in (0, 1]"),
     (["train.recompute=partial"], 1, "train.recompute='partial' is unknown: use one of none, full, selective"),
     (["train.recompute=selective", "train.recompute_modules=[layernorm]"], 1,

@@ -142,7 +142,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
     # A torch optimizer: DeepSpeed's fused Adam needs a compiled op that the CPU build lacks.
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=tr.lr,
                                   betas=tuple(tr.adam_betas), eps=tr.adam_eps)
-    scheduler = lr_schedule(optimizer, tr)
+    scheduler = lr_schedule(optimizer, cfg)
     ds_config = {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
