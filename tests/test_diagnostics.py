@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_sdmoe.moe.composition import effective_composition, route_ids
-from megatron_sdmoe.moe.diagnostics import mean_off_diagonal, router_specificity, subspace_overlap
+from megatron_sdmoe.moe.diagnostics import mean_off_diagonal, router_specificity, singular_bases, subspace_overlap
 
 
 def test_overlap_of_identical_orthogonal_and_half_shared_subspaces():
@@ -15,6 +15,27 @@ def test_overlap_of_identical_orthogonal_and_half_shared_subspaces():
     expected = torch.tensor([[1.0, 1.0, 0.0, 0.5], [1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.0, 1.0]])
     torch.testing.assert_close(overlap, expected)
     assert mean_off_diagonal(overlap) == torch.tensor([1.0, 0.0, 0.5, 0.0, 0.5, 0.0]).mean().item()
+
+
+def test_bases_of_low_rank_gradients_hold_only_their_range():
+    """An expert that saw r < k tokens has a gradient of rank r: its basis is that many vectors of
+    the gradient's range (as many as torch.linalg.matrix_rank counts) and zeros, never vectors SVD
+    picks from the null space. Two idle experts (zero gradients) do not overlap."""
+    torch.manual_seed(0)
+    ranks = [0, 0, 1, 3, 6]
+    grads = torch.stack([torch.randn(32, r) @ torch.randn(r, 24) for r in ranks])  # rank 0: all zeros
+    left, right = singular_bases(grads, 4)
+    assert torch.linalg.matrix_rank(grads).tolist() == ranks
+    for grad, l, r, rank in zip(grads, left, right, ranks):
+        kept = min(rank, 4)
+        assert (l.norm(dim=0) > 0).sum() == (r.norm(dim=0) > 0).sum() == kept
+        torch.testing.assert_close(l.T @ l, torch.diag(torch.tensor([1.0] * kept + [0.0] * (4 - kept))))
+        range_ = torch.linalg.svd(grad)[0][:, :rank]  # the gradient's range holds the kept vectors
+        torch.testing.assert_close(range_ @ (range_.T @ l), l, atol=1e-5, rtol=0)
+    overlap = subspace_overlap(left)
+    assert overlap[0, 1] == 0 and overlap[2, 2].item() == pytest.approx(0.25)  # one direction of k = 4
+    full = torch.randn(3, 32, 24)  # full rank: what torch's SVD gives
+    torch.testing.assert_close(singular_bases(full, 4)[0].abs(), torch.linalg.svd(full)[0][..., :4].abs())
 
 
 def test_router_specificity():

@@ -10,7 +10,7 @@ LAYOUTS = {
     "EP4 ZeRO-1": (4, ["parallel.expert=4"]),
     "TP2 with sequence parallel": (2, ["parallel.tensor=2"]),
     "TP2 ETP2": (2, ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.zero_stage=2"]),
-    "EP2 x DP2 ZeRO-2": (4, ["parallel.expert=2", "parallel.zero_stage=2"]),
+    "EP2 x DP2 ZeRO-2": (4, ["parallel.expert=2", "parallel.zero_stage=2", *DIAGNOSTICS]),
 }
 
 
@@ -74,7 +74,8 @@ def test_same_losses_as_one_process(reference, layout, tmp_path):
         assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-4), got["step"]
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
-        if "expert_overlap" in got:  # diagnostics gather bases over EP: the same values as one process
-            for key in ("expert_overlap", "expert_overlap_right", "router_specificity"):
+        if "expert_overlap" in got:  # diagnostics gather bases over EP and gradients over expert DP: the
+            # same values as one process
+            for key in ("expert_overlap", "expert_overlap_right", "router_specificity", "grad_alignment"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4), key
     assert rows[-1]["loss"] < rows[0]["loss"]  # and it learns

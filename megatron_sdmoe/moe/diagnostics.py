@@ -3,8 +3,8 @@
 Every `moe.diag_interval` steps, per MoE layer and expert projection (gate, up, down):
 - expert weight overlap O(i, j) = ||A_i^T A_j||_F^2 / k, A_i the top-k left (and right) singular
   vectors of expert i's effective weight; reported as the mean off-diagonal value;
-- gradient subspace alignment: the same overlap on the experts' gradients of that step (rank-local
-  data);
+- gradient subspace alignment: the same overlap on the experts' gradients of that step (summed over
+  its micro-batches and the expert-data-parallel ranks: the whole batch's, in every layout);
 - router specificity: S(i, j) = ||V_j^T r_i||^2 for the unit router row r_i and expert j's top-k
   right singular vectors of its gate projection; specificity_i = S(i, i) / mean_{j != i} S(i, j);
 - SD-MoE layers also report `unique_overlap`: the weight overlap of the unique parts U_e alone
@@ -48,13 +48,23 @@ def _projections(fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor
     return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
 
 
+def singular_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """matrices [E, m, n] -> top-k left [E, m, k] and right [E, n, k] singular vectors. A direction
+    whose singular value is round-off (below torch.linalg.matrix_rank's default tolerance) is zero:
+    the gradient of an expert that saw fewer than k tokens, or none, has rank below k, and SVD
+    would fill its basis with arbitrary vectors (two idle experts would overlap fully)."""
+    matrices = matrices.float()
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    tolerance = s[..., :1] * torch.finfo(matrices.dtype).eps * max(matrices.shape[-2:])
+    kept = (s[..., :k] > tolerance).unsqueeze(-2)
+    return (u[..., :k] * kept).contiguous(), (vh[..., :k, :].transpose(-2, -1) * kept).contiguous()
+
+
 def _gathered_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k left/right singular vectors of each local expert's matrix, gathered over EP (global order)."""
-    u, _, vh = torch.linalg.svd(matrices.float(), full_matrices=False)
-    left, right = u[..., :k].contiguous(), vh[..., :k, :].transpose(-2, -1).contiguous()
+    """singular_bases of each local expert's matrix, gathered over EP (global order)."""
     group = ps.get_expert_model_parallel_group()
     out = []
-    for local in (left, right):
+    for local in singular_bases(matrices, k):
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local, group=group)
         out.append(torch.cat(parts))
@@ -80,6 +90,10 @@ class Diagnostics:
         for router, experts in self.layers:
             weights = _projections(*experts.weights())
             grads = experts.weight_grads or {}
+            for grad in grads.values():  # each expert-data-parallel rank saw its own tokens
+                dist.all_reduce(grad, group=ps.get_expert_data_parallel_group())
+            for grad in grads.values():  # each expert-data-parallel rank saw its own tokens
+                dist.all_reduce(grad, group=ps.get_expert_data_parallel_group())
             grads = _projections(grads["fc1"], grads["fc2"]) if grads else {}
             left_overlaps, right_overlaps, grad_overlaps = [], [], []
             for proj in PROJECTIONS:

@@ -78,7 +78,7 @@ class GroupedExperts(MegatronModule):
         fc1, fc2 = fc1.view_as(fc1), fc2.view_as(fc2)
         for key, weight in (("fc1", fc1), ("fc2", fc2)):
             def add(grad, key=key):
-                self.weight_grads[key] = self.weight_grads.get(key, 0) + grad.detach()
+                self.weight_grads[key] = self.weight_grads.get(key, 0) + grad.detach().float()
             weight.register_hook(add)
         return fc1, fc2
 
