@@ -28,7 +28,7 @@ from megatron_sdmoe.runtime.agreement import agreed, check_shared_directory
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
-from megatron_sdmoe.training.checkpoint import (changed_training_settings, check_vocabulary, latest_checkpoint,
+from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabulary, latest_checkpoint,
                                                 load_latest, relaid_from)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
@@ -122,7 +122,7 @@ def setup(cfg: Config) -> Session:
     metrics = MetricsLogger(run_dir, enabled=layout.is_main)
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())
-        changed = changed_training_settings(run_dir, cfg)
+        changed = changed_settings(run_dir, cfg)
         print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
               + (f"recompute: {recompute_label(cfg)} | " if cfg.train.recompute != "none" else "")

@@ -126,14 +126,15 @@ def test_resume_at_another_model_parallel_layout(name, tmp_path):
 
 
 def test_changed_schedule_takes_effect_on_resume(tmp_path):
-    """Training longer at a lower LR (and with smoothing turned on): from step 5 on, the LRs are those
-    torch's CosineAnnealingLR gives for the new settings (SMALL's warmup_steps=1: step k >= 2 has the
-    cosine's LR after k - 2 steps)."""
+    """Training longer at a lower LR (with smoothing turned on, on shorter sequences): from step 5 on,
+    the LRs are those torch's CosineAnnealingLR gives for the new settings (SMALL's warmup_steps=1:
+    step k >= 2 has the cosine's LR after k - 2 steps)."""
     stopped_at_4(tmp_path, 1, [])
-    proc = launch(tmp_path, 1, *RUN, "train.max_steps=12", "train.lr=0.004", "smoothing.enabled=true")
+    proc = launch(tmp_path, 1, *RUN, "train.max_steps=12", "train.lr=0.004", "smoothing.enabled=true",
+                  "data.seq_length=32")
     assert "resuming from step 4 (loaded in" in proc.stdout
-    assert ("s) with changed settings: smoothing.enabled: False -> True, train.exit_interval: "
-            "4 -> 0, train.lr: 0.01 -> 0.004, train.max_steps: 8 -> 12") in proc.stdout
+    assert ("s) with changed settings: data.seq_length: 64 -> 32, smoothing.enabled: False -> True, "
+            "train.exit_interval: 4 -> 0, train.lr: 0.01 -> 0.004, train.max_steps: 8 -> 12") in proc.stdout
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.004)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12 - 1, eta_min=0.004 * 0.1)
     want = []

@@ -242,12 +242,13 @@ def _differences(saved: dict, cfg: Config, sections: list[str], allowed=()) -> l
             if old != new and f"{section}.{key}" not in allowed]
 
 
-def changed_training_settings(run_dir: Path, cfg: Config) -> list[str]:
-    """`train.key: saved -> current` (and `smoothing.key`) for each training setting this run changes
-    against its latest checkpoint: they take effect from the resumed step on (the LR schedule included)."""
+def changed_settings(run_dir: Path, cfg: Config) -> list[str]:
+    """`train.key: saved -> current` (and `smoothing.key`, `data.key`) for each setting this run changes
+    against its latest checkpoint: they take effect from the resumed step on (the LR schedule included;
+    other data continues at the same sample index)."""
     path = latest_checkpoint(run_dir)
     saved = _saved_config(path) if path is not None else None
-    return _differences(saved, cfg, ["train", "smoothing"]) if saved is not None else []
+    return _differences(saved, cfg, ["train", "smoothing", "data"]) if saved is not None else []
 
 
 def _flat_items(saved: dict, current: dict, prefix: str = ""):
