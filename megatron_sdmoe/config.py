@@ -154,7 +154,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per forward pass on one data-parallel rank
     lr: float = 3e-3
     lr_schedule: str = "cosine"  # after warmup: cosine decay | wsd (constant, then linear decay) | constant
-    lr_schedule_unit: str = "steps"  # the schedule's clock: steps | tokens (in global_batch_size batches; for a batch warmup)
+    lr_schedule_unit: str = "steps"  # the schedule's clock: steps | tokens (counted in global_batch_size batches)
     min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio at max_steps
     warmup_steps: int = 10
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays
@@ -202,6 +202,9 @@ class DataConfig:
     valid_path: list = field(default_factory=list)  # a separate validation blend (then data.split is unused)
     test_path: list = field(default_factory=list)  # a separate test blend (needs data.valid_path)
     seq_length: int = 128
+    # attend only within each document of a packed sequence (megatron-core's inter_document_masking:
+    # document boundaries from the index, not from EOD tokens); false: across the whole sequence
+    document_mask: bool = False
     cache_dir: Optional[str] = None  # megatron.core.datasets index cache; default <run.dir>/data_cache
     # Continual training: an ordered list of {path, steps, name} blends that replaces data.path;
     # after each stage every seen stage's validation data is evaluated (the stage matrix, BWT).

@@ -143,6 +143,29 @@ def test_build_datasets_sample_corpus_and_batch(tmp_path, tok):
     assert torch.equal(get_batch(again, list(range(16, 32)))["tokens"], batch["tokens"])
 
 
+@single_process
+def test_document_mask_is_megatron_cores_eod_mask(tmp_path, tok):
+    """data.document_mask: the same samples, with the document starts megatron-core's GPTDataset
+    gives (inter_document_masking); the attention mask built from them is the one megatron-core
+    builds from the EOD tokens that end the sample corpus's documents (reset_attention_mask)."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from megatron_sdmoe.models.attention import document_attention_mask
+
+    cfg = _cfg(tmp_path, [], seq_length=64)
+    plain = get_batch(build_datasets(cfg, tok, 16, 0).train, list(range(16)))
+    cfg.data.document_mask, cfg.data.cache_dir = True, str(tmp_path / "masked_cache")
+    batch = get_batch(build_datasets(cfg, tok, 16, 0).train, list(range(16)))
+    assert torch.equal(batch["tokens"], plain["tokens"]) and batch["cu_seqlens"].shape == (16, 65)
+    masks = document_attention_mask(batch["cu_seqlens"], 64)
+    assert masks.shape == (16, 1, 64, 64)
+    for tokens, mask in zip(batch["tokens"], masks):
+        want = _get_ltor_masks_and_position_ids(tokens, tok.eod, False, True, False, True)[0]
+        assert torch.equal(mask, want)
+    causal_only = torch.triu(torch.ones(64, 64), 1).sum()
+    assert (masks.flatten(1).sum(1) > causal_only).sum() >= 8  # most samples hold 2+ documents
+
+
 def test_build_datasets_without_validation(tmp_path, tok):
     train, valid, test = build_datasets(_cfg(tmp_path, []), tok, 8, 0)
     assert len(train) == 8 and valid is None and test is None

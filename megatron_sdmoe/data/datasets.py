@@ -176,6 +176,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             reset_attention_mask=False,
             eod_mask_loss=False,
             create_attention_mask=False,  # attention kernels build the causal mask themselves
+            inter_document_masking=cfg.data.document_mask,  # samples gain cu_seqlens: document boundaries
         )
         sizes = [num_train_samples, num_eval_samples, num_eval_samples]
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
@@ -187,8 +188,10 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
 
 def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
     """Stack samples `indices` of `dataset` into [b, s] tensors, plus `domain` [b]: the index of
-    each sample's source dataset in the blend (megatron's BlendedDataset adds it; 0 without a blend)."""
+    each sample's source dataset in the blend (megatron's BlendedDataset adds it; 0 without a blend),
+    and with data.document_mask `cu_seqlens` [b, s + 1]: each sample's document starts, padded with s."""
     samples = [dataset[i] for i in indices]
-    batch = {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in BATCH_DTYPES.items()}
+    keys = {**BATCH_DTYPES, "cu_seqlens": torch.int64} if "cu_seqlens" in samples[0] else BATCH_DTYPES
+    batch = {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in keys.items()}
     batch["domain"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.int64)
     return batch

@@ -35,9 +35,24 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> torch.Tensor:
+        """attention_mask: None (causal), or [b, 1, s, s] with True where a query may not attend
+        (megatron-core's convention; document_attention_mask builds it, causal included)."""
         assert attention_bias is None and packed_seq_params is None, "SDPAttention: no bias, no packed sequences"
         seq, batch = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+        # with a mask torch takes its memory-efficient kernel (flash attention takes no masks)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
+                                             is_causal=attention_mask is None, scale=self.softmax_scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+def document_attention_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """cu_seqlens [b, n] (each sample's document starts, then its length, padded with it: megatron-core's
+    GPTDataset with inter_document_masking) -> [b, 1, s, s], True where query i may not attend to key
+    j: j after i, or in another document."""
+    positions = torch.arange(seq_length, device=cu_seqlens.device)
+    document = torch.searchsorted(cu_seqlens.contiguous(), positions.expand(len(cu_seqlens), -1).contiguous(),
+                                  right=True)  # [b, s]: how many starts lie at or before each position
+    later = positions[None, :] > positions[:, None]
+    return (later | (document[:, :, None] != document[:, None, :]))[:, None]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from megatron_sdmoe.config import Config
 from megatron_sdmoe.data.datasets import get_batch
+from megatron_sdmoe.models.attention import document_attention_mask
 from megatron_sdmoe.moe.composition import RouteComposition
 from megatron_sdmoe.moe.diagnostics import Diagnostics
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
@@ -70,7 +71,10 @@ class Trainer:
         mask = batch["loss_mask"]
         if self.composition:
             self.composition.domains = batch["domain"]
-        per_token = self.engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=mask)
+        attention_mask = (document_attention_mask(batch["cu_seqlens"], batch["tokens"].shape[1])
+                          if "cu_seqlens" in batch else None)
+        per_token = self.engine(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"],
+                                loss_mask=mask)
         return per_token.float() * mask, mask, batch["domain"]
 
     def _loss(self, dataset, first_sample: int, micro: int) -> torch.Tensor:
