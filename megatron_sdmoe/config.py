@@ -205,6 +205,9 @@ class DataConfig:
     # attend only within each document of a packed sequence (megatron-core's inter_document_masking:
     # document boundaries from the index, not from EOD tokens); false: across the whole sequence
     document_mask: bool = False
+    # no loss on the token after each EOD (the next document's first, unpredictable across the
+    # boundary): megatron-core's eod_mask_loss, in training and evaluation
+    eod_mask_loss: bool = False
     cache_dir: Optional[str] = None  # megatron.core.datasets index cache; default <run.dir>/data_cache
     # Continual training: an ordered list of {path, steps, name} blends that replaces data.path;
     # after each stage every seen stage's validation data is evaluated (the stage matrix, BWT).

@@ -274,8 +274,9 @@ def hf_validation_loss(hf_dir, run, split: str = "valid") -> float:
     from megatron_sdmoe.data import build_datasets, ensure_sample_corpus, get_batch, load_tokenizer
 
     cfg = load_config(run / "config.yaml")
-    tr = cfg.train
-    samples = getattr(build_datasets(cfg, load_tokenizer(ensure_sample_corpus().tokenizer_dir),
+    tr, tokenizer = cfg.train, load_tokenizer(ensure_sample_corpus().tokenizer_dir)
+    eod = tokenizer.eod
+    samples = getattr(build_datasets(cfg, tokenizer,
                                      tr.max_steps * tr.global_batch_size, tr.eval_samples), split)
     hf = load_exported(hf_dir)
     losses = []
@@ -284,18 +285,21 @@ def hf_validation_loss(hf_dir, run, split: str = "valid") -> float:
         with torch.no_grad():
             logits = hf(batch["tokens"]).logits
         per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
-        mask = batch["loss_mask"].flatten()
+        mask = (batch["tokens"] != eod if cfg.data.eod_mask_loss else torch.ones_like(batch["tokens"])).flatten().float()
         losses.append((per_token * mask).sum() / mask.sum())
     return torch.stack(losses).mean().item()
 
 
-@pytest.mark.parametrize("family, variant", [("qwen3_moe", "topk"), ("deepseek", "topk"), ("deepseek", "sdmoe")])
-def test_continued_pretraining_starts_at_the_hf_models_loss(family, variant, tmp_path):
+@pytest.mark.parametrize("family, variant, eod_mask_loss", [("qwen3_moe", "topk", False), ("deepseek", "topk", False),
+                                                            ("deepseek", "sdmoe", False), ("qwen3_moe", "topk", True)])
+def test_continued_pretraining_starts_at_the_hf_models_loss(family, variant, eod_mask_loss, tmp_path):
     """The imported model's validation loss in this system == transformers' on the same samples
-    (with SD-MoE: the imported experts split into common + unique parts)."""
+    (with SD-MoE: the imported experts split into common + unique parts; with data.eod_mask_loss:
+    over the tokens that do not follow an EOD)."""
     hf_dir, config = imported_model(tmp_path, family)
     run = tmp_path / "run"
-    launch(run, 1, *IMPORTED, "train.eval_interval=1", f"moe.variant={variant}", config=config)
+    launch(run, 1, *IMPORTED, "train.eval_interval=1", f"moe.variant={variant}",
+           f"data.eod_mask_loss={str(eod_mask_loss).lower()}", config=config)
     assert metrics(run)[0]["val_loss"] == pytest.approx(hf_validation_loss(hf_dir, run), abs=1e-4)
 
 

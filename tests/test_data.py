@@ -166,6 +166,19 @@ def test_document_mask_is_megatron_cores_eod_mask(tmp_path, tok):
     assert (masks.flatten(1).sum(1) > causal_only).sum() >= 8  # most samples hold 2+ documents
 
 
+@single_process
+def test_eod_mask_loss_drops_the_prediction_across_each_document_boundary(tmp_path, tok):
+    """data.eod_mask_loss: the same samples; no loss where the input token is an EOD (its label is
+    the next document's first token), a loss everywhere else."""
+    cfg = _cfg(tmp_path, [], seq_length=64)
+    plain = get_batch(build_datasets(cfg, tok, 16, 0).train, list(range(16)))
+    cfg.data.eod_mask_loss, cfg.data.cache_dir = True, str(tmp_path / "masked_cache")
+    batch = get_batch(build_datasets(cfg, tok, 16, 0).train, list(range(16)))
+    assert torch.equal(batch["tokens"], plain["tokens"]) and plain["loss_mask"].all()
+    assert torch.equal(batch["loss_mask"], (batch["tokens"] != tok.eod).float())
+    assert (batch["tokens"] == tok.eod).sum() >= 8  # the samples cross document boundaries
+
+
 def test_build_datasets_without_validation(tmp_path, tok):
     train, valid, test = build_datasets(_cfg(tmp_path, []), tok, 8, 0)
     assert len(train) == 8 and valid is None and test is None

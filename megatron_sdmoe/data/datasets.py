@@ -174,7 +174,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             tokenizer=tokenizer,
             reset_position_ids=False,
             reset_attention_mask=False,
-            eod_mask_loss=False,
+            eod_mask_loss=cfg.data.eod_mask_loss,  # loss_mask 0 where the input token is EOD
             create_attention_mask=False,  # attention kernels build the causal mask themselves
             inter_document_masking=cfg.data.document_mask,  # samples gain cu_seqlens: document boundaries
         )
