@@ -19,3 +19,8 @@ def writing_into(directory: Path, setting: str = "run.dir"):
         yield
     except OSError as e:
         raise UserError(f"{setting} {directory} is not writable ({e.strerror}): choose another {setting}") from e
+
+
+def out_of_memory_line(rank: int, error: Exception, fix: str) -> str:
+    """The one line for a rank that ran out of GPU memory (that rank prints it: the launcher ends the others)."""
+    return f"error: rank {rank} ran out of GPU memory ({str(error).splitlines()[0]}): {fix}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
+from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import check_batches
 from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint, saved_step
 from megatron_sdmoe.training.stages import stage_blends
@@ -25,8 +26,12 @@ def checked_config(path: str, overrides: list[str], world_size: int) -> Config:
     return cfg
 
 
-def check_files(cfg: Config, world_size: int) -> None:
-    """The checks against the files of a validated config, as this process sees them."""
+def check_files(cfg: Config, world_size: int, need_checkpoint: bool = False) -> None:
+    """The checks against the files of a validated config, as this process sees them (with
+    `need_checkpoint`: run.dir must hold one)."""
+    if need_checkpoint and latest_checkpoint(Path(cfg.run.dir)) is None:
+        raise UserError(f"run.dir {cfg.run.dir} holds no checkpoint: pass a run directory that has saved one "
+                        "(train.save_interval, or the end of its run)")
     check_resumable(cfg, world_size)
     check_batches(cfg, world_size, saved_step(Path(cfg.run.dir)))
     for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):

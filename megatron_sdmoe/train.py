@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line, writing_into
 from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import check_files
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
@@ -51,14 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+def prepare_run_dir(cfg: Config, is_main: bool, write_config: bool = True) -> Path:
     """run.dir (and data.cache_dir), each checked to be one directory on every rank, with the
-    resolved config.yaml written into run.dir."""
+    resolved config.yaml written into run.dir (unless `write_config` is false)."""
     run_dir = Path(cfg.run.dir)
     check_shared_directory(run_dir, "run.dir")
     if cfg.data.cache_dir:  # rank 0 writes the dataset index cache, the other ranks read it
         check_shared_directory(Path(cfg.data.cache_dir), "data.cache_dir")
-    agreed(lambda: _write_config(cfg, run_dir) if is_main else None)
+    if write_config:
+        agreed(lambda: _write_config(cfg, run_dir) if is_main else None)
     return run_dir
 
 
@@ -94,19 +95,21 @@ class Session:
     start_step: int
 
 
-def setup(cfg: Config) -> Session:
-    """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state."""
+def setup(cfg: Config, evaluating: bool = False) -> Session:
+    """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state.
+    `evaluating` (sdmoe-eval): the latest checkpoint is required, and nothing is written into run.dir
+    (no config.yaml, starts.jsonl, metrics or TensorBoard; the data index cache aside)."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
     # Until the run directory is written, bad input that one rank alone sees (other nodes, other
     # files) is every rank's error: see runtime/agreement.py.
-    agreed(lambda: check_files(cfg, layout.world_size))
+    agreed(lambda: check_files(cfg, layout.world_size, need_checkpoint=evaluating))
     if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
         if layout.is_main:
             ensure_sample_corpus()
         dist.barrier()
     tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg))
-    run_dir = prepare_run_dir(cfg, layout.is_main)
+    run_dir = prepare_run_dir(cfg, layout.is_main, write_config=not evaluating)
     stages = build_stages(cfg, tokenizer)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
@@ -118,15 +121,17 @@ def setup(cfg: Config) -> Session:
     relaid, started = relaid_from(run_dir, layout), time.perf_counter()
     start_step = load_latest(run_dir, engine, layout)
     load_seconds = time.perf_counter() - started
-    record_start(run_dir, layout, start_step, dtype)
-    metrics = MetricsLogger(run_dir, enabled=layout.is_main)
+    if not evaluating:
+        record_start(run_dir, layout, start_step, dtype)
+    metrics = MetricsLogger(run_dir, enabled=layout.is_main and not evaluating)
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())
         changed = changed_settings(run_dir, cfg)
         print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
               + (f"recompute: {recompute_label(cfg)} | " if cfg.train.recompute != "none" else "")
-              + (f"resuming from step {start_step}" if start_step else "starting at step 0")
+              + (f"evaluating step {start_step}" if evaluating else
+                 f"resuming from step {start_step}" if start_step else "starting at step 0")
               + ((f" (saved in {relaid}: re-cut in {load_seconds:.1f} s)" if relaid
                   else f" (loaded in {load_seconds:.1f} s)") if start_step else "")
               + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
@@ -164,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
     except torch.OutOfMemoryError as e:  # one rank's: it says so itself (the launcher ends the others)
-        print(f"error: rank {rank_from_env()} ran out of GPU memory ({str(e).splitlines()[0]}): lower "
-              "train.micro_batch_size, set train.recompute=selective (or full), or spread the model over more "
-              "GPUs (sdmoe-estimate CONFIG --gpus N says what fits)", file=sys.stderr, flush=True)
+        print(out_of_memory_line(rank_from_env(), e, "lower train.micro_batch_size, set train.recompute=selective "
+                                 "(or full), or spread the model over more GPUs (sdmoe-estimate CONFIG --gpus N says "
+                                 "what fits)"), file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
 
 

@@ -45,7 +45,13 @@ def launch(run_dir: Path, nproc: int, *overrides: str, module: str = "megatron_s
            check: bool = True, env: dict | None = None, config: Path = CONFIG) -> subprocess.CompletedProcess:
     """Run `python -m module` on `config` + SMALL + overrides in `nproc` processes, each with the
     rendezvous variables torchrun gives its workers; returns the processes' exit code and output."""
-    args, env = [str(config), f"run.dir={run_dir}", *SMALL, *overrides], run_env(**(env or {}))
+    return launch_module(module, [str(config), f"run.dir={run_dir}", *SMALL, *overrides], nproc, check, env)
+
+
+def launch_module(module: str, args: list[str], nproc: int, check: bool = True,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args...` in `nproc` processes, as `launch` runs them."""
+    env = run_env(**(env or {}))
     if FORKED:
         proc = _forked(module, args, nproc, env)
     elif nproc > 1:
@@ -174,3 +180,17 @@ def single_process_groups():
     init_distributed(tensor=1, expert=1, expert_tensor=1)
     yield
     shutdown()
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    """Two corpora from the sample documents: the even ones as written, the odd ones upper-cased."""
+    from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer, sample_documents, write_indexed
+
+    root = tmp_path_factory.mktemp("domains")
+    tokenizer_dir = ensure_sample_corpus().tokenizer_dir
+    tok = load_tokenizer(tokenizer_dir)
+    docs = sample_documents()
+    for name, texts in (("prose", docs[0::2]), ("shout", [d.upper() for d in docs[1::2]])):
+        write_indexed(str(root / name), ([*tok.tokenize(t), tok.eod] for t in texts), tok.vocab_size)
+    return {"prose": str(root / "prose"), "shout": str(root / "shout"), "tokenizer": tokenizer_dir}

@@ -9,19 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import launch, metrics
 
-from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer, sample_documents, write_indexed
-
-
-@pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    """Two corpora from the sample documents: the even ones as written, the odd ones upper-cased."""
-    root = tmp_path_factory.mktemp("domains")
-    tokenizer_dir = ensure_sample_corpus().tokenizer_dir
-    tok = load_tokenizer(tokenizer_dir)
-    docs = sample_documents()
-    for name, texts in (("prose", docs[0::2]), ("shout", [d.upper() for d in docs[1::2]])):
-        write_indexed(str(root / name), ([*tok.tokenize(t), tok.eod] for t in texts), tok.vocab_size)
-    return {"prose": str(root / "prose"), "shout": str(root / "shout"), "tokenizer": tokenizer_dir}
+from megatron_sdmoe.data import load_tokenizer
 
 
 def test_blend_reports_domains_and_route_composition(domains, tmp_path):
