@@ -119,7 +119,7 @@ def setup(cfg: Config, evaluating: bool = False) -> Session:
     model = build_model(cfg, vocab, dtype, resuming).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
     relaid, started = relaid_from(run_dir, layout), time.perf_counter()
-    start_step = load_latest(run_dir, engine, layout)
+    start_step = load_latest(run_dir, engine, layout, model_only=evaluating)
     load_seconds = time.perf_counter() - started
     if not evaluating:
         record_start(run_dir, layout, start_step, dtype)

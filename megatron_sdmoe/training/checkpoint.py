@@ -296,9 +296,9 @@ def saved_trainer_state(run_dir: Path) -> dict:
     return json.loads((path / "meta.json").read_text()).get("trainer", {}) if path is not None else {}
 
 
-def load_latest(run_dir: Path, engine, layout: Layout) -> int:
+def load_latest(run_dir: Path, engine, layout: Layout, model_only: bool = False) -> int:
     """Restore the newest checkpoint in `run_dir`, if any (check_resumable has vetted it); returns the
-    step to start from."""
+    step to start from. `model_only` (evaluation): the weights, not the optimizer or schedule."""
     path = latest_checkpoint(run_dir)
     if path is None:
         return 0
@@ -317,6 +317,8 @@ def load_latest(run_dir: Path, engine, layout: Layout) -> int:
         owner = owner_rank(saved.places, _position())
         own = saved.file(layout.rank if same_ranks else owner)
         engine.module.load_state_dict(own["model"] if "model" in own else saved.file(owner)["model"], strict=True)
+    if model_only:
+        return meta["step"]
     if same_ranks:
         # ZeRO takes the list of every data-parallel rank's state and picks its own by DP rank.
         partitions = [None] * layout.data_parallel
