@@ -56,19 +56,13 @@ def evaluate(cfg: Config) -> dict:
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
     current = trainer.stage_at(min(max(step, 1), cfg.train.max_steps) - 1)  # the data the checkpoint last saw
-    losses = {}
-    if current.valid is not None:
-        losses.update(trainer.evaluate(current.valid, current.domains))
+    losses = trainer.evaluate(current.valid, current.domains)  # train.eval_samples > 0: every stage has one
     if stages[-1].test is not None:
         losses.update(trainer.evaluate(stages[-1].test, stages[-1].test_domains, "test"))
     if len(stages) > 1:
         losses.update({f"stage_loss_{stage.name}": trainer.evaluate(stage.valid, stage.domains)["val_loss"]
-                       for stage in stages if stage.valid is not None})
+                       for stage in stages})
     shutdown()
-    if not losses:
-        raise UserError(f"{cfg.run.dir} has no validation or test data to evaluate (data.split {cfg.data.split!r} "
-                        "gives them no documents): pass data.valid_path (and data.test_path), or data.split "
-                        "with validation / test weights")
     return {"checkpoint": str(latest_checkpoint(session.run_dir)), "step": step, **losses}
 
 
@@ -91,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = run_config(args.run_dir, args.overrides)
         validate(cfg, world_size_from_env())
+        if cfg.train.eval_samples == 0:  # (above 0, data.split must give validation documents)
+            raise UserError("train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples")
         if args.json and rank_from_env() == 0:  # the rank that writes it
             check_writable(Path(args.json))
         result = evaluate(cfg)

@@ -77,6 +77,8 @@ def test_bad_input_is_one_line(tmp_path):
         (str(tmp_path / "nothing"),): f"error: {tmp_path / 'nothing'} holds no config.yaml: pass a run directory "
                                       "that sdmoe-train wrote",
         (str(run), f"run.dir={tmp_path}"): "error: run.dir is the RUN_DIR argument: drop the run.dir override",
+        (str(run), "train.eval_samples=0"): "error: train.eval_samples=0 leaves nothing to evaluate: set "
+                                            "train.eval_samples",
         (str(run),): f"error: run.dir {run} holds no checkpoint: pass a run directory that has saved one "
                      "(train.save_interval, or the end of its run)",
         (str(run), "--json", str(tmp_path / "missing" / "x.json")):
