@@ -55,7 +55,7 @@ def evaluate(cfg: Config) -> dict:
     session = setup(cfg, evaluating=True)
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
-    current = trainer.stage_at(min(max(step, 1), cfg.train.max_steps) - 1)  # the data the checkpoint last saw
+    current = trainer.stage_at(min(step, cfg.train.max_steps) - 1)  # the data the checkpoint last saw (step >= 1)
     losses = trainer.evaluate(current.valid, current.domains)  # train.eval_samples > 0: every stage has one
     if stages[-1].test is not None:
         losses.update(trainer.evaluate(stages[-1].test, stages[-1].test_domains, "test"))
