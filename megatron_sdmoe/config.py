@@ -179,6 +179,9 @@ class TrainConfig:
     time_budget_minutes: float = 0.0  # save and exit (requeue code 3) before this wall-clock budget ends; 0: none
     peak_tflops: Optional[float] = None  # per-GPU dense peak for MFU; empty: known GPUs' datasheet value
     profile_steps: list = field(default_factory=list)  # [first, last]: torch.profiler trace of these steps (1-based)
+    # Batches not trained on, as 1-based steps ["1201-1260", 1300]: the step, its data and the LR
+    # schedule move on without an update (leaving out the data that led to a loss spike)
+    skip_batches: list = field(default_factory=list)
 
 
 @dataclass
@@ -370,6 +373,19 @@ def recompute_label(cfg: Config) -> str:
     if tr.recompute == "full" and tr.recompute_layers:
         return f"full, the first {tr.recompute_layers} layers"
     return tr.recompute
+
+
+def skipped_batch_ranges(cfg: Config) -> list[tuple[int, int]]:
+    """train.skip_batches as (first, last) 1-based step ranges, both included."""
+    ranges = []
+    for item in cfg.train.skip_batches:
+        first, _, last = str(item).partition("-")
+        try:
+            ranges.append((int(first), int(last or first)))
+        except ValueError:
+            raise UserError(f"train.skip_batches has {item!r}: give steps as FIRST-LAST or STEP, e.g. "
+                            "[1201-1260, 1300]") from None
+    return ranges
 
 
 def is_headwise(cfg: Config) -> bool:

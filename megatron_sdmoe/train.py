@@ -123,7 +123,7 @@ def setup(cfg: Config, evaluating: bool = False) -> Session:
     load_seconds = time.perf_counter() - started
     if not evaluating:
         record_start(run_dir, layout, start_step, dtype)
-    metrics = MetricsLogger(run_dir, enabled=layout.is_main and not evaluating)
+    metrics = MetricsLogger(run_dir, layout.is_main and not evaluating, start_step)
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())
         changed = changed_settings(run_dir, cfg)

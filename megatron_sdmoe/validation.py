@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
                                    expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
-                                   routed_topk, router_bank_size, sdmoe_group_size, stage_name)
+                                   routed_topk, router_bank_size, sdmoe_group_size, skipped_batch_ranges,
+                                   stage_name)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import schedule_entries
 
@@ -158,6 +159,15 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
                                     and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
          f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last, or empty")
+    # The run's last step and each stage's evaluate and write results: they train.
+    stage_ends = [sum(stage.steps for stage in data.stages[:i + 1]) for i in range(len(data.stages))]
+    for first, last in skipped_batch_ranges(cfg):
+        need(1 <= first <= last < tr.max_steps,
+             f"train.skip_batches has {first}-{last}: a range of steps FIRST-LAST with 1 <= FIRST <= LAST < "
+             f"train.max_steps={tr.max_steps}")
+        need(not any(first <= end <= last for end in stage_ends),
+             f"train.skip_batches has {first}-{last}, which holds the last step of a stage of data.stages (its "
+             "evaluation runs there): end the range before it")
     need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
     need(cfg.smoothing.threshold > 0, f"smoothing.threshold={cfg.smoothing.threshold} must be positive (paper: 2.5)")
     need(0 < cfg.smoothing.ema_decay < 1, f"smoothing.ema_decay={cfg.smoothing.ema_decay} must lie in (0, 1)")

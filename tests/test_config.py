@@ -77,6 +77,11 @@ def test_load_errors(override, message):
     (["train.recompute=full", "train.recompute_layers=1", "model.mtp_layers=1"], 1,
      "megatron-core recomputes multi-token-prediction layers only when every layer is recomputed"),
     (["train.profile_steps=[3, 2]"], 1, "train.profile_steps=[3, 2] must be [first, last] with 1 <= first <= last"),
+    (["train.skip_batches=[5-x]"], 1, "train.skip_batches has '5-x': give steps as FIRST-LAST or STEP"),
+    (["train.skip_batches=[9-5]"], 1, "train.skip_batches has 9-5: a range of steps FIRST-LAST with 1 <= FIRST <= LAST"),
+    (["train.skip_batches=[150-200]"], 1, "LAST < train.max_steps=200"),
+    (["data.tokenizer=t", "data.stages=[{path: [a], steps: 100}, {path: [b], steps: 100}]",
+      "train.skip_batches=[90-110, 150]"], 1, "train.skip_batches has 90-110, which holds the last step of a stage"),
     (["moe.variant=sdmoe", "parallel.expert_tensor=2"], 2,
      "moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor equals"),
 ])

@@ -177,8 +177,9 @@ def _complete(run_dir: Path, tmp: Path, final: Path, meta: dict, keep: int) -> N
     os.replace(tmp, final)
     _write_synced(root / f".{LATEST}.tmp", final.name)
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
-    if keep:
-        for old in sorted(root.glob("step_*"))[:-keep]:  # zero-padded names sort by step
+    if keep:  # the newest `keep` up to this one; later steps (a rolled-back run's, kept by hand) stay
+        older = sorted(p for p in root.glob("step_*") if p.name < final.name)  # zero-padded names sort by step
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old)
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_sdmoe.config import Config
+from megatron_sdmoe.config import Config, skipped_batch_ranges
 from megatron_sdmoe.data.datasets import get_batch
 from megatron_sdmoe.models.attention import document_attention_mask
 from megatron_sdmoe.moe.composition import RouteComposition
@@ -41,6 +41,7 @@ class Trainer:
         self.stage_matrix = (StageMatrix(run_dir, [s.name for s in stages], layout.is_main)
                              if cfg.data.stages else None)
         self.batches = BatchSchedule(cfg)
+        self.skipped_ranges = skipped_batch_ranges(cfg)  # 1-based steps
         self.model_config = engine.module.config  # megatron-core's TransformerConfig
         self.expert_load = ExpertLoadMeter(engine.module)
         self.sdmoe_layers = sdmoe_modules(engine.module)
@@ -100,10 +101,7 @@ class Trainer:
         self.engine.set_train_batch_size(batch)
         set_auxiliary_loss_scale(1.0 / accumulation, self.layout.device)
         start = time.perf_counter()  # a step's time includes its basis refresh
-        if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
-            with torch.profiler.record_function("sdmoe_refresh_bases"):  # a row of its own in train.profile_steps
-                for layer in self.sdmoe_layers:  # (the initial split set the step-0 bases)
-                    layer.refresh_bases(step)
+        self._refresh_bases(step)
         lr = self.engine.get_lr()[0]  # the LR this step uses; the schedule advances in step()
         if self.update_projector:
             self.update_projector.snapshot()
@@ -132,6 +130,23 @@ class Trainer:
         return {"loss": loss, **report_auxiliary_losses(self.model_config, 1.0 / accumulation, step + 1),
                 "global_batch": batch, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.engine.skipped_steps,
                 **smoothing, **self.throughput(tokens / seconds), **device_memory()}
+
+    def _refresh_bases(self, step: int) -> None:
+        """SD-MoE's bases, every sdmoe.refresh_interval steps (the initial split set the step-0 bases)."""
+        if step > 0 and step % self.cfg.sdmoe.refresh_interval == 0:
+            with torch.profiler.record_function("sdmoe_refresh_bases"):  # a row of its own in train.profile_steps
+                for layer in self.sdmoe_layers:
+                    layer.refresh_bases(step)
+
+    def skipped_range(self, step: int) -> tuple[int, int] | None:
+        """The train.skip_batches range that holds step `step` (0-based), if any."""
+        return next(((first, last) for first, last in self.skipped_ranges if first <= step + 1 <= last), None)
+
+    def skip_batch(self, step: int) -> None:
+        """Step `step` without its batch: no forward, no update; the LR schedule moves on, so every
+        later step has the LR and the data it would have had, and SD-MoE's bases refresh on time."""
+        self._refresh_bases(step)
+        self.engine.lr_scheduler.step()
 
     @torch.no_grad()
     def evaluate(self, dataset, domains: list[str], name: str = "val") -> dict[str, float]:
@@ -181,7 +196,7 @@ class Trainer:
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
         stop = StopRequest(tr.time_budget_minutes, self.layout.device)
-        self.skipped_in_a_row = 0
+        self.skipped_in_a_row, self.start_step = 0, start_step
         try:  # the bar ends its line before an error is printed
             for step in range(start_step, tr.max_steps):
                 stopped, leaving = self._run_step(step, bar, stop)
@@ -195,8 +210,20 @@ class Trainer:
     def _run_step(self, step: int, bar, stop: StopRequest) -> tuple[str | None, bool]:
         """Step `step` with its diagnostics, evaluation, metrics and checkpoint; returns why to stop
         early (a signal, the time budget) and whether the run ends here (that, or train.exit_interval)."""
-        tr = self.cfg.train
         started = time.perf_counter()
+        skipped = self.skipped_range(step)
+        if skipped:
+            if self.layout.is_main and step + 1 in (skipped[0], self.start_step + 1):
+                bar.write(f"steps {skipped[0]}-{skipped[1]}: batches skipped (train.skip_batches), no updates")
+            self.skip_batch(step)
+            bar.update(1)
+        else:
+            self._train_and_log(step, bar)
+        return self._after_step(step + 1, stop, time.perf_counter() - started)
+
+    def _train_and_log(self, step: int, bar) -> None:
+        """Step `step` with its diagnostics, evaluation and metrics."""
+        tr = self.cfg.train
         done = step + 1
         diagnosing = self.diagnostics is not None and done % self.cfg.moe.diag_interval == 0
         if diagnosing:
@@ -237,8 +264,12 @@ class Trainer:
                           f"{result['aux_loss']:.4f} | lr {result['lr']:.2e} | grad norm "
                           f"{result['grad_norm']:.3f} | {result['tokens_per_s']:.0f} tokens/s"
                           + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
-        stopped = stop.after_step(time.perf_counter() - started)
         self.skipped_in_a_row = 0 if self.engine.was_step_applied() else self.skipped_in_a_row + 1
+
+    def _after_step(self, done: int, stop: StopRequest, seconds: float) -> tuple[str | None, bool]:
+        """The checkpoint after step `done` (1-based) and whether to stop: see _run_step."""
+        tr = self.cfg.train
+        stopped = stop.after_step(seconds)
         diverged = 0 < tr.max_skipped_steps <= self.skipped_in_a_row
         exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
         if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)

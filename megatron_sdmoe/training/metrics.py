@@ -41,16 +41,24 @@ def _tensorboard_tag(key: str) -> str:
     return f"stages/{key}" if key.startswith("stage_") or key == "bwt" else f"train/{key}"
 
 
-class MetricsLogger:
-    """Writes on the main rank only; other ranks hold a disabled logger."""
+REPLACED = "metrics_replaced.jsonl"
 
-    def __init__(self, run_dir: Path, enabled: bool):
+
+class MetricsLogger:
+    """Writes on the main rank only; other ranks hold a disabled logger.
+
+    The logs hold the history that leads to the checkpoint a run starts from: what was logged past
+    it (the steps since the last checkpoint before a crash, or a rolled-back run's) moves from
+    metrics.jsonl to metrics_replaced.jsonl, and TensorBoard hides it (its purge_step)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            _move_lines_past(start_step, run_dir / "metrics.jsonl", run_dir / REPLACED)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def log(self, step: int, scalars: dict[str, float], per_layer: dict[str, list[float]] | None = None) -> None:
         if not self.enabled:
@@ -91,3 +99,27 @@ class MetricsLogger:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _move_lines_past(step: int, path: Path, replaced: Path) -> None:
+    """Append the lines of `path` logged after `step` to `replaced` and rewrite `path` without them
+    (atomically: a crash leaves one of the two versions)."""
+    if not path.exists():
+        return
+    kept, past = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        (kept if _logged_step(line) <= step else past).append(line)
+    if past:
+        with open(replaced, "a") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in past)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash mid-write counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

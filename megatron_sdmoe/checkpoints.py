@@ -1,0 +1,121 @@
+"""sdmoe-checkpoints: a run directory's checkpoints, and rolling a run back to one of them.
+
+    sdmoe-checkpoints list RUN_DIR            each checkpoint: step, layout, size, the loss logged there
+    sdmoe-checkpoints rollback RUN_DIR STEP   make step STEP the one the next start resumes from
+
+After a loss spike: roll back to a checkpoint before it, then start again with the batches that
+led to it left out, e.g. `sdmoe-train CONFIG run.dir=RUN_DIR train.skip_batches=[1201-1260]`.
+A rollback points checkpoints/latest at step STEP and moves the later checkpoints into
+checkpoints/rolled_back/<time>/ (delete that when it is no longer needed); the next start moves
+the metrics logged past STEP to metrics_replaced.jsonl. Run it while no training runs in RUN_DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
+from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint
+
+
+def _step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete step_* directories (meta.json is written last), by step."""
+    root = checkpoint_root(run_dir)
+    if not (root / LATEST).exists():
+        raise UserError(f"{run_dir} holds no checkpoint ({root / LATEST} does not exist): give the run.dir of a run "
+                        "that has saved one")
+    return sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())
+
+
+def _logged(run_dir: Path) -> dict[int, dict]:
+    """The metrics line of each logged step (the last, where a step was logged twice)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {row["step"]: row for row in map(json.loads, filter(None, lines))}
+
+
+def _size_gib(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 2**30
+
+
+def describe(run_dir: Path) -> list[str]:
+    checkpoints, latest, logged = complete_checkpoints(run_dir), latest_checkpoint(run_dir), _logged(run_dir)
+    lines = [f"{'step':>8}  {'layout':<26}  {'GiB':>7}  {'loss':>7}  {'val loss':>8}"]
+    for path in checkpoints:
+        layout = json.loads((path / "meta.json").read_text())["layout"]
+        row = logged.get(_step(path), {})
+        lines.append(f"{_step(path):>8}  {_layout_words(layout):<26}  {_size_gib(path):>7.3f}  "
+                     f"{_number(row.get('loss')):>7}  {_number(row.get('val_loss')):>8}"
+                     + ("  <- latest" if path == latest else ""))
+    return lines
+
+
+def _layout_words(layout: dict) -> str:
+    return (f"world {layout['world_size']} TP {layout['tensor']} EP {layout['expert']} "
+            f"ETP {layout['expert_tensor']}")
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def rollback(run_dir: Path, step: int) -> str:
+    """Point `latest` at step `step` and move the later checkpoints aside; returns what was done."""
+    checkpoints, latest = complete_checkpoints(run_dir), latest_checkpoint(run_dir)
+    target = next((p for p in checkpoints if _step(p) == step), None)
+    if target is None:
+        raise UserError(f"{run_dir} has no complete checkpoint of step {step}: choose one of "
+                        f"{', '.join(str(_step(p)) for p in checkpoints) or 'none'} (sdmoe-checkpoints list {run_dir})")
+    if target == latest:
+        return f"{LATEST} already names {target.name}: nothing to do"
+    if latest in checkpoints and _step(latest) < step:
+        raise UserError(f"step {step} is later than the latest checkpoint ({latest.name}): a rollback goes back to an "
+                        "earlier step; point checkpoints/latest at it by hand if that is meant")
+    root = checkpoint_root(run_dir)
+    later = [p for p in root.glob("step_*") if _step(p) > step]
+    # `latest` first, atomically: if the moves below are cut short, the run still resumes from `step`
+    # (and a save does not count the later checkpoints left in place: save_checkpoint's retention).
+    aside = root / "rolled_back" / time.strftime("%Y%m%d-%H%M%S")
+    with writing_into(run_dir):
+        (root / f".{LATEST}.tmp").write_text(target.name)
+        os.replace(root / f".{LATEST}.tmp", root / LATEST)
+        for path in later:
+            aside.mkdir(parents=True, exist_ok=True)
+            path.rename(aside / path.name)
+    moved = (f"; moved {len(later)} later checkpoint(s) (steps {', '.join(str(_step(p)) for p in sorted(later))}) "
+             f"to {aside}: delete it when no longer needed") if later else ""
+    return (f"{LATEST} now names {target.name}{moved}. The next start resumes from step {step}; add "
+            "train.skip_batches=[FIRST-LAST] to leave out the batches that led to the spike")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sdmoe-checkpoints", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    list_cmd = commands.add_parser("list", help="each checkpoint: step, layout, size, the loss logged there")
+    list_cmd.add_argument("run_dir", type=Path, help="the run directory (run.dir)")
+    rollback_cmd = commands.add_parser("rollback", help="make an earlier checkpoint the one the next start resumes from")
+    rollback_cmd.add_argument("run_dir", type=Path, help="the run directory (run.dir)")
+    rollback_cmd.add_argument("step", type=int, help="the step of the checkpoint to resume from")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        print("\n".join(describe(args.run_dir)) if args.command == "list" else rollback(args.run_dir, args.step))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()
