@@ -67,13 +67,20 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def checkpoint_of_step(run_dir: Path, step: int) -> Path:
+    """The complete checkpoint of step `step` in `run_dir`."""
+    checkpoints = complete_checkpoints(run_dir)
+    found = next((p for p in checkpoints if _step(p) == step), None)
+    if found is None:
+        raise UserError(f"{run_dir} has no complete checkpoint of step {step}: choose one of "
+                        f"{', '.join(str(_step(p)) for p in checkpoints) or 'none'} (sdmoe-checkpoints list {run_dir})")
+    return found
+
+
 def rollback(run_dir: Path, step: int) -> str:
     """Point `latest` at step `step` and move the later checkpoints aside; returns what was done."""
     checkpoints, latest = complete_checkpoints(run_dir), latest_checkpoint(run_dir)
-    target = next((p for p in checkpoints if _step(p) == step), None)
-    if target is None:
-        raise UserError(f"{run_dir} has no complete checkpoint of step {step}: choose one of "
-                        f"{', '.join(str(_step(p)) for p in checkpoints) or 'none'} (sdmoe-checkpoints list {run_dir})")
+    target = checkpoint_of_step(run_dir, step)
     if target == latest:
         return f"{LATEST} already names {target.name}: nothing to do"
     if latest in checkpoints and _step(latest) < step:
@@ -102,7 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     list_cmd = commands.add_parser("list", help="each checkpoint: step, layout, size, the loss logged there")
     list_cmd.add_argument("run_dir", type=Path, help="the run directory (run.dir)")
-    rollback_cmd = commands.add_parser("rollback", help="make an earlier checkpoint the one the next start resumes from")
+    rollback_cmd = commands.add_parser("rollback", help="make an earlier checkpoint the one the next start resumes "
+                                       "from")
     rollback_cmd.add_argument("run_dir", type=Path, help="the run directory (run.dir)")
     rollback_cmd.add_argument("step", type=int, help="the step of the checkpoint to resume from")
     return parser.parse_args(argv)

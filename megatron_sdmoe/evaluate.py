@@ -1,8 +1,9 @@
-"""sdmoe-eval: the validation and test losses of a run's latest checkpoint, as its training measures
-them, in any layout and on the run's own data or other data (`data.*` overrides). Nothing in the
-run directory changes (megatron's data index cache aside).
+"""sdmoe-eval: the validation and test losses of a run's latest checkpoint (or, with --step, an
+earlier one), as its training measures them, in any layout and on the run's own data or other data
+(`data.*` overrides). Nothing in the run directory changes (megatron's data index cache aside).
 
     sdmoe-eval runs/demo
+    sdmoe-eval runs/demo --step 100
     sdmoe-eval runs/demo "data.valid_path=[/data/wiki]" "data.test_path=[/data/books]" train.eval_samples=256
     torchrun --nproc-per-node 2 -m megatron_sdmoe.evaluate runs/demo parallel.expert=2 --json eval.json
 """
@@ -22,6 +23,7 @@ from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line,
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.train import setup
+from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.training.checkpoint import latest_checkpoint
 from megatron_sdmoe.validation import validate
 
@@ -34,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides of the run's config: data.* (other data), train.eval_samples, "
                              "train.micro_batch_size, parallel.* (another layout), train.precision")
+    parser.add_argument("--step", type=int, help="the checkpoint of this step (sdmoe-checkpoints list RUN_DIR shows "
+                        "them) instead of the latest")
     parser.add_argument("--json", metavar="FILE", help="also write the losses as a JSON object to FILE")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # as sdmoe-train's
     return parser.parse_args(argv)
@@ -49,10 +53,12 @@ def run_config(run_dir: str, overrides: list[str]) -> Config:
     return load_config(path, [*overrides, f"run.dir={run_dir}"])
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, checkpoint: Path | None = None) -> dict:
     """{"checkpoint", "step", val_loss (per source dataset too), test_loss (...), with data.stages
-    stage_loss_<name> for every stage}: the keys the run's metrics.jsonl uses."""
-    session = setup(cfg, evaluating=True)
+    stage_loss_<name> for every stage}: the keys the run's metrics.jsonl uses. `checkpoint`: by
+    default run.dir's latest."""
+    checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
+    session = setup(cfg, evaluating=True, checkpoint=checkpoint)
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
     current = trainer.stage_at(min(step, cfg.train.max_steps) - 1)  # the data the checkpoint last saw (step >= 1)
@@ -63,7 +69,7 @@ def evaluate(cfg: Config) -> dict:
         losses.update({f"stage_loss_{stage.name}": trainer.evaluate(stage.valid, stage.domains)["val_loss"]
                        for stage in stages})
     shutdown()
-    return {"checkpoint": str(latest_checkpoint(session.run_dir)), "step": step, **losses}
+    return {"checkpoint": str(checkpoint), "step": step, **losses}
 
 
 def check_writable(path: Path) -> None:
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples")
         if args.json and rank_from_env() == 0:  # the rank that writes it
             check_writable(Path(args.json))
-        result = evaluate(cfg)
+        result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step))
     except UserError as e:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

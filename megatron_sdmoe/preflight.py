@@ -26,16 +26,18 @@ def checked_config(path: str, overrides: list[str], world_size: int) -> Config:
     return cfg
 
 
-def check_files(cfg: Config, world_size: int, need_checkpoint: bool = False) -> None:
-    """The checks against the files of a validated config, as this process sees them (with
-    `need_checkpoint`: run.dir must hold one)."""
-    if need_checkpoint and latest_checkpoint(Path(cfg.run.dir)) is None:
+def check_files(cfg: Config, world_size: int, checkpoint: Path | None = None, need_checkpoint: bool = False) -> None:
+    """The checks against the files of a validated config, as this process sees them: the checkpoint
+    it starts from (`checkpoint`, by default run.dir's latest; with `need_checkpoint` there must be
+    one), the data, model.init_from."""
+    checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
+    if need_checkpoint and checkpoint is None:
         raise UserError(f"run.dir {cfg.run.dir} holds no checkpoint: pass a run directory that has saved one "
                         "(train.save_interval, or the end of its run)")
-    check_resumable(cfg, world_size)
-    check_batches(cfg, world_size, saved_step(Path(cfg.run.dir)))
+    check_resumable(cfg, world_size, checkpoint)
+    check_batches(cfg, world_size, saved_step(checkpoint))
     for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):
         if blend:  # empty: the built-in sample corpus, checked where it is built
             checked_blends(cfg, blend, valid_blend, test_blend, cfg.train.eval_samples)
-    if cfg.model.init_from and latest_checkpoint(Path(cfg.run.dir)) is None:  # a resumed run reads its checkpoint
+    if cfg.model.init_from and checkpoint is None:  # a resumed run reads its checkpoint
         WeightDirectory(cfg.model.init_from)  # the index and every shard it names

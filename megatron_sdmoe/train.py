@@ -29,7 +29,7 @@ from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_en
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabulary, latest_checkpoint,
-                                                load_latest, relaid_from)
+                                                load_checkpoint, relaid_from, saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
@@ -71,15 +71,15 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
         os.replace(tmp, run_dir / "config.yaml")
 
 
-def checked_tokenizer(cfg: Config) -> tuple[Tokenizer, int]:
-    """The tokenizer and the vocabulary size (before padding), refused if the model or run.dir's
-    checkpoint has fewer rows than it needs."""
+def checked_tokenizer(cfg: Config, checkpoint: Path | None) -> tuple[Tokenizer, int]:
+    """The tokenizer and the vocabulary size (before padding), refused if the model or the
+    checkpoint it starts from has fewer rows than it needs."""
     tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
                         "raise it or leave it empty")
-    check_vocabulary(Path(cfg.run.dir), padded_vocab_size(vocab, cfg))
+    check_vocabulary(checkpoint, padded_vocab_size(vocab, cfg))
     return tokenizer, vocab
 
 
@@ -95,38 +95,40 @@ class Session:
     start_step: int
 
 
-def setup(cfg: Config, evaluating: bool = False) -> Session:
-    """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state.
-    `evaluating` (sdmoe-eval): the latest checkpoint is required, and nothing is written into run.dir
-    (no config.yaml, starts.jsonl, metrics or TensorBoard; the data index cache aside)."""
+def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None) -> Session:
+    """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state from
+    `checkpoint` (by default run.dir's latest). `evaluating` (sdmoe-eval): a checkpoint is required,
+    and nothing is written into run.dir (no config.yaml, starts.jsonl, metrics or TensorBoard; the
+    data index cache aside)."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
+    checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
     # Until the run directory is written, bad input that one rank alone sees (other nodes, other
     # files) is every rank's error: see runtime/agreement.py.
-    agreed(lambda: check_files(cfg, layout.world_size, need_checkpoint=evaluating))
+    agreed(lambda: check_files(cfg, layout.world_size, checkpoint, need_checkpoint=evaluating))
     if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
         if layout.is_main:
             ensure_sample_corpus()
         dist.barrier()
-    tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg))
+    tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg, checkpoint))
     run_dir = prepare_run_dir(cfg, layout.is_main, write_config=not evaluating)
     stages = build_stages(cfg, tokenizer)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     seed_everything(tr.seed)
-    resuming = latest_checkpoint(run_dir) is not None  # check_resumable has vetted it
-    model = build_model(cfg, vocab, dtype, resuming).to(layout.device)
+    # a checkpoint (vetted by check_resumable) replaces the initial weights: they are not drawn
+    model = build_model(cfg, vocab, dtype, resuming=checkpoint is not None).to(layout.device)
     engine = build_engine(model, cfg, layout, grad_accumulation_steps(cfg, layout.world_size), dtype)
-    relaid, started = relaid_from(run_dir, layout), time.perf_counter()
-    start_step = load_latest(run_dir, engine, layout, model_only=evaluating)
+    relaid, started = relaid_from(checkpoint, layout), time.perf_counter()
+    start_step = load_checkpoint(checkpoint, engine, layout, model_only=evaluating)
     load_seconds = time.perf_counter() - started
     if not evaluating:
         record_start(run_dir, layout, start_step, dtype)
     metrics = MetricsLogger(run_dir, layout.is_main and not evaluating, start_step)
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())
-        changed = changed_settings(run_dir, cfg)
+        changed = changed_settings(checkpoint, cfg)
         print(f"model {cfg.model.preset}: {params / 1e6:.2f}M parameters on rank 0 | world {layout.world_size} "
               f"(TP {par.tensor}, EP {par.expert}, DP {layout.data_parallel}) | ZeRO-{par.zero_stage} | {dtype} | "
               + (f"recompute: {recompute_label(cfg)} | " if cfg.train.recompute != "none" else "")
@@ -135,7 +137,7 @@ def setup(cfg: Config, evaluating: bool = False) -> Session:
               + ((f" (saved in {relaid}: re-cut in {load_seconds:.1f} s)" if relaid
                   else f" (loaded in {load_seconds:.1f} s)") if start_step else "")
               + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
-    trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics)
+    trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics, saved_trainer_state(checkpoint))
     return Session(cfg, layout, run_dir, engine, trainer, start_step)
 
 

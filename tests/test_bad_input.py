@@ -18,7 +18,7 @@ from megatron_sdmoe.config import load_config
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.data.indexed import write_indexed
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.checkpoint import check_resumable
+from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint
 
 SEQ = 64  # SMALL's data.seq_length: a sample takes 65 tokens
 NODE_LOCAL = "tests.workers.node_local"  # each rank in a working directory of its own, as on different nodes
@@ -145,7 +145,8 @@ def test_another_global_batch_size_on_resume(resumed):
 def test_training_settings_may_change_on_resume(resumed):
     run_dir, _ = resumed
     check_resumable(load_config(CONFIG, SMALL + [f"run.dir={run_dir}", "moe.aux_loss_coeff=0.05",
-                                                 "moe.diag_interval=5", "train.lr=0.001"]), 1)
+                                                 "moe.diag_interval=5", "train.lr=0.001"]), 1,
+                    latest_checkpoint(run_dir))
 
 
 def test_sequential_experts_at_another_expert_parallel_size(tmp_path):

@@ -23,17 +23,23 @@ def evaluate(run_dir: Path, nproc: int, *overrides: str, check: bool = True):
 
 
 def test_eval_in_another_layout_equals_the_runs_last_evaluation(tmp_path):
+    """The latest checkpoint by default, an earlier one with --step; the test set is evaluated at
+    the run's end only, so at step 2 its loss is compared with the validation loss's difference."""
     run = tmp_path / "run"
-    launch(run, 2, "parallel.expert=2", "train.max_steps=2", "train.eval_interval=2", "data.split=96,2,2")
-    logged, before = metrics(run)[-1], snapshot(run)
-    for nproc, layout in ((1, ["parallel.expert=1"]), (2, ["parallel.expert=1", "parallel.tensor=2"])):
-        out = tmp_path / f"eval{nproc}.json"
-        proc = evaluate(run, nproc, *layout, "--json", str(out))
+    launch(run, 2, "parallel.expert=2", "train.max_steps=4", "train.eval_interval=2", "train.save_interval=2",
+           "data.split=96,2,2")
+    logged, before = {row["step"]: row for row in metrics(run)}, snapshot(run)
+    for nproc, layout, step in ((1, ["parallel.expert=1"], None), (2, ["parallel.expert=1", "parallel.tensor=2"], None),
+                                (1, ["parallel.expert=1"], 2)):
+        out = tmp_path / f"eval{nproc}-{step}.json"
+        proc = evaluate(run, nproc, *layout, *(["--step", str(step)] if step else []), "--json", str(out))
         result = json.loads(out.read_text())
-        assert result["step"] == 2 and result["checkpoint"] == str(run / "checkpoints" / "step_00000002")
-        for key in LOSSES:
-            assert result[key] == pytest.approx(logged[key], abs=2e-5), (layout, key)
+        assert result["step"] == (step or 4)
+        assert result["checkpoint"] == str(run / "checkpoints" / f"step_{step or 4:08d}")
+        for key in LOSSES if step is None else ["val_loss"]:
+            assert result[key] == pytest.approx(logged[result["step"]][key], abs=2e-5), (layout, key)
             assert f"{key:<24} {result[key]:.4f}" in proc.stdout
+    assert logged[2]["val_loss"] - logged[4]["val_loss"] > 1e-3  # --step 2 did not evaluate step 4's weights
     assert snapshot(run) == before
 
 
@@ -81,6 +87,8 @@ def test_bad_input_is_one_line(tmp_path):
                                             "train.eval_samples",
         (str(run),): f"error: run.dir {run} holds no checkpoint: pass a run directory that has saved one "
                      "(train.save_interval, or the end of its run)",
+        (str(run), "--step", "1"): f"error: {run} holds no checkpoint ({run / 'checkpoints' / 'latest'} does not "
+                                   "exist): give the run.dir of a run that has saved one",
         (str(run), "--json", str(tmp_path / "missing" / "x.json")):
             f"error: --json {tmp_path / 'missing' / 'x.json'}: directory {tmp_path / 'missing'} does not exist or "
             "is not writable: create it or write elsewhere",

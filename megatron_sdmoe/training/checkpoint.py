@@ -183,11 +183,10 @@ def _complete(run_dir: Path, tmp: Path, final: Path, meta: dict, keep: int) -> N
             shutil.rmtree(old)
 
 
-def check_resumable(cfg: Config, world_size: int) -> None:
-    """Refuse, before anything is written, a checkpoint in run.dir that this run cannot load: one that
-    `latest` names but is incomplete, one saved in another layout by a version that did not record
-    what re-cutting it needs, or one saved by another model."""
-    path = latest_checkpoint(Path(cfg.run.dir))
+def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
+    """Refuse, before anything is written, a checkpoint (`path`: run.dir's latest, or None) that this
+    run cannot load: one that `latest` names but is incomplete, one saved in another layout by a
+    version that did not record what re-cutting it needs, or one saved by another model."""
     if path is None:
         return
     if not (path / "meta.json").exists():
@@ -243,11 +242,10 @@ def _differences(saved: dict, cfg: Config, sections: list[str], allowed=()) -> l
             if old != new and f"{section}.{key}" not in allowed]
 
 
-def changed_settings(run_dir: Path, cfg: Config) -> list[str]:
+def changed_settings(path: Path | None, cfg: Config) -> list[str]:
     """`train.key: saved -> current` (and `smoothing.key`, `data.key`) for each setting this run changes
-    against its latest checkpoint: they take effect from the resumed step on (the LR schedule included;
-    other data continues at the same sample index)."""
-    path = latest_checkpoint(run_dir)
+    against the checkpoint it starts from: they take effect from the resumed step on (the LR schedule
+    included; other data continues at the same sample index)."""
     saved = _saved_config(path) if path is not None else None
     return _differences(saved, cfg, ["train", "smoothing", "data"]) if saved is not None else []
 
@@ -261,10 +259,9 @@ def _flat_items(saved: dict, current: dict, prefix: str = ""):
             yield f"{prefix}{key}", saved[key], current[key]
 
 
-def check_vocabulary(run_dir: Path, rows: int) -> None:
+def check_vocabulary(path: Path | None, rows: int) -> None:
     """Refuse, before anything is written, resuming a checkpoint whose embedding has another number
     of rows than this run's model (`rows`, padded): another tokenizer, or another model.vocab_size."""
-    path = latest_checkpoint(run_dir)
     if path is None:
         return
     saved = json.loads((path / "meta.json").read_text()).get("vocab_rows")  # absent: saved before it was recorded
@@ -274,10 +271,9 @@ def check_vocabulary(run_dir: Path, rows: int) -> None:
                         "saved with, or start a new run.dir")
 
 
-def relaid_from(run_dir: Path, layout: Layout) -> str | None:
-    """The layout the latest checkpoint was saved in, in words, if this run's differs (None: the
-    same layout, or no checkpoint)."""
-    path = latest_checkpoint(run_dir)
+def relaid_from(path: Path | None, layout: Layout) -> str | None:
+    """The layout a checkpoint was saved in, in words, if this run's differs (None: the same layout,
+    or no checkpoint)."""
     saved = json.loads((path / "meta.json").read_text())["layout"] if path is not None else None
     if saved is None or saved == _layout_of(layout):
         return None
@@ -285,22 +281,19 @@ def relaid_from(run_dir: Path, layout: Layout) -> str | None:
             f"expert TP {saved['expert_tensor']}")
 
 
-def saved_step(run_dir: Path) -> int:
-    """The step of the latest checkpoint (0 before the first)."""
-    path = latest_checkpoint(run_dir)
+def saved_step(path: Path | None) -> int:
+    """The step of a checkpoint (0 for none: before the first)."""
     return json.loads((path / "meta.json").read_text())["step"] if path is not None else 0
 
 
-def saved_trainer_state(run_dir: Path) -> dict:
-    """The training loop's state saved with the latest checkpoint ({} before the first)."""
-    path = latest_checkpoint(run_dir)
+def saved_trainer_state(path: Path | None) -> dict:
+    """The training loop's state saved with a checkpoint ({} for none: before the first)."""
     return json.loads((path / "meta.json").read_text()).get("trainer", {}) if path is not None else {}
 
 
-def load_latest(run_dir: Path, engine, layout: Layout, model_only: bool = False) -> int:
-    """Restore the newest checkpoint in `run_dir`, if any (check_resumable has vetted it); returns the
-    step to start from. `model_only` (evaluation): the weights, not the optimizer or schedule."""
-    path = latest_checkpoint(run_dir)
+def load_checkpoint(path: Path | None, engine, layout: Layout, model_only: bool = False) -> int:
+    """Restore the checkpoint at `path`, if any (check_resumable has vetted it); returns the step to
+    start from. `model_only` (evaluation): the weights, not the optimizer or schedule."""
     if path is None:
         return 0
     meta = json.loads((path / "meta.json").read_text())

@@ -20,7 +20,7 @@ from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.runtime.preemption import StopRequest
 from megatron_sdmoe.training.batches import BatchSchedule
-from megatron_sdmoe.training.checkpoint import save_checkpoint, saved_trainer_state
+from megatron_sdmoe.training.checkpoint import save_checkpoint
 from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput, device_memory
 from megatron_sdmoe.training.profiling import StepProfiler
@@ -35,7 +35,8 @@ class Diverged(Exception):
 
 class Trainer:
     def __init__(self, cfg: Config, layout: Layout, engine, stages: list[Stage], run_dir: Path,
-                 metrics: MetricsLogger):
+                 metrics: MetricsLogger, saved_state: dict):
+        """`saved_state`: the loop's own state, as the checkpoint it starts from saved it ({} for none)."""
         self.cfg, self.layout, self.engine = cfg, layout, engine
         self.stages, self.run_dir, self.metrics = stages, run_dir, metrics
         self.stage_matrix = (StageMatrix(run_dir, [s.name for s in stages], layout.is_main)
@@ -53,7 +54,7 @@ class Trainer:
         self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, dist.get_rank())
         self.smoother = (SingularitySmoother(cfg.smoothing, engine.module, layout.device,
-                                             saved_trainer_state(run_dir).get("smoothing"))
+                                             saved_state.get("smoothing"))
                          if cfg.smoothing.enabled else None)
 
     # -- data order --------------------------------------------------------------------------
