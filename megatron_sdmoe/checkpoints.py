@@ -1,25 +1,36 @@
-"""sdmoe-checkpoints: a run directory's checkpoints, and rolling a run back to one of them.
+"""sdmoe-checkpoints: a run directory's checkpoints; rolling a run back to one, or branching a new
+run from one.
 
-    sdmoe-checkpoints list RUN_DIR            each checkpoint: step, layout, size, the loss logged there
-    sdmoe-checkpoints rollback RUN_DIR STEP   make step STEP the one the next start resumes from
+    sdmoe-checkpoints list RUN_DIR                   each checkpoint: step, layout, size, the loss logged there
+    sdmoe-checkpoints rollback RUN_DIR STEP          make step STEP the one the next start resumes from
+    sdmoe-checkpoints branch RUN_DIR STEP NEW_DIR    a new run directory that resumes from step STEP
 
 After a loss spike: roll back to a checkpoint before it, then start again with the batches that
 led to it left out, e.g. `sdmoe-train CONFIG run.dir=RUN_DIR train.skip_batches=[1201-1260]`.
 A rollback points checkpoints/latest at step STEP and moves the later checkpoints into
 checkpoints/rolled_back/<time>/ (delete that when it is no longer needed); the next start moves
 the metrics logged past STEP to metrics_replaced.jsonl. Run it while no training runs in RUN_DIR.
+
+A branch starts another run from a checkpoint and leaves RUN_DIR as it is: a warmup-stable-decay
+run's decay from a step of its stable phase, or an ablation from a shared start, e.g.
+`sdmoe-train CONFIG run.dir=NEW_DIR train.max_steps=6000 train.decay_fraction=0.1667`. NEW_DIR
+gets the checkpoint (its files hard-linked where the filesystem allows: checkpoints are never
+changed in place, so neither run can alter the other's), the config it was saved with, the
+metrics lines up to STEP and the stage matrix.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
 from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint
+from megatron_sdmoe.training.metrics import logged_step
 
 
 def _step(path: Path) -> int:
@@ -35,11 +46,15 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())
 
 
+def _rows(path: Path) -> list[dict]:
+    """The lines of a metrics file, a line cut short by a crash left out."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if logged_step(line) != float("inf")]
+
+
 def _logged(run_dir: Path) -> dict[int, dict]:
     """The metrics line of each logged step (the last, where a step was logged twice)."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return {row["step"]: row for row in map(json.loads, filter(None, lines))}
+    return {row["step"]: row for row in _rows(run_dir / "metrics.jsonl")}
 
 
 def _size_gib(directory: Path) -> float:
@@ -103,6 +118,39 @@ def rollback(run_dir: Path, step: int) -> str:
             "train.skip_batches=[FIRST-LAST] to leave out the batches that led to the spike")
 
 
+def branch(run_dir: Path, step: int, new_dir: Path) -> str:
+    """A new run directory `new_dir` that resumes from step `step` of `run_dir`; returns what was done.
+    It is made whole beside `new_dir`, then renamed into place: a failure leaves nothing."""
+    source = checkpoint_of_step(run_dir, step)
+    if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
+        raise UserError(f"{new_dir} exists and is not an empty directory: branch into a new directory")
+    tmp = new_dir.with_name(f".{new_dir.name}.tmp")
+    rows = [row for row in _rows(run_dir / "metrics.jsonl") if row["step"] <= step]
+    try:
+        with writing_into(new_dir.parent, "NEW_DIR's parent"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, checkpoint_root(tmp) / source.name, copy_function=_link_or_copy)
+            (checkpoint_root(tmp) / LATEST).write_text(source.name)
+            shutil.copy2(source / "config.yaml", tmp / "config.yaml")
+            for name in ("stages.json", "stages.png"):  # the stage matrix, kept across restarts
+                if (run_dir / name).exists():
+                    shutil.copy2(run_dir / name, tmp / name)
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            os.replace(tmp, new_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (f"{new_dir} resumes from step {step} of {run_dir} ({source.name}, {len(rows)} metrics lines up to it): "
+            f"sdmoe-train CONFIG run.dir={new_dir} [key=value ...]")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (no copy of the data), or a copy where the filesystem cannot link (another device)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdmoe-checkpoints", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,13 +161,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                        "from")
     rollback_cmd.add_argument("run_dir", type=Path, help="the run directory (run.dir)")
     rollback_cmd.add_argument("step", type=int, help="the step of the checkpoint to resume from")
+    branch_cmd = commands.add_parser("branch", help="a new run directory that resumes from a checkpoint of this run")
+    branch_cmd.add_argument("run_dir", type=Path, help="the run directory (run.dir) to branch from")
+    branch_cmd.add_argument("step", type=int, help="the step of the checkpoint to start from")
+    branch_cmd.add_argument("new_dir", type=Path, help="the new run directory (created; must not hold anything)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        print("\n".join(describe(args.run_dir)) if args.command == "list" else rollback(args.run_dir, args.step))
+        if args.command == "list":
+            print("\n".join(describe(args.run_dir)))
+        elif args.command == "rollback":
+            print(rollback(args.run_dir, args.step))
+        else:
+            print(branch(args.run_dir, args.step, args.new_dir))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -3,7 +3,8 @@
 update (weights, Adam moments and fp32 masters stay bit for bit; the LR schedule and the data move
 on, SD-MoE's bases refresh on time), and a rolled-back run that skips equals a run that skipped
 from the start. The logs then hold the history that leads to the checkpoint: metrics.jsonl and
-TensorBoard each step once, what the rollback replaced in metrics_replaced.jsonl."""
+TensorBoard each step once, what the rollback replaced in metrics_replaced.jsonl. A branch (a new
+run directory from a checkpoint, its files hard-linked) continues as the run it came from did."""
 import json
 
 import pytest
@@ -110,6 +111,25 @@ def test_retention_keeps_the_new_checkpoint_beside_later_ones(runs, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_branch_continues_the_run_it_came_from_and_leaves_it_alone(runs, tmp_path):
+    straight = runs / "straight"
+    before = {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()}
+    branch = tmp_path / "branch"
+    done = run_command("megatron_sdmoe.checkpoints", "branch", straight, 2, branch)
+    assert done.returncode == 0, done.stderr
+    saved, linked = straight / "checkpoints" / "step_00000002", branch / "checkpoints" / "step_00000002"
+    for path in saved.iterdir():  # hard links, not copies
+        assert (linked / path.name).stat().st_ino == path.stat().st_ino
+    assert [r["step"] for r in metrics(branch)] == [1, 2]
+    proc = launch(branch, 1, *RUN)
+    assert "resuming from step 2" in proc.stdout
+    assert [(r["step"], r["loss"], r["lr"]) for r in metrics(branch)] == \
+        [(r["step"], r["loss"], r["lr"]) for r in metrics(straight)]
+    assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
+    refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, branch)
+    assert refused.returncode == 2 and f"{branch} exists and is not an empty directory" in refused.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -108,7 +108,7 @@ def _move_lines_past(step: int, path: Path, replaced: Path) -> None:
         return
     kept, past = [], []
     for line in path.read_text().splitlines(keepends=True):
-        (kept if _logged_step(line) <= step else past).append(line)
+        (kept if logged_step(line) <= step else past).append(line)
     if past:
         with open(replaced, "a") as f:
             f.writelines(line if line.endswith("\n") else line + "\n" for line in past)
@@ -117,7 +117,7 @@ def _move_lines_past(step: int, path: Path, replaced: Path) -> None:
         tmp.replace(path)
 
 
-def _logged_step(line: str) -> float:
+def logged_step(line: str) -> float:
     """The step of a metrics line; a line cut short by a crash mid-write counts as past any step."""
     try:
         return json.loads(line)["step"]
