@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line, writing_into
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.train import setup
-from megatron_sdmoe.checkpoints import checkpoint_of_step
-from megatron_sdmoe.training.checkpoint import latest_checkpoint
 from megatron_sdmoe.validation import validate
 
 
@@ -57,7 +56,6 @@ def evaluate(cfg: Config, checkpoint: Path | None = None) -> dict:
     """{"checkpoint", "step", val_loss (per source dataset too), test_loss (...), with data.stages
     stage_loss_<name> for every stage}: the keys the run's metrics.jsonl uses. `checkpoint`: by
     default run.dir's latest."""
-    checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
     session = setup(cfg, evaluating=True, checkpoint=checkpoint)
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
@@ -69,7 +67,7 @@ def evaluate(cfg: Config, checkpoint: Path | None = None) -> dict:
         losses.update({f"stage_loss_{stage.name}": trainer.evaluate(stage.valid, stage.domains)["val_loss"]
                        for stage in stages})
     shutdown()
-    return {"checkpoint": str(checkpoint), "step": step, **losses}
+    return {"checkpoint": str(session.checkpoint), "step": step, **losses}
 
 
 def check_writable(path: Path) -> None:

@@ -51,7 +51,7 @@ class MetricsLogger:
     it (the steps since the last checkpoint before a crash, or a rolled-back run's) moves from
     metrics.jsonl to metrics_replaced.jsonl, and TensorBoard hides it (its purge_step)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
