@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
-from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint
+from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
 from megatron_sdmoe.training.metrics import logged_step
 
 
@@ -107,8 +107,7 @@ def rollback(run_dir: Path, step: int) -> str:
     # (and a save does not count the later checkpoints left in place: save_checkpoint's retention).
     aside = root / "rolled_back" / time.strftime("%Y%m%d-%H%M%S")
     with writing_into(run_dir):
-        (root / f".{LATEST}.tmp").write_text(target.name)
-        os.replace(root / f".{LATEST}.tmp", root / LATEST)
+        point_latest(root, target.name)
         for path in later:
             aside.mkdir(parents=True, exist_ok=True)
             path.rename(aside / path.name)

@@ -175,12 +175,17 @@ def _complete(run_dir: Path, tmp: Path, final: Path, meta: dict, keep: int) -> N
     _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_synced(root / f".{LATEST}.tmp", final.name)
-    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    point_latest(root, final.name)
     if keep:  # the newest `keep` up to this one; later steps (a rolled-back run's, kept by hand) stay
         older = sorted(p for p in root.glob("step_*") if p.name < final.name)  # zero-padded names sort by step
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old)
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make `latest` name the checkpoint directory `name`, atomically."""
+    _write_synced(root / f".{LATEST}.tmp", name)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
 
 
 def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
