@@ -9,7 +9,8 @@ After a loss spike: roll back to a checkpoint before it, then start again with t
 led to it left out, e.g. `sdmoe-train CONFIG run.dir=RUN_DIR train.skip_batches=[1201-1260]`.
 A rollback points checkpoints/latest at step STEP and moves the later checkpoints into
 checkpoints/rolled_back/<time>/ (delete that when it is no longer needed); the next start moves
-the metrics logged past STEP to metrics_replaced.jsonl. Run it while no training runs in RUN_DIR.
+the metrics logged past STEP to metrics_replaced.jsonl. It is refused while a training job runs in
+RUN_DIR (its run.lock).
 
 A branch starts another run from a checkpoint and leaves RUN_DIR as it is: a warmup-stable-decay
 run's decay from a step of its stable phase, or an ablation from a shared start, e.g.
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
+from megatron_sdmoe.runtime.run_lock import check_free
 from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
 from megatron_sdmoe.training.metrics import logged_step
 
@@ -96,6 +98,7 @@ def rollback(run_dir: Path, step: int) -> str:
     """Point `latest` at step `step` and move the later checkpoints aside; returns what was done."""
     checkpoints, latest = complete_checkpoints(run_dir), latest_checkpoint(run_dir)
     target = checkpoint_of_step(run_dir, step)
+    check_free(run_dir, "roll back once it has ended (or stop it: it saves a checkpoint on SIGUSR1)")
     if target == latest:
         return f"{LATEST} already names {target.name}: nothing to do"
     if latest in checkpoints and _step(latest) < step:

@@ -28,6 +28,7 @@ from megatron_sdmoe.runtime.agreement import agreed, check_shared_directory
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
+from megatron_sdmoe.runtime.run_lock import RunLock
 from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabulary, latest_checkpoint,
                                                 load_checkpoint, relaid_from, saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
@@ -51,14 +52,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(cfg: Config, is_main: bool, write_config: bool = True) -> Path:
+def prepare_run_dir(cfg: Config, is_main: bool, write_config: bool = True, lock: RunLock | None = None) -> Path:
     """run.dir (and data.cache_dir), each checked to be one directory on every rank, with the
-    resolved config.yaml written into run.dir (unless `write_config` is false)."""
+    resolved config.yaml written into run.dir (unless `write_config` is false) once rank 0 holds
+    `lock`, if given."""
     run_dir = Path(cfg.run.dir)
     check_shared_directory(run_dir, "run.dir")
     if cfg.data.cache_dir:  # rank 0 writes the dataset index cache, the other ranks read it
         check_shared_directory(Path(cfg.data.cache_dir), "data.cache_dir")
     if write_config:
+        taken_over = agreed(lambda: lock.acquire() if is_main and lock else None)
+        if taken_over:
+            print(taken_over, flush=True)
         agreed(lambda: _write_config(cfg, run_dir) if is_main else None)
     return run_dir
 
@@ -96,11 +101,13 @@ class Session:
     start_step: int
 
 
-def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None) -> Session:
+def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
+          lock: RunLock | None = None) -> Session:
     """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state from
     `checkpoint` (by default run.dir's latest). `evaluating` (sdmoe-eval): a checkpoint is required,
     and nothing is written into run.dir (no config.yaml, starts.jsonl, metrics or TensorBoard; the
-    data index cache aside)."""
+    data index cache aside). `lock` (training): run.dir's lock, taken once the checks have passed,
+    before anything is written (the caller releases it)."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
     checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
@@ -112,7 +119,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None)
             ensure_sample_corpus()
         dist.barrier()
     tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg, checkpoint))
-    run_dir = prepare_run_dir(cfg, layout.is_main, write_config=not evaluating)
+    run_dir = prepare_run_dir(cfg, layout.is_main, write_config=not evaluating, lock=lock)
     stages = build_stages(cfg, tokenizer)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
@@ -144,9 +151,10 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None)
 
 def train(cfg: Config) -> None:
     """Train; exits with EXIT_REQUEUE after a checkpoint when a signal or the time budget stops it."""
-    session = setup(cfg)
-    stopped = session.trainer.run(session.start_step)
-    session.trainer.metrics.close()
+    with RunLock(Path(cfg.run.dir)) as lock:  # released however training ends (kill -9 aside: run_lock.py)
+        session = setup(cfg, lock=lock)
+        stopped = session.trainer.run(session.start_step)
+        session.trainer.metrics.close()
     if session.layout.is_main:
         checkpoint = latest_checkpoint(session.run_dir)
         print(f"{f'stopped early ({stopped}), requeue to resume' if stopped else 'done'}. TensorBoard: "

@@ -1,20 +1,23 @@
 """Surviving preemption and crashes: SIGUSR1 / SIGTERM and the time budget stop after a step with a
 checkpoint and the requeue exit code; kill -9 at any step loses nothing but the steps since the
-last checkpoint; a save killed half-way leaves the previous checkpoint usable; retention keeps N;
+last checkpoint (its lock taken over on restart); a save killed half-way leaves the previous
+checkpoint usable; retention keeps N; a second job in a running run.dir is refused;
 a save that one rank cannot write stops every rank with one line, as running out of GPU memory
 does the rank it happens on. Every resumed run reaches the uninterrupted run's losses exactly."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, log_path, metrics, wait_for_step
+from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, log_path, metrics, run_command, wait_for_step
 
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
+from megatron_sdmoe.runtime.run_lock import LOCK
 
 RUN = ["train.max_steps=12", "train.save_interval=1"]
 
@@ -36,11 +39,14 @@ def start(run_dir, *overrides) -> subprocess.Popen:
                              *RUN, *overrides], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def assert_resumed_exactly(run_dir, uninterrupted) -> None:
-    launch(run_dir, 1, *RUN)  # resume from `latest` to the end
+def assert_resumed_exactly(run_dir, uninterrupted) -> str:
+    """Resume from `latest` to the end; returns its output."""
+    proc = launch(run_dir, 1, *RUN)
     # each step once: the lines logged past the checkpoint before the stop moved to metrics_replaced.jsonl
     rows = [(row["step"], row["loss"]) for row in metrics(run_dir)]
     assert rows == list(uninterrupted.items())
+    assert not (run_dir / LOCK).exists()  # released at the end
+    return proc.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
@@ -63,7 +69,30 @@ def test_kill_9_then_restart_resumes_exactly(kill_at, tmp_path, uninterrupted):
     wait_for_step(proc, tmp_path, kill_at)
     proc.kill()
     proc.wait()
-    assert_resumed_exactly(tmp_path, uninterrupted)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == proc.pid  # left behind, its process gone
+    output = assert_resumed_exactly(tmp_path, uninterrupted)
+    assert f"took over {LOCK} from the training job on host {socket.gethostname()} (pid {proc.pid}" in output
+    assert "its process has ended" in output
+
+
+def test_a_second_job_in_a_running_run_dir_is_refused_and_the_first_goes_on(tmp_path):
+    """A job started twice, or a rollback while the run goes on: refused with one line naming the
+    job that runs there, nothing written; the running job is undisturbed and releases the lock."""
+    proc = start(tmp_path, "train.max_steps=100000")
+    wait_for_step(proc, tmp_path, 2)
+    files = {p: p.read_bytes() for p in (tmp_path / "config.yaml", tmp_path / "starts.jsonl")}
+    holder = f"is in use by the training job on host {socket.gethostname()} (pid {proc.pid}, since "
+    second = launch(tmp_path, 1, *RUN, "train.lr=0.02", check=False)
+    assert second.returncode == 2 and second.stderr.count("error:") == 1 and holder in second.stderr, second.stderr
+    rollback = run_command("megatron_sdmoe.checkpoints", "rollback", tmp_path, 1)
+    assert rollback.returncode == 2 and holder in rollback.stderr, rollback.stderr
+    assert {p: p.read_bytes() for p in files} == files
+    assert (tmp_path / "checkpoints" / "step_00000001").exists()
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == EXIT_REQUEUE
+    steps = [row["step"] for row in metrics(tmp_path)]
+    assert steps == list(range(1, len(steps) + 1)) and not (tmp_path / "metrics_replaced.jsonl").exists()
+    assert not (tmp_path / LOCK).exists()
 
 
 def test_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
