@@ -2,6 +2,7 @@
 run from one.
 
     sdmoe-checkpoints list RUN_DIR                   each checkpoint: step, layout, size, the loss logged there
+                                                     (and the training job running there, if one is)
     sdmoe-checkpoints rollback RUN_DIR STEP          make step STEP the one the next start resumes from
     sdmoe-checkpoints branch RUN_DIR STEP NEW_DIR    a new run directory that resumes from step STEP
 
@@ -17,7 +18,7 @@ run's decay from a step of its stable phase, or an ablation from a shared start,
 `sdmoe-train CONFIG run.dir=NEW_DIR train.max_steps=6000 train.decay_fraction=0.1667`. NEW_DIR
 gets the checkpoint (its files hard-linked where the filesystem allows: checkpoints are never
 changed in place, so neither run can alter the other's), the config it was saved with, the
-metrics lines up to STEP and the stage matrix.
+metrics lines and TensorBoard events up to STEP and the stage matrix.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
-from megatron_sdmoe.runtime.run_lock import check_free
+from megatron_sdmoe.runtime.run_lock import check_free, lock_state
 from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
 from megatron_sdmoe.training.metrics import logged_step
 
@@ -72,6 +73,9 @@ def describe(run_dir: Path) -> list[str]:
         lines.append(f"{_step(path):>8}  {_layout_words(layout):<26}  {_size_gib(path):>7.3f}  "
                      f"{_number(row.get('loss')):>7}  {_number(row.get('val_loss')):>8}"
                      + ("  <- latest" if path == latest else ""))
+    lock = lock_state(run_dir)
+    if lock and lock[1] is None:
+        lines.append(f"training now: {lock[0]}")
     return lines
 
 
@@ -138,11 +142,31 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
                 if (run_dir / name).exists():
                     shutil.copy2(run_dir / name, tmp / name)
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            _copy_tensorboard(run_dir / "tb", tmp / "tb", step)
             os.replace(tmp, new_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return (f"{new_dir} resumes from step {step} of {run_dir} ({source.name}, {len(rows)} metrics lines up to it): "
+    return (f"{new_dir} resumes from step {step} of {run_dir} ({source.name}; {len(rows)} metrics lines and the "
+            "TensorBoard events up to it): "
             f"sdmoe-train CONFIG run.dir={new_dir} [key=value ...]")
+
+
+def _copy_tensorboard(source: Path, target: Path, step: int) -> None:
+    """The run's TensorBoard events up to `step`, in one new event file: copied, not linked, since
+    the run goes on appending to its own files. The markers of its restarts (file_version events at
+    a purge step) come along, so TensorBoard hides the same abandoned steps it hides in the run."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from torch.utils.tensorboard.writer import FileWriter
+
+    files = sorted(source.glob("events.out.tfevents.*"))  # by creation time, as TensorBoard reads them
+    if not files:
+        return
+    writer = FileWriter(str(target))  # writes its own file_version header
+    for file in files:
+        for event in LegacyEventFileLoader(str(file)).Load():  # as written (no conversion)
+            if event.step <= step and not (event.HasField("file_version") and event.step == 0):
+                writer.add_event(event)
+    writer.close()
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -77,7 +77,8 @@ def test_kill_9_then_restart_resumes_exactly(kill_at, tmp_path, uninterrupted):
 
 def test_a_second_job_in_a_running_run_dir_is_refused_and_the_first_goes_on(tmp_path):
     """A job started twice, or a rollback while the run goes on: refused with one line naming the
-    job that runs there, nothing written; the running job is undisturbed and releases the lock."""
+    job that runs there (`sdmoe-checkpoints list` names it too), nothing written; the running job is
+    undisturbed and releases the lock."""
     proc = start(tmp_path, "train.max_steps=100000")
     wait_for_step(proc, tmp_path, 2)
     files = {p: p.read_bytes() for p in (tmp_path / "config.yaml", tmp_path / "starts.jsonl")}
@@ -86,6 +87,8 @@ def test_a_second_job_in_a_running_run_dir_is_refused_and_the_first_goes_on(tmp_
     assert second.returncode == 2 and second.stderr.count("error:") == 1 and holder in second.stderr, second.stderr
     rollback = run_command("megatron_sdmoe.checkpoints", "rollback", tmp_path, 1)
     assert rollback.returncode == 2 and holder in rollback.stderr, rollback.stderr
+    listed = run_command("megatron_sdmoe.checkpoints", "list", tmp_path).stdout.splitlines()
+    assert listed[-1].startswith(f"training now: the training job on host {socket.gethostname()} (pid {proc.pid}")
     assert {p: p.read_bytes() for p in files} == files
     assert (tmp_path / "checkpoints" / "step_00000001").exists()
     proc.send_signal(signal.SIGUSR1)

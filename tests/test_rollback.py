@@ -4,7 +4,8 @@ update (weights, Adam moments and fp32 masters stay bit for bit; the LR schedule
 on, SD-MoE's bases refresh on time), and a rolled-back run that skips equals a run that skipped
 from the start. The logs then hold the history that leads to the checkpoint: metrics.jsonl and
 TensorBoard each step once, what the rollback replaced in metrics_replaced.jsonl. A branch (a new
-run directory from a checkpoint, its files hard-linked) continues as the run it came from did."""
+run directory from a checkpoint, its files hard-linked, its logs up to there) continues as the run it
+came from did."""
 import json
 
 import pytest
@@ -93,10 +94,14 @@ def test_rollback_then_skip_equals_skipping_from_the_start(runs, tmp_path):
     replaced = [json.loads(line) for line in (run_dir / "metrics_replaced.jsonl").read_text().splitlines()]
     assert replaced == logged[2:]  # the abandoned steps 3-6, as logged
 
+    assert tensorboard_losses(run_dir) == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in resumed]
+
+
+def tensorboard_losses(run_dir) -> list[tuple[int, float]]:
+    """(step, loss) as TensorBoard shows the run."""
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
-    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
-    assert shown == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in resumed]
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
 
 
 def test_retention_keeps_the_new_checkpoint_beside_later_ones(runs, tmp_path):
@@ -123,10 +128,12 @@ def test_branch_continues_the_run_it_came_from_and_leaves_it_alone(runs, tmp_pat
     for path in saved.iterdir():  # hard links, not copies
         assert (linked / path.name).stat().st_ino == path.stat().st_ino
     assert [r["step"] for r in metrics(branch)] == [1, 2]
+    assert tensorboard_losses(branch) == tensorboard_losses(straight)[:2]  # the history up to the branch
     proc = launch(branch, 1, *RUN)
     assert "resuming from step 2" in proc.stdout
     assert [(r["step"], r["loss"], r["lr"]) for r in metrics(branch)] == \
         [(r["step"], r["loss"], r["lr"]) for r in metrics(straight)]
+    assert tensorboard_losses(branch) == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in metrics(branch)]
     assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
     refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, branch)
     assert refused.returncode == 2 and f"{branch} exists and is not an empty directory" in refused.stderr

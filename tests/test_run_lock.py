@@ -80,7 +80,7 @@ def test_a_live_process_on_this_host_holds_it(tmp_path, sleeper):
     ("ended here", "its process has ended"),
     ("pid reused here", "its process has ended"),
     ("host restarted", "its host has restarted since"),
-    ("unreadable, old", "an unreadable lock unchanged for"),
+    ("unreadable, old", "cannot be read (it may be being written): unchanged for"),
 ])
 def test_a_gone_holder_is_taken_over(case, why, tmp_path, elsewhere, sleeper, monkeypatch):
     here = Holder.this_process()
@@ -110,7 +110,7 @@ def test_a_gone_holder_is_taken_over(case, why, tmp_path, elsewhere, sleeper, mo
 
 def test_a_lock_being_written_is_not_taken(tmp_path):
     (tmp_path / LOCK).write_text("")  # created, its holder not yet written
-    with pytest.raises(UserError, match="cannot be read: another job may be taking it"):
+    with pytest.raises(UserError, match=f"is in use by a job whose {LOCK} cannot be read"):
         RunLock(tmp_path).acquire()
 
 

@@ -108,23 +108,29 @@ def current_holder(run_dir: Path) -> tuple[Holder | None, float] | None:
         return None, quiet
 
 
-def check_free(run_dir: Path, fix: str) -> str | None:
-    """None if run_dir has no lock; if its holder is gone, whose it was and why; refused (UserError,
-    naming the holder and then `fix`) while that may still run."""
+def lock_state(run_dir: Path) -> tuple[str, str | None] | None:
+    """None if run_dir has no lock; else whose it is and, if that job is gone, why (None: it may run)."""
     found = current_holder(run_dir)
     if found is None:
         return None
     holder, quiet = found
     if holder is None:  # being written this moment, or left torn by a crash long ago
-        if quiet > STALE:
-            return f"an unreadable lock unchanged for {quiet:.0f} s"
-        raise UserError(f"{Path(run_dir) / LOCK} cannot be read: another job may be taking it; try again in a "
-                        "moment, or remove it if no job runs there")
-    why = holder.gone(quiet)
-    if why is None:
-        raise UserError(f"run.dir {run_dir} is in use by {holder.describe()}: {fix}; if that job is gone, "
+        return (f"a job whose {LOCK} cannot be read (it may be being written)",
+                f"unchanged for {quiet:.0f} s" if quiet > STALE else None)
+    return holder.describe(), holder.gone(quiet)
+
+
+def check_free(run_dir: Path, fix: str) -> str | None:
+    """None if run_dir has no lock; if its holder is gone, whose it was and why; refused (UserError,
+    naming the holder and then `fix`) while that may still run."""
+    state = lock_state(run_dir)
+    if state is None:
+        return None
+    whose, gone = state
+    if gone is None:
+        raise UserError(f"run.dir {run_dir} is in use by {whose}: {fix}; if that job is gone, "
                         f"remove {Path(run_dir) / LOCK}")
-    return f"{holder.describe()}: {why}"
+    return f"{whose}: {gone}"
 
 
 class RunLock:
