@@ -1,9 +1,11 @@
 """sdmoe-eval: the validation and test losses of a run's latest checkpoint (or, with --step, an
 earlier one), as its training measures them, in any layout and on the run's own data or other data
 (`data.*` overrides). Nothing in the run directory changes (megatron's data index cache aside).
+With --routes, also which tokens each expert takes on the validation data (moe/routes.py).
 
     sdmoe-eval runs/demo
     sdmoe-eval runs/demo --step 100
+    sdmoe-eval runs/demo --routes --routes-plot routes.png
     sdmoe-eval runs/demo "data.valid_path=[/data/wiki]" "data.test_path=[/data/books]" train.eval_samples=256
     torchrun --nproc-per-node 2 -m megatron_sdmoe.evaluate runs/demo parallel.expert=2 --json eval.json
 """
@@ -21,6 +23,7 @@ import torch
 from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line, writing_into
+from megatron_sdmoe.moe.routes import RouteTokens, plot, report_lines
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.train import setup
@@ -38,6 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, help="the checkpoint of this step (sdmoe-checkpoints list RUN_DIR shows "
                         "them) instead of the latest")
     parser.add_argument("--json", metavar="FILE", help="also write the losses as a JSON object to FILE")
+    parser.add_argument("--routes", action="store_true", help="also report, per MoE router on the validation "
+                        "tokens, each expert's load, the tokens it takes most often (as a share of their rows) and, "
+                        "with a blend, each source dataset's lift")
+    parser.add_argument("--routes-top", type=int, default=5, metavar="N", help="tokens listed per expert (default 5)")
+    parser.add_argument("--routes-min-count", type=int, default=5, metavar="N",
+                        help="only tokens seen at least N times are listed (default 5)")
+    parser.add_argument("--routes-plot", metavar="FILE.png", help="routers x experts heatmaps of the load and, with a "
+                        "blend, each source dataset's lift (implies --routes)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # as sdmoe-train's
     return parser.parse_args(argv)
 
@@ -52,15 +63,24 @@ def run_config(run_dir: str, overrides: list[str]) -> Config:
     return load_config(path, [*overrides, f"run.dir={run_dir}"])
 
 
-def evaluate(cfg: Config, checkpoint: Path | None = None) -> dict:
+def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = None) -> dict:
     """{"checkpoint", "step", val_loss (per source dataset too), test_loss (...), with data.stages
     stage_loss_<name> for every stage}: the keys the run's metrics.jsonl uses. `checkpoint`: by
-    default run.dir's latest."""
+    default run.dir's latest. `routes` ({"top", "min_count"}): also "routes", moe/routes.py's
+    report on the validation tokens."""
     session = setup(cfg, evaluating=True, checkpoint=checkpoint)
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
     current = trainer.stage_at(min(step, cfg.train.max_steps) - 1)  # the data the checkpoint last saw (step >= 1)
+    recorder = RouteTokens(session.engine.module, session.engine.module.vocab_size) if routes else None
+    if recorder:  # the loop hands each micro-batch to its composition recorder
+        trainer.composition, recorder.recording = recorder, True
     losses = trainer.evaluate(current.valid, current.domains)  # train.eval_samples > 0: every stage has one
+    if recorder:
+        recorder.recording = False
+        decode = session.tokenizer.detokenize
+        losses["routes"] = recorder.report(current.domains, lambda token: decode([token]), **routes)
+        losses["domains"] = current.domains
     if stages[-1].test is not None:
         losses.update(trainer.evaluate(stages[-1].test, stages[-1].test_domains, "test"))
     if len(stages) > 1:
@@ -70,18 +90,24 @@ def evaluate(cfg: Config, checkpoint: Path | None = None) -> dict:
     return {"checkpoint": str(session.checkpoint), "step": step, **losses}
 
 
-def check_writable(path: Path) -> None:
-    """Refuse, before the evaluation, a --json file that could not be written after it."""
+def check_writable(flag: str, path: Path) -> None:
+    """Refuse, before the evaluation, an output file that could not be written after it."""
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise UserError(f"--json {path}: directory {path.parent} does not exist or is not writable: create it "
+        raise UserError(f"{flag} {path}: directory {path.parent} does not exist or is not writable: create it "
                         "or write elsewhere")
 
 
-def write_json(path: Path, result: dict) -> None:
-    with writing_into(path.parent, "--json"):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
+def write_outputs(args: argparse.Namespace, result: dict) -> None:
+    """--json and --routes-plot, each written whole (a temporary file renamed into place)."""
+    for flag, path, write in (("--json", args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")),
+                              ("--routes-plot", args.routes_plot,
+                               lambda tmp: plot(result["routes"], result["domains"], tmp))):
+        if path:
+            path = Path(path)
+            with writing_into(path.parent, flag):
+                tmp = path.with_name(f".tmp.{path.name}")  # the suffix kept: matplotlib picks the format by it
+                write(tmp)
+                os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,9 +117,14 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, world_size_from_env())
         if cfg.train.eval_samples == 0:  # (above 0, data.split must give validation documents)
             raise UserError("train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples")
-        if args.json and rank_from_env() == 0:  # the rank that writes it
-            check_writable(Path(args.json))
-        result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step))
+        outputs = [(flag, path) for flag, path in (("--json", args.json), ("--routes-plot", args.routes_plot)) if path]
+        if rank_from_env() == 0:  # the rank that writes them
+            for flag, path in outputs:
+                check_writable(flag, Path(path))
+        routes = ({"top": args.routes_top, "min_count": args.routes_min_count}
+                  if args.routes or args.routes_plot else None)
+        result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step),
+                          routes)
     except UserError as e:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -108,12 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     for key, loss in result.items():
         if key.endswith("loss") or "_loss_" in key:
             print(f"  {key:<24} {loss:.4f}  perplexity {math.exp(min(loss, 700)):.2f}")
-    if args.json:
-        try:
-            write_json(Path(args.json), result)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_BAD_INPUT)
+    if "routes" in result:
+        print("\n".join(["routes on the validation tokens:", *report_lines(result["routes"])]))
+    try:
+        write_outputs(args, result)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

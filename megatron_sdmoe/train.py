@@ -97,6 +97,7 @@ class Session:
     run_dir: Path
     engine: object
     trainer: Trainer
+    tokenizer: Tokenizer
     checkpoint: Path | None  # the one it started from
     start_step: int
 
@@ -146,7 +147,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
                   else f" (loaded in {load_seconds:.1f} s)") if start_step else "")
               + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
     trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics, saved_trainer_state(checkpoint))
-    return Session(cfg, layout, run_dir, engine, trainer, checkpoint, start_step)
+    return Session(cfg, layout, run_dir, engine, trainer, tokenizer, checkpoint, start_step)
 
 
 def train(cfg: Config) -> None:

@@ -47,7 +47,7 @@ class RouteComposition:
         self.position_buckets = position_buckets
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         self.counts = [Counter() for _ in self.routers]
-        self.domains: torch.Tensor | None = None  # [b] of the micro-batch being run
+        self.batch: dict[str, torch.Tensor] | None = None  # the micro-batch being run
         self.fixed_label: int | None = None  # label every token with this instead (e.g. its stage)
         self.recording = False
         for index, router in enumerate(self.routers):
@@ -70,19 +70,29 @@ class RouteComposition:
             self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
 
     def labels(self, tokens: int) -> torch.Tensor:
-        """Labels of the router's `tokens` = [s_local, b] flattened: domain x position bucket."""
-        domains = self.domains if self.fixed_label is None else torch.full_like(self.domains, self.fixed_label)
-        batch = len(domains)
+        """Labels of the router's `tokens` = [s_local, b] flattened."""
+        batch = len(self.batch["domain"])
         local = tokens // batch
         tp = ps.get_tensor_model_parallel_world_size()  # sequence parallel whenever TP > 1
         positions = ps.get_tensor_model_parallel_rank() * local + torch.arange(local) if tp > 1 else torch.arange(local)
-        buckets = positions * self.position_buckets // (local * tp)
-        return (domains.cpu()[None, :] * self.position_buckets + buckets[:, None]).reshape(-1)
+        return self.position_labels(positions, local * tp).reshape(-1)
 
-    def compute(self) -> list[float]:
-        """N_eff per router over the tokens recorded since the last call (a collective)."""
+    def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """[len(positions), b]: each sample's domain crossed with the position's bucket."""
+        domains = self.batch["domain"].cpu()
+        if self.fixed_label is not None:
+            domains = torch.full_like(domains, self.fixed_label)
+        buckets = positions * self.position_buckets // seq_length
+        return domains[None, :] * self.position_buckets + buckets[:, None]
+
+    def gathered(self) -> list[Counter]:
+        """Each router's {(route, label): tokens} recorded since the last call, summed over all
+        ranks (a collective)."""
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, self.counts)
         self.counts = [Counter() for _ in self.routers]
-        return [effective_composition(sum((rank[i] for rank in gathered), Counter()))
-                for i in range(len(self.routers))]
+        return [sum((rank[i] for rank in gathered), Counter()) for i in range(len(self.routers))]
+
+    def compute(self) -> list[float]:
+        """N_eff per router over the tokens recorded since the last call (a collective)."""
+        return [effective_composition(counts) for counts in self.gathered()]

@@ -72,7 +72,7 @@ class Trainer:
                  get_batch(dataset, self.micro_batch_indices(first_sample, micro)).items()}
         mask = batch["loss_mask"]
         if self.composition:
-            self.composition.domains = batch["domain"]
+            self.composition.batch = batch
         attention_mask = (document_attention_mask(batch["cu_seqlens"], batch["tokens"].shape[1])
                           if "cu_seqlens" in batch else None)
         per_token = self.engine(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"],
