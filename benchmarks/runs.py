@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def train(config: str, overrides: list[str], run_dir: Path) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", config, *overrides, f"run.dir={run_dir}",
-                           "train.save_interval=0", "train.final_checkpoint=false"],
+    done = subprocess.run([sys.executable, "-m", "megatron_sdmoe.train", config, "train.save_interval=0",
+                           "train.final_checkpoint=false", *overrides, f"run.dir={run_dir}"],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode:  # the training's own last words, not only its exit code
         sys.exit(f"training failed (exit {done.returncode}): {' '.join(overrides)}\n{done.stderr[-4000:]}")

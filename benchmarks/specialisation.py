@@ -1,11 +1,15 @@
 """Does SD-MoE make experts specialise? topk and sdmoe trained on the same data for the same steps
 through the real entry point, with the specialisation diagnostics on; writes a plot of loss and
-mean inter-expert overlap over time, and prints a markdown table.
+mean inter-expert overlap over time, and prints a markdown table, with each variant's token
+concentration at the end (`sdmoe-eval --routes` of its last checkpoint, mean over layers).
 
     .venv/bin/python benchmarks/specialisation.py configs/tiny-qwen3-moe.yaml [key=value ...] \
         [--steps 300 --diag-interval 25 --out benchmarks/results/specialisation.png]
 """
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +24,16 @@ VARIANTS = {"topk": ["moe.variant=topk"], "sdmoe": ["moe.variant=sdmoe"]}
 
 def run(config: str, overrides: list[str], variant: str, steps: int, diag: int, run_dir: Path) -> list[dict]:
     return train(config, [*overrides, *VARIANTS[variant], f"train.max_steps={steps}", f"moe.diag_interval={diag}",
-                          f"train.eval_interval={diag}", "train.log_interval=5"], run_dir)
+                          f"train.eval_interval={diag}", "train.log_interval=5", "train.final_checkpoint=true"], run_dir)
+
+
+def token_concentration(run_dir: Path) -> float:
+    """The mean over MoE layers of sdmoe-eval --routes' token concentration at the run's last checkpoint."""
+    out = run_dir / "routes.json"
+    subprocess.run([sys.executable, "-m", "megatron_sdmoe.evaluate", str(run_dir), "--routes", "--json", str(out)],
+                   check=True, capture_output=True)
+    layers = json.loads(out.read_text())["routes"]
+    return sum(layer["token_concentration"] for layer in layers) / len(layers)
 
 
 def layer_mean(row: dict, key: str) -> float:
@@ -35,11 +48,12 @@ def main() -> None:
     parser.add_argument("--diag-interval", type=int, default=25)
     parser.add_argument("--out", default="benchmarks/results/specialisation.png")
     args = parser.parse_args()
-    runs = {}
+    runs, concentration = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in VARIANTS:
             runs[variant] = run(args.config, args.overrides, variant, args.steps, args.diag_interval,
                                   Path(tmp) / variant)
+            concentration[variant] = token_concentration(Path(tmp) / variant)
     fig, (ax_loss, ax_overlap) = plt.subplots(1, 2, figsize=(10, 3.8))
     for variant, rows in runs.items():
         diag = [r for r in rows if "expert_overlap" in r]
@@ -58,13 +72,15 @@ def main() -> None:
     fig.savefig(args.out, dpi=120)
     print(f"plot: {args.out}\n")
     print("| variant | final train loss | final val loss | overlap (first diag) | overlap (last) | unique-part overlap "
-          "(last) | grad alignment (last) | router specificity (last) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(last) | grad alignment (last) | router specificity (last) | token concentration (last) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for variant, rows in runs.items():
         diag = [r for r in rows if "expert_overlap" in r]
         print(f"| {variant} | {rows[-1]['loss']:.3f} | {diag[-1]['val_loss']:.3f} | "
               f"{layer_mean(diag[0], 'expert_overlap'):.3f} | {layer_mean(diag[-1], 'expert_overlap'):.3f} | "
-              f"{layer_mean(diag[-1], 'unique_overlap') if 'unique_overlap' in diag[-1] else float('nan'):.3f} | "
-              f"{layer_mean(diag[-1], 'grad_alignment'):.3f} | {layer_mean(diag[-1], 'router_specificity'):.2f} |")
+              f"{format(layer_mean(diag[-1], 'unique_overlap'), '.3f') if 'unique_overlap' in diag[-1] else '-'} | "
+              f"{layer_mean(diag[-1], 'grad_alignment'):.3f} | {layer_mean(diag[-1], 'router_specificity'):.2f} | "
+              f"{concentration[variant]:.3f} |")
 
 
 if __name__ == "__main__":

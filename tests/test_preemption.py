@@ -167,6 +167,7 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank_with_one_line(t
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000002"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
+    assert not (tmp_path / LOCK).exists()  # released by the job that stopped with the error
     launch(tmp_path, 2, "train.max_steps=4", *layout)
     assert (checkpoints / "latest").read_text() == "step_00000004"
 
