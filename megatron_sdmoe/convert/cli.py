@@ -11,6 +11,10 @@
         OUT_DIR/config.yaml` continues pretraining from them (`moe.variant=sdmoe` splits the
         imported experts into common and unique parts); block-quantised FP8 checkpoints
         (DeepSeek-V3's release) are dequantised into the config's dtype
+    sdmoe-convert upcycle HF_DIR OUT_DIR [moe.num_experts=8 moe.topk=2 ...]
+        as from-hf, from a dense Qwen3ForCausalLM: sparse upcycling, each of the moe.num_experts
+        routed experts a copy of its layer's MLP, the routers drawn fresh (upcycle.py); with
+        moe.topk > 1 the MoE starts as the dense model's function
 
 Tensors stream a group at a time (a tensor, or those that convert together: a layer's stacked
 experts of one projection, Q/K/V), so peak memory is about twice the largest group. A dry run on
@@ -33,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_sdmoe.config import Config, is_headwise, load_config, save_config
-from megatron_sdmoe.convert import deepseek, fp8, headwise_export, qwen
+from megatron_sdmoe.convert import deepseek, fp8, headwise_export, qwen, upcycle
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.mapping import MTP_COPIES, conversion_group, layer_index
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
@@ -222,7 +226,9 @@ def _unquantised_dtype(hf) -> torch.dtype:
         else torch.bfloat16
 
 
-def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
+def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False) -> None:
+    """`upcycled`: the dense model in `hf_dir` upcycled (upcycle.py) into the MoE that the overrides'
+    moe.num_experts and moe.topk (by default the config's defaults) describe."""
     from megatron_sdmoe.data import load_tokenizer
 
     out = out.resolve()
@@ -231,6 +237,11 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
     source, block = WeightDirectory(hf_dir), fp8.block_size(hf)
     if block:  # FP8 weights with block scales (DeepSeek-V3's release): written in the model's dtype
         source = fp8.DequantizedWeights(source, block, _unquantised_dtype(hf))
+    if upcycled:
+        dense = hf.architectures[0]
+        moe = load_config(None, overrides).moe
+        hf = upcycle.moe_config(hf, moe.num_experts, moe.topk)
+        source = upcycle.UpcycledWeights(source, hf)
     adapter, cfg = import_config(hf, [f"model.init_from={out / 'weights'}",
                                       *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides],
                                  source.names())
@@ -247,7 +258,8 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str]) -> None:
             load_tokenizer(hf_dir).hf.save_pretrained(tmp / "tokenizer")
         save_config(cfg, tmp / "config.yaml")
     m = cfg.model
-    read = [f"{hf.architectures[0]}, {m.num_layers} layers"] + [f"{m.mtp_layers} MTP"] * bool(m.mtp_layers) + \
+    read = [f"{dense} upcycled: {cfg.moe.num_experts} experts, top-{cfg.moe.topk}" if upcycled
+            else hf.architectures[0], f"{m.num_layers} layers"] + [f"{m.mtp_layers} MTP"] * bool(m.mtp_layers) + \
         ["YaRN"] * (m.rope_scaling == "yarn") + ([f"FP8 dequantised to {source.dtype}"] if block else [])
     print(f"wrote {out} ({', '.join(read)}): continue pretraining with sdmoe-train {out / 'config.yaml'} run.dir=...")
 
@@ -263,12 +275,17 @@ def main(argv: list[str] | None = None) -> None:
     imports.add_argument("hf_dir")
     imports.add_argument("out", type=Path)
     imports.add_argument("overrides", nargs="*", metavar="key=value")
+    upcycling = commands.add_parser("upcycle", help="dense Hugging Face Qwen3 model -> MoE weights to train from, "
+                                    "each expert a copy of its layer's MLP (moe.num_experts, moe.topk: the MoE)")
+    upcycling.add_argument("hf_dir")
+    upcycling.add_argument("out", type=Path)
+    upcycling.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf":
             to_hf(args.checkpoint, args.out)
         else:
-            from_hf(args.hf_dir, args.out, args.overrides)
+            from_hf(args.hf_dir, args.out, args.overrides, upcycled=args.command == "upcycle")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

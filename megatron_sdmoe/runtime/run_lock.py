@@ -101,8 +101,11 @@ def current_holder(run_dir: Path) -> tuple[Holder | None, float] | None:
     path = Path(run_dir) / LOCK
     try:
         quiet = time.time() - path.stat().st_mtime
+    except OSError:  # none (or run.dir is no directory: taking the lock says so)
+        return None
+    try:
         return Holder(**json.loads(path.read_text())), quiet
-    except FileNotFoundError:  # none, or released this moment
+    except FileNotFoundError:  # released this moment
         return None
     except (OSError, ValueError, TypeError):
         return None, quiet
