@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
-from megatron_sdmoe.runtime.run_lock import check_free, lock_state
+from megatron_sdmoe.runtime.run_lock import check_free, running_job
 from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
 from megatron_sdmoe.training.metrics import logged_step
 
@@ -73,9 +73,9 @@ def describe(run_dir: Path) -> list[str]:
         lines.append(f"{_step(path):>8}  {_layout_words(layout):<26}  {_size_gib(path):>7.3f}  "
                      f"{_number(row.get('loss')):>7}  {_number(row.get('val_loss')):>8}"
                      + ("  <- latest" if path == latest else ""))
-    lock = lock_state(run_dir)
-    if lock and lock[1] is None:
-        lines.append(f"training now: {lock[0]}")
+    job = running_job(run_dir)
+    if job:
+        lines.append(f"training now: {job}")
     return lines
 
 

@@ -121,3 +121,21 @@ def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
         os.utime(tmp_path / LOCK, (time.time() - 1000,) * 2)
         time.sleep(0.5)
         assert time.time() - (tmp_path / LOCK).stat().st_mtime < 1
+
+
+def test_launch_refuses_and_submit_notes_a_running_job(tmp_path, elsewhere):
+    """sdmoe-launch refuses before starting any process; sdmoe-submit says so and writes the job,
+    which may be meant to continue that one."""
+    from conftest import CONFIG, SMALL, run_command
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_lock(run, elsewhere)
+    busy = f"run.dir {run} is in use by the training job on host node-elsewhere (pid 4242, SLURM job 77, since "
+    launched = run_command("megatron_sdmoe.launch.local", CONFIG, "--gpus", "2", f"run.dir={run}", *SMALL)
+    assert launched.returncode == 2 and launched.stderr.count("\n") == 1, launched.stderr
+    assert launched.stderr.startswith(f"error: {busy}")
+    submitted = run_command("megatron_sdmoe.launch.slurm", CONFIG, f"run.dir={run}", *SMALL, "--nodes", "1",
+                            "--gpus-per-node", "2", "--dry-run")
+    assert submitted.returncode == 0 and (run / "slurm" / "job.sbatch").is_file(), submitted.stderr
+    assert submitted.stderr.startswith(f"note: {busy}")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
 from megatron_sdmoe.launch.torchrun import run
 from megatron_sdmoe.preflight import checked_config
+from megatron_sdmoe.runtime.run_lock import WAIT_OR_STOP, check_free
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.gpus < 1:
             raise UserError(f"--gpus {args.gpus}: start at least 1 process")
-        checked_config(args.config, args.overrides, args.gpus)
+        cfg = checked_config(args.config, args.overrides, args.gpus)
+        check_free(Path(cfg.run.dir), WAIT_OR_STOP)  # before starting processes that would be refused
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -28,6 +28,7 @@ import yaml
 
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
 from megatron_sdmoe.preflight import checked_config
+from megatron_sdmoe.runtime.run_lock import running_job
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
 SCRIPT = Template("""#!/bin/bash
@@ -145,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    job = running_job(path.parents[1])
+    if job:  # may be meant (a job queued to continue this one), so said, not refused
+        print(f"note: run.dir {path.parents[1]} is in use by {job}: this job's start is refused while that one "
+              "runs", file=sys.stderr)
     if args.dry_run:
         print(f"# {path}\n{script}")
         return

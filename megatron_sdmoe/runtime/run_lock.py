@@ -31,6 +31,7 @@ from megatron_sdmoe.errors import UserError, writing_into
 LOCK = "run.lock"
 HEARTBEAT = 30.0  # seconds between refreshes of the lock's modification time
 STALE = 5 * HEARTBEAT  # a lock of another host not refreshed for this long is a gone job's
+WAIT_OR_STOP = "wait for it to end or stop it, or train in another run.dir"
 
 
 def _read(path: str) -> str | None:
@@ -123,6 +124,12 @@ def lock_state(run_dir: Path) -> tuple[str, str | None] | None:
     return holder.describe(), holder.gone(quiet)
 
 
+def running_job(run_dir: Path) -> str | None:
+    """Who holds run_dir's lock, if that job may still run."""
+    state = lock_state(run_dir)
+    return state[0] if state and state[1] is None else None
+
+
 def check_free(run_dir: Path, fix: str) -> str | None:
     """None if run_dir has no lock; if its holder is gone, whose it was and why; refused (UserError,
     naming the holder and then `fix`) while that may still run."""
@@ -148,7 +155,7 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; returns a line when a gone job's lock was taken over. Refused (UserError)
         while a live job holds it."""
-        gone = check_free(self.run_dir, "wait for it to end or stop it, or train in another run.dir")
+        gone = check_free(self.run_dir, WAIT_OR_STOP)
         if gone:
             self.path.unlink(missing_ok=True)
         me = Holder.this_process()
