@@ -1,6 +1,7 @@
 """Bad input that only the files show, each refused with one line `error: <problem>: <fix>` and
 exit code 2 before anything is written: data files missing or too small to give one sample, a
-checkpoint saved by another model, vocabulary or parallel layout (or an incomplete one), an
+checkpoint saved by another model, vocabulary or parallel layout (or an incomplete one, or one
+with a rank file cut short or missing), an
 unwritable run directory, a tokenizer with more tokens than the model's vocabulary, files or
 directories that not every rank sees. Config typos and impossible layouts are test_config.py's."""
 import json
@@ -189,6 +190,30 @@ def test_checkpoint_of_an_older_version_at_another_layout(resumed):
                                             "'tensor': 1, 'expert': 1, 'expert_tensor': 1} needs: resume with its "
                                             "layout")
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_rank_file_cut_short_or_missing(damage, tmp_path):
+    """As a copy that stopped leaves it: refused by the rank that checks that file (each checks its
+    share), in the saved layout and in another, and by conversion, instead of one rank failing
+    while the others wait."""
+    from conftest import run_command
+
+    run_dir, layout = tmp_path / "run", "parallel.expert=2"
+    launch(run_dir, 2, "train.max_steps=2", layout)
+    file = run_dir / "checkpoints" / "step_00000002" / "rank_00001.pt"
+    if damage == "missing":
+        file.unlink()
+    else:
+        os.truncate(file, file.stat().st_size // 2)
+    before = snapshot(run_dir)
+    problem = f"error: checkpoint {file.parent}: rank_00001.pt is {'missing' if damage == 'missing' else 'damaged'} ("
+    line = assert_refused(train(run_dir, "train.max_steps=4", layout, world=2), problem)
+    assert line.endswith(f"resume from an earlier one (sdmoe-checkpoints list / rollback {run_dir}) "
+                         f"[seen on rank 1 of 2, host {socket.gethostname()}]"), line
+    assert_refused(train(run_dir, "train.max_steps=4"), problem)  # one process re-cutting EP2: checks both files
+    assert_refused(run_command("megatron_sdmoe.convert.cli", "to-hf", run_dir, tmp_path / "hf"), problem)
+    assert snapshot(run_dir) == before and not (tmp_path / "hf").exists()
 
 
 def test_latest_names_a_missing_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.checkpoint import latest_checkpoint
+from megatron_sdmoe.training.checkpoint import check_intact, latest_checkpoint
 from megatron_sdmoe.training.reshard import assemble
 
 
@@ -36,6 +36,7 @@ class CheckpointReader:
             raise UserError(f"{self.dir} holds megatron-core's sequential experts (moe.expert_impl=sequential), "
                             "which conversion does not read: convert a run with moe.expert_impl=grouped (the "
                             "default, the same model)")
+        check_intact(self.dir)
         owners = []
         for file in sorted(self.dir.glob("rank_*.pt")):
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -190,13 +191,15 @@ def point_latest(root: Path, name: str) -> None:
 
 def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
     """Refuse, before anything is written, a checkpoint (`path`: run.dir's latest, or None) that this
-    run cannot load: one that `latest` names but is incomplete, one saved in another layout by a
-    version that did not record what re-cutting it needs, or one saved by another model."""
+    run cannot load: one that `latest` names but is incomplete, one with a rank file missing or cut
+    short, one saved in another layout by a version that did not record what re-cutting it needs,
+    or one saved by another model."""
     if path is None:
         return
     if not (path / "meta.json").exists():
         raise UserError(f"checkpoint {path} named by {path.parent / LATEST} is missing or incomplete: point "
                         f"{path.parent / LATEST} at a complete step_* directory or start a new run.dir")
+    check_intact(path)
     saved_config = _saved_config(path)  # None: written before checkpoints kept it, nothing to compare
     sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
     differing = _differences(saved_config, cfg, sections, allowed=RESUMABLE_CHANGES) if saved_config else []
@@ -262,6 +265,23 @@ def _flat_items(saved: dict, current: dict, prefix: str = ""):
             yield from _flat_items(saved[key], current[key], f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", saved[key], current[key]
+
+
+def check_intact(path: Path) -> None:
+    """Refuse a checkpoint with a rank file missing or cut short (a copy that stopped, a disk that
+    filled while copying), which would otherwise fail on one rank while the others wait. Under
+    torch.distributed each rank checks its share of the files, else this process all of them:
+    opening a file as the zip archive torch.save writes reads its directory, at the end, not its data."""
+    saved = json.loads((path / "meta.json").read_text())["layout"]["world_size"]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for index in range(rank, saved, world):
+        file = path / f"rank_{index:05d}.pt"
+        try:
+            zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise UserError(f"checkpoint {path}: {file.name} is {'damaged' if file.exists() else 'missing'} "
+                            f"({getattr(e, 'strerror', None) or e}): copy the checkpoint again, or resume from an "
+                            f"earlier one (sdmoe-checkpoints list / rollback {path.parent.parent})") from None
 
 
 def check_vocabulary(path: Path | None, rows: int) -> None:
