@@ -78,6 +78,16 @@ def test_data_missing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_data_bin_cut_short(tmp_path):
+    """A .bin copied in part: megatron's reader trusts the index and would read past its end."""
+    prefix = corpus(tmp_path / "big", 200, 100)
+    os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 2)
+    proc = train(tmp_path / "run", f"data.path=[{prefix}]", f"data.tokenizer={tmp_path}")
+    assert_refused(proc, f"error: {prefix}.idx does not match {prefix}.bin: its sequence lengths add up to 20000 "
+                         "tokens of 2 bytes, but the .bin has 39998 bytes: re-create both with sdmoe-preprocess")
+    assert not (tmp_path / "run").exists()
+
+
 def test_validation_blend_too_small(tmp_path):
     big, tiny = corpus(tmp_path / "big", 100, 20), corpus(tmp_path / "tiny", 2, 20)
     proc = train(tmp_path / "run", f"data.path=[{big}]", f"data.valid_path=[{tiny}]", f"data.tokenizer={tmp_path}",

@@ -18,6 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset, Subset
 
 from megatron_sdmoe.config import Config
+from megatron_sdmoe.data.indexed import check_bin_size
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
 from megatron_sdmoe.errors import UserError
@@ -103,7 +104,8 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
     (with separate blends, each prefix) must hold at least one sequence + 1 tokens, or megatron
     fills every sample by repeating those few tokens (and, with none at all, loops forever adding
     epochs). The validation and test sets are read when `num_eval_samples` > 0, data.split's test
-    set when it has a weight. Reads only the .idx files."""
+    set when it has a weight; and refused when a .bin does not hold the tokens its .idx lists (a
+    copy cut short). Reads only the .idx files (and the size of each .bin)."""
     _check_split(cfg.data.split)
     blend, valid_blend, test_blend = (parse_blend(p) if p else None for p in (path, valid_path, test_path))
     if valid_blend:
@@ -121,9 +123,13 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
             names.append("test")
         parts = [(name, prefix, bounds) for prefix in blend[0] for name, bounds in zip(names, split_matrix)]
     need = cfg.data.seq_length + 1  # a sample's tokens and the label after the last
+    opened = {}
     for name, prefix, bounds in parts:
-        with _single_process_is_fine():
-            dataset = IndexedDataset(prefix)  # kept referenced: its arrays view an mmap closed on deletion
+        if prefix not in opened:
+            with _single_process_is_fine():
+                opened[prefix] = IndexedDataset(prefix)  # kept referenced: its arrays view an mmap closed on deletion
+            check_bin_size(prefix, opened[prefix])
+        dataset = opened[prefix]
         beg, end = (int(round(b * len(dataset.sequence_lengths))) for b in bounds)  # megatron's rounding
         tokens = int(dataset.sequence_lengths[beg:end].sum())
         if tokens < need:

@@ -57,14 +57,30 @@ def open_checked(prefix: str) -> IndexedDataset:
     elif (lengths < 0).any():
         problem = "it lists negative sequence lengths"
     elif lengths.sum() * itemsize != bin_bytes:
-        problem = (f"its sequence lengths add up to {lengths.sum()} tokens of {itemsize} bytes, but the .bin has "
-                   f"{bin_bytes} bytes")
+        problem = _size_problem(int(lengths.sum()), itemsize, bin_bytes)
     elif not np.array_equal(pointers, starts):
         first = int(np.argmax(pointers != starts))
         problem = f"sequence {first} starts at byte {pointers[first]} instead of {starts[first]}"
     elif not len(bounds) or bounds[0] != 0 or bounds[-1] != len(lengths) or (np.diff(bounds) < 0).any():
         problem = f"its document boundaries do not run from sequence 0 to sequence {len(lengths)} in order"
     if problem:
-        raise UserError(f"{idx} does not match {bin_}: {problem}: re-create both with sdmoe-preprocess, or restore "
-                        "the pair from the same run")
+        raise _mismatch(prefix, problem)
     return IndexedDataset(prefix)
+
+
+def check_bin_size(prefix: str, dataset: IndexedDataset) -> None:
+    """open_checked's cheapest check, for a dataset already open: the .bin holds exactly the tokens
+    the .idx lists (a truncated copy, or a .bin of another index, fails it)."""
+    tokens, itemsize = int(dataset.sequence_lengths.sum(dtype=np.int64)), dataset.index.dtype_size
+    bin_bytes = os.path.getsize(prefix + ".bin")
+    if tokens * itemsize != bin_bytes:
+        raise _mismatch(prefix, _size_problem(tokens, itemsize, bin_bytes))
+
+
+def _size_problem(tokens: int, itemsize: int, bin_bytes: int) -> str:
+    return f"its sequence lengths add up to {tokens} tokens of {itemsize} bytes, but the .bin has {bin_bytes} bytes"
+
+
+def _mismatch(prefix: str, problem: str) -> UserError:
+    return UserError(f"{prefix}.idx does not match {prefix}.bin: {problem}: re-create both with sdmoe-preprocess, or "
+                     "restore the pair from the same run")
