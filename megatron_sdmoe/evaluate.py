@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--routes-plot", metavar="FILE.png", help="routers x experts heatmaps of the load and, with a "
                         "blend, each source dataset's lift (implies --routes)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # as sdmoe-train's
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
 def run_config(run_dir: str, overrides: list[str]) -> Config:
@@ -72,7 +72,8 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = 
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
     current = trainer.stage_at(min(step, cfg.train.max_steps) - 1)  # the data the checkpoint last saw (step >= 1)
-    recorder = RouteTokens(session.engine.module, session.engine.module.vocab_size) if routes else None
+    recorder = (RouteTokens(session.engine.module, session.engine.module.vocab_size, len(current.domains))
+                if routes else None)
     if recorder:  # the loop hands each micro-batch to its composition recorder
         trainer.composition, recorder.recording = recorder, True
     losses = trainer.evaluate(current.valid, current.domains)  # train.eval_samples > 0: every stage has one

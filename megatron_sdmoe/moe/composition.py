@@ -42,13 +42,14 @@ def effective_composition(counts: Counter) -> float:
     return sum(sum(ns) ** 3 / sum(n * n for n in ns) for ns in per_route.values()) / total
 
 
-class RouteComposition:
-    def __init__(self, model: torch.nn.Module, position_buckets: int = 1):
-        self.position_buckets = position_buckets
+class RouterObserver:
+    """Forward hooks on every router of `model`: while `recording`, each router's routing map
+    [rows, experts] goes to `add` with the labels of its rows (`labels`; the micro-batch being run
+    is `batch`, which the training loop sets)."""
+
+    def __init__(self, model: torch.nn.Module):
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
-        self.counts = [Counter() for _ in self.routers]
         self.batch: dict[str, torch.Tensor] | None = None  # the micro-batch being run
-        self.fixed_label: int | None = None  # label every token with this instead (e.g. its stage)
         self.recording = False
         for index, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(index))
@@ -57,17 +58,13 @@ class RouteComposition:
         def count(module, _inputs, output):
             # a recomputed training forward runs twice, once without grad: count the other
             if self.recording and (not module.training or torch.is_grad_enabled()):
-                self.add(index, output[1], getattr(module, "heads", 1))
+                heads = getattr(module, "heads", 1)  # a head-wise router's rows are sub-tokens, heads innermost
+                labels = self.labels(output[1].shape[0] // heads).repeat_interleave(heads).to(output[1].device)
+                self.add(index, output[1], labels)
         return count
 
-    def add(self, index: int, routing_map: torch.Tensor, heads: int = 1) -> None:
-        """Count router `index`'s routes [tokens x heads, experts] (a head-wise router's rows are
-        sub-tokens, heads innermost) against the labels of the micro-batch's tokens."""
-        labels = self.labels(routing_map.shape[0] // heads).repeat_interleave(heads).to(routing_map.device)
-        rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
-        pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
-        for pair, n in zip(pairs.tolist(), tokens.tolist()):
-            self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
+    def add(self, index: int, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def labels(self, tokens: int) -> torch.Tensor:
         """Labels of the router's `tokens` = [s_local, b] flattened."""
@@ -78,6 +75,25 @@ class RouteComposition:
         return self.position_labels(positions, local * tp).reshape(-1)
 
     def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """[len(positions), b]: the labels of those positions of the micro-batch's samples."""
+        raise NotImplementedError
+
+
+class RouteComposition(RouterObserver):
+    def __init__(self, model: torch.nn.Module, position_buckets: int = 1):
+        super().__init__(model)
+        self.position_buckets = position_buckets
+        self.counts = [Counter() for _ in self.routers]
+        self.fixed_label: int | None = None  # label every token with this instead (e.g. its stage)
+
+    def add(self, index: int, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count router `index`'s routes [rows, experts] against the rows' labels."""
+        rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
+        pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
+        for pair, n in zip(pairs.tolist(), tokens.tolist()):
+            self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
+
+    def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
         """[len(positions), b]: each sample's domain crossed with the position's bucket."""
         domains = self.batch["domain"].cpu()
         if self.fixed_label is not None:
@@ -85,14 +101,11 @@ class RouteComposition:
         buckets = positions * self.position_buckets // seq_length
         return domains[None, :] * self.position_buckets + buckets[:, None]
 
-    def gathered(self) -> list[Counter]:
-        """Each router's {(route, label): tokens} recorded since the last call, summed over all
-        ranks (a collective)."""
+    def compute(self) -> list[float]:
+        """N_eff per router over the tokens recorded since the last call, on every rank's counts (a
+        collective)."""
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, self.counts)
         self.counts = [Counter() for _ in self.routers]
-        return [sum((rank[i] for rank in gathered), Counter()) for i in range(len(self.routers))]
-
-    def compute(self) -> list[float]:
-        """N_eff per router over the tokens recorded since the last call (a collective)."""
-        return [effective_composition(counts) for counts in self.gathered()]
+        return [effective_composition(sum((rank[i] for rank in gathered), Counter()))
+                for i in range(len(self.routers))]

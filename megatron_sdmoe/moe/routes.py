@@ -1,8 +1,8 @@
 """Which tokens each expert takes (`sdmoe-eval --routes`).
 
 Over the validation tokens a checkpoint is evaluated on, every MoE router's choices are counted
-per (source dataset, token id): RouteComposition's hooks with each token labelled by its id
-instead of its domain. Then, per expert of each router:
+per (expert, source dataset, token id), through composition.py's router hooks. Then, per expert
+of each router:
 - load: its share of the router's routings (rows x k, fewer where a capacity drops tokens);
 - top tokens: the tokens it takes most often, as a share of the token's rows that could reach it
   (1.0: every one does), among tokens with at least `min_count` rows: OLMoE's token specialisation
@@ -16,51 +16,75 @@ set against k / (experts in a bank), what routing that ignores the token gives.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_sdmoe.moe.composition import RouteComposition
+from megatron_sdmoe.moe.composition import RouterObserver
+
+Counts = tuple[torch.Tensor, torch.Tensor]  # (distinct int64 keys, how often each), on the CPU
 
 
-class RouteTokens(RouteComposition):
-    """Counts routes per (source dataset, token id): label = domain x vocab_size + token."""
+class RouteTokens(RouterObserver):
+    """Per router, how often each (expert, source dataset, token id) is routed and how many rows
+    each (source dataset, token id) has; counted as tensors (keys: label = domain x vocab_size +
+    token, pair = expert x labels + label), so millions of tokens over many layers stay cheap."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, domains: int):
         super().__init__(model)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.labels_count = vocab_size, domains * vocab_size
         self.names = [name for name, m in model.named_modules() if isinstance(m, TopKRouter)]
+        self.pairs: list[list[Counts]] = [[] for _ in self.routers]
+        self.rows: list[list[Counts]] = [[] for _ in self.routers]
 
     def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
         tokens = self.batch["tokens"].cpu()[:, positions]  # [b, len(positions)]
         return self.batch["domain"].cpu()[None, :] * self.vocab_size + tokens.T
 
+    def add(self, index: int, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+        rows, experts = routing_map.nonzero(as_tuple=True)
+        self.pairs[index].append(_counted(experts * self.labels_count + labels[rows]))
+        self.rows[index].append(_counted(labels))
+
     def report(self, domains: list[str], decode, top: int, min_count: int) -> list[dict]:
-        """Per router: the statistics above (a collective: every rank's counts are summed)."""
-        return [router_report(name, counts, router.weight.shape[0], getattr(router, "banks", 1), router.topk,
-                              self.vocab_size, domains, decode, top, min_count)
-                for name, router, counts in zip(self.names, self.routers, self.gathered())]
+        """Per router: the statistics above, over every rank's counts (a collective)."""
+        local = [(_merged(pairs), _merged(rows)) for pairs, rows in zip(self.pairs, self.rows)]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return [router_report(name, *(_merged([rank[i][part] for rank in gathered]) for part in (0, 1)),
+                              router.weight.shape[0], getattr(router, "banks", 1), router.topk, self.vocab_size,
+                              domains, decode, top, min_count)
+                for i, (name, router) in enumerate(zip(self.names, self.routers))]
 
 
-def experts_in(route: tuple[int, ...]) -> list[int]:
-    """The experts of a route id (composition.route_ids: 63 experts per word)."""
-    return [word_index * 63 + bit for word_index, word in enumerate(route) for bit in range(63) if word >> bit & 1]
+def _counted(keys: torch.Tensor) -> Counts:
+    distinct, counts = torch.unique(keys, return_counts=True)
+    return distinct.cpu(), counts.cpu()
 
 
-def router_report(name: str, counts: Counter, num_experts: int, banks: int, topk: int, vocab_size: int,
-                  domains: list[str], decode, top: int, min_count: int) -> dict:
-    """`counts`: {(route, domain x vocab_size + token): rows}; `decode`: token id -> text."""
-    ids = sorted({label % vocab_size for _route, label in counts})  # the tokens seen: columns
-    column = {token: i for i, token in enumerate(ids)}
-    reaching = torch.zeros(num_experts, len(domains), len(ids), dtype=torch.float64)  # rows reaching expert e
-    rows = torch.zeros(len(domains), len(ids), dtype=torch.float64)
-    for (route, label), n in counts.items():
-        domain, token = divmod(label, vocab_size)
-        rows[domain, column[token]] += n
-        for expert in experts_in(route):
-            reaching[expert, domain, column[token]] += n
-    token_rows, token_reaching = rows.sum(0), reaching.sum(1)  # [tokens], [E, tokens]
+def _merged(parts: list[Counts]) -> Counts:
+    """The counts of several (keys, counts) summed per key."""
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    keys, inverse = torch.unique(torch.cat([k for k, _ in parts]), return_inverse=True)
+    return keys, torch.zeros(len(keys), dtype=torch.int64).index_add_(0, inverse, torch.cat([c for _, c in parts]))
+
+
+def router_report(name: str, pairs: Counts, rows: Counts, num_experts: int, banks: int, topk: int,
+                  vocab_size: int, domains: list[str], decode, top: int, min_count: int) -> dict:
+    """`pairs`: rows per (expert, label); `rows`: rows per label (label = domain x vocab_size +
+    token); `decode`: token id -> text."""
+    labels_count = len(domains) * vocab_size
+    ids, column = torch.unique(rows[0] % vocab_size, return_inverse=True)  # the tokens seen: columns
+    token_rows = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, column, rows[1].double())
+    domain_rows = torch.zeros(len(domains), dtype=torch.float64).index_add_(0, rows[0] // vocab_size,
+                                                                            rows[1].double())
+    expert, label = pairs[0] // labels_count, pairs[0] % labels_count
+    n = pairs[1].double()
+    token_reaching = torch.zeros(num_experts, len(ids), dtype=torch.float64)  # [E, tokens]
+    token_reaching.index_put_((expert, torch.searchsorted(ids, label % vocab_size)), n, accumulate=True)
+    domain_reaching = torch.zeros(num_experts, len(domains), dtype=torch.float64)  # [E, domains]
+    domain_reaching.index_put_((expert, label // vocab_size), n, accumulate=True)
     eligible = token_rows / banks  # a token's rows that can reach an expert (per-head banks: one head's)
     share = token_reaching / eligible  # [E, tokens]
     total = token_rows.sum().item()
@@ -70,12 +94,13 @@ def router_report(name: str, counts: Counter, num_experts: int, banks: int, topk
     for e in range(num_experts):
         ranked = by_rows[torch.where(seen, share[e], -1.0)[by_rows].argsort(descending=True, stable=True)][:top]
         entry = {"expert": e, "load": token_reaching[e].sum().item() / token_reaching.sum().item(),
-                 "top_tokens": [{"id": ids[t], "text": decode(ids[t]), "share": share[e, t].item(),
+                 "top_tokens": [{"id": int(ids[t]), "text": decode(int(ids[t])), "share": share[e, t].item(),
                                  "rows": int(eligible[t].item())} for t in ranked.tolist() if seen[t]]}
         if len(domains) > 1:
-            expert_rows = reaching[e].sum().item()
-            entry["domain_lift"] = {domain: (reaching[e, d].sum().item() / expert_rows) / (rows[d].sum().item() / total)
-                                    if expert_rows and rows[d].sum() else None for d, domain in enumerate(domains)}
+            expert_rows = domain_reaching[e].sum().item()
+            entry["domain_lift"] = {domain: (domain_reaching[e, d].item() / expert_rows)
+                                    / (domain_rows[d].item() / total) if expert_rows and domain_rows[d] else None
+                                    for d, domain in enumerate(domains)}
         experts.append(entry)
     concentration = (token_rows * share.max(0).values).sum().item() / total
     return {"router": name, "experts": num_experts, "banks": banks, "topk": topk, "rows": int(total),
@@ -87,9 +112,9 @@ def report_lines(layers: list[dict]) -> list[str]:
     lines = []
     for layer in layers:
         banks = f" in {layer['banks']} banks" if layer["banks"] > 1 else ""
-        lines.append(f"{layer['router']} ({layer['experts']} experts{banks}, top-{layer['topk']}, {layer['rows']:,} rows): "
-                     f"token concentration {layer['token_concentration']:.3f} (routing blind to the token: "
-                     f"{layer['uniform_concentration']:.3f})")
+        lines.append(f"{layer['router']} ({layer['experts']} experts{banks}, top-{layer['topk']}, "
+                     f"{layer['rows']:,} rows): token concentration {layer['token_concentration']:.3f} "
+                     f"(routing blind to the token: {layer['uniform_concentration']:.3f})")
         for entry in layer["per_expert"]:
             lift = "".join(f" {domain} {_number(x)}" for domain, x in entry.get("domain_lift", {}).items())
             tokens = ", ".join(f"{t['text']!r} {t['share']:.2f} ({t['rows']})" for t in entry["top_tokens"])
