@@ -93,9 +93,9 @@ def test_write_indexed_rejects_out_of_range_ids(tmp_path):
         write_indexed(str(tmp_path / "bad"), [[1, 2, 70_000]], 1000)
 
 
-def _corpus(path: Path, low: int, high: int, eod: int, seed: int) -> str:
+def _corpus(path: Path, low: int, high: int, eod: int, seed: int, docs: int = 200) -> str:
     rng = np.random.default_rng(seed)
-    docs = [rng.integers(low, high, int(n)).tolist() + [eod] for n in rng.integers(5, 80, 200)]
+    docs = [rng.integers(low, high, int(n)).tolist() + [eod] for n in rng.integers(5, 80, docs)]
     write_indexed(str(path), docs, high)
     return str(path)
 
@@ -255,3 +255,18 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(UserError, match="could not be loaded"):
         load_tokenizer(tmp_path)  # exists, but holds no tokenizer
+
+
+@single_process
+def test_a_corpus_rewritten_under_its_prefix_is_indexed_afresh(tmp_path, tok):
+    """megatron's index cache is keyed by the prefix, not the files: a corpus rewritten in place
+    (preprocessed again, other documents) must not be read through the old corpus's indices."""
+    prefix = _corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)
+    cfg = _cfg(tmp_path, [prefix])
+    cfg.data.cache_dir = str(tmp_path / "shared_cache")
+    build_datasets(cfg, tok, 64, 8)
+    _corpus(tmp_path / "data", 2000, 4000, tok.eod, seed=2, docs=150)  # other documents, other lengths
+    again = build_datasets(cfg, tok, 64, 8).train
+    cfg.data.cache_dir = str(tmp_path / "fresh_cache")
+    fresh = build_datasets(cfg, tok, 64, 8).train
+    assert torch.equal(get_batch(again, list(range(64)))["tokens"], get_batch(fresh, list(range(64)))["tokens"])

@@ -1,6 +1,8 @@
 """Train/validation datasets from megatron.core.datasets (GPTDataset, blended and cached)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -10,6 +12,7 @@ from typing import NamedTuple
 
 import megatron.core.datasets
 import torch
+import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                     parse_and_normalize_split)
@@ -176,7 +179,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             sequence_length=cfg.data.seq_length,
             **({"blend_per_split": [blend, valid_blend, test_blend]} if valid_blend else
                {"blend": blend, "split": cfg.data.split}),
-            path_to_cache=cfg.data.cache_dir or str(Path(cfg.run.dir) / "data_cache"),
+            path_to_cache=_cache_dir(cfg, [blend, valid_blend, test_blend]),
             tokenizer=tokenizer,
             reset_position_ids=False,
             reset_attention_mask=False,
@@ -190,6 +193,23 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
     # no dataset for a split without documents (a zero weight, or no test blend).
     return Splits(*(Subset(dataset, range(n)) if dataset is not None and n else None
                     for dataset, n in zip(built, sizes)))
+
+
+def _cache_dir(cfg: Config, blends: list) -> str:
+    """Where megatron keeps its sample indices: data.cache_dir (default run.dir/data_cache), in a
+    folder named by the data files' sizes and modification times. Megatron keys the cache by the
+    prefixes' names alone, so a corpus rewritten under its prefix (preprocessed again) would be read
+    through the old corpus's indices: past its end, or silently other samples. Rank 0's view counts
+    (with node-local copies of the data, every rank must use the one cache rank 0 builds)."""
+    prefixes = sorted({prefix for blend in blends if blend for prefix in blend[0]})
+    stamps = [[prefix, *((s.st_size, s.st_mtime_ns) for s in (os.stat(prefix + ext) for ext in (".idx", ".bin")))]
+              for prefix in prefixes]
+    if dist.is_initialized():
+        shared = [stamps]
+        dist.broadcast_object_list(shared, src=0)
+        stamps = shared[0]
+    fingerprint = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+    return str(Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data_cache") / fingerprint)
 
 
 def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
