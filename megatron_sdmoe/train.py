@@ -38,6 +38,7 @@ from megatron_sdmoe.training.stages import build_stages
 from megatron_sdmoe.validation import validate
 
 EXIT_DIVERGED = 4  # stopped after too many non-finite steps, with a checkpoint of the last good weights
+EXIT_INTERRUPTED = 130  # Ctrl-C that did not wait for a checkpoint (128 + SIGINT, as shells report it)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -180,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         if rank_from_env() == 0:
             print(f"error: training diverged: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except KeyboardInterrupt:  # a second Ctrl-C in training (the first stops with a checkpoint), or one before
+        if rank_from_env() == 0:
+            print("interrupted: stopped without a checkpoint; starting again resumes from the last one",
+                  file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except torch.OutOfMemoryError as e:  # one rank's: it says so itself (the launcher ends the others)
         print(out_of_memory_line(rank_from_env(), e, "lower train.micro_batch_size, set train.recompute=selective "
                                  "(or full), or spread the model over more GPUs (sdmoe-estimate CONFIG --gpus N says "

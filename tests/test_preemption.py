@@ -1,4 +1,4 @@
-"""Surviving preemption and crashes: SIGUSR1 / SIGTERM and the time budget stop after a step with a
+"""Surviving preemption and crashes: SIGUSR1 / SIGTERM / SIGINT and the time budget stop after a step with a
 checkpoint and the requeue exit code; kill -9 at any step loses nothing but the steps since the
 last checkpoint (its lock taken over on restart); a save killed half-way leaves the previous
 checkpoint usable; retention keeps N; a second job in a running run.dir is refused;
@@ -49,7 +49,7 @@ def assert_resumed_exactly(run_dir, uninterrupted) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_for_requeue(sig, tmp_path, uninterrupted):
     proc = start(tmp_path)
     wait_for_step(proc, tmp_path, 3)

@@ -1,18 +1,19 @@
 """Stopping early without losing work: SLURM's warning signal (`--signal=USR1@120`), SIGTERM
-(preemption, scancel) and a wall-clock budget all end training after the current step with a
-checkpoint, and the process exits with EXIT_REQUEUE so the job script requeues it; the next start
-resumes from `latest`.
+(preemption, scancel), Ctrl-C (SIGINT; a second one stops at once) and a wall-clock budget all
+end training after the current step with a checkpoint, and the process exits with EXIT_REQUEUE
+so the job script requeues it; the next start resumes from `latest`.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 3  # "saved, stopped early: requeue me" (launch scripts act on it)
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
@@ -27,6 +28,11 @@ class StopRequest:
 
     def _on_signal(self, signum, _frame) -> None:
         self.reason = signal.Signals(signum).name  # acted on after the current step
+        if signum == signal.SIGINT:  # Ctrl-C; a second one stops at once (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if dist.get_rank() == 0:
+                print("\nCtrl-C: stopping after this step with a checkpoint (again: at once, without one)",
+                      file=sys.stderr, flush=True)
 
     def after_step(self, step_seconds: float) -> str | None:
         """Called by every rank after every step (a collective): why to stop now, or None.
