@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         par = cfg.parallel
-        gpus = args.gpus or max(par.tensor, par.expert * par.expert_tensor)
+        gpus = max(par.tensor, par.expert * par.expert_tensor) if args.gpus is None else args.gpus
         if gpus < 1:
             raise UserError(f"--gpus={gpus} must be at least 1")
         validate(cfg, gpus)

@@ -182,3 +182,5 @@ def test_cli_verdicts_and_bad_input():
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
     bad = run("--gpus", "12", process=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: world size 12")
+    none = run("--gpus", "0")  # not the default layout's count
+    assert none.returncode == 2 and none.stderr.strip() == "error: --gpus=0 must be at least 1"
