@@ -32,7 +32,7 @@ def token_concentration(run_dir: Path) -> float:
     out = run_dir / "routes.json"
     subprocess.run([sys.executable, "-m", "megatron_sdmoe.evaluate", str(run_dir), "--routes", "--json", str(out)],
                    check=True, capture_output=True)
-    layers = json.loads(out.read_text())["routes"]
+    layers = json.loads(out.read_text())["routes"]["routers"]
     return sum(layer["token_concentration"] for layer in layers) / len(layers)
 
 

@@ -81,7 +81,6 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = 
         recorder.recording = False
         decode = session.tokenizer.detokenize
         losses["routes"] = recorder.report(current.domains, lambda token: decode([token]), **routes)
-        losses["domains"] = current.domains
     if stages[-1].test is not None:
         losses.update(trainer.evaluate(stages[-1].test, stages[-1].test_domains, "test"))
     if len(stages) > 1:
@@ -102,7 +101,7 @@ def write_outputs(args: argparse.Namespace, result: dict) -> None:
     """--json and --routes-plot, each written whole (a temporary file renamed into place)."""
     for flag, path, write in (("--json", args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")),
                               ("--routes-plot", args.routes_plot,
-                               lambda tmp: plot(result["routes"], result["domains"], tmp))):
+                               lambda tmp: plot(result["routes"], tmp))):
         if path:
             path = Path(path)
             with writing_into(path.parent, flag):

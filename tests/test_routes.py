@@ -64,14 +64,14 @@ def test_routes_equal_transformers_routers(run, tmp_path):
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*") if "data_cache" not in p.parts) == before
     assert run_command("megatron_sdmoe.convert.cli", "to-hf", run, tmp_path / "hf").returncode == 0
     reaching, rows, domains = transformers_routes(run, tmp_path / "hf")
-    assert result["domains"] == domains and len(domains) == 2
-    assert [layer["router"] for layer in result["routes"]] == [f"decoder.layers.{i}.mlp.router"
+    assert result["routes"]["datasets"] == domains and len(domains) == 2
+    assert [layer["router"] for layer in result["routes"]["routers"]] == [f"decoder.layers.{i}.mlp.router"
                                                                for i in range(len(reaching))]
     token_rows = Counter()
     for (_domain, token), n in rows.items():
         token_rows[token] += n
     total = sum(token_rows.values())
-    for layer, expected in zip(result["routes"], reaching):
+    for layer, expected in zip(result["routes"]["routers"], reaching):
         assert layer["rows"] == total
         routings = sum(sum(c.values()) for c in expected)
         for entry, counts in zip(layer["per_expert"], expected, strict=True):
@@ -112,7 +112,7 @@ def test_head_wise_routes(tmp_path):
     launch(run, 1, "train.max_steps=2", config=config)
     one = routes(run, tmp_path / "one.json")
     assert routes(run, tmp_path / "two.json", 2, "parallel.expert=2")["routes"] == one["routes"]
-    for layer in one["routes"]:
+    for layer in one["routes"]["routers"]:
         assert layer["banks"] == 4 and layer["experts"] == 16
         bank_size = layer["experts"] // layer["banks"]
         for bank in range(layer["banks"]):

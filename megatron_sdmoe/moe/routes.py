@@ -46,15 +46,17 @@ class RouteTokens(RouterObserver):
         self.pairs[index].append(_counted(experts * self.labels_count + labels[rows]))
         self.rows[index].append(_counted(labels))
 
-    def report(self, domains: list[str], decode, top: int, min_count: int) -> list[dict]:
-        """Per router: the statistics above, over every rank's counts (a collective)."""
+    def report(self, domains: list[str], decode, top: int, min_count: int) -> dict:
+        """{"datasets": the blend's source datasets, "routers": per router the statistics above}, over
+        every rank's counts (a collective)."""
         local = [(_merged(pairs), _merged(rows)) for pairs, rows in zip(self.pairs, self.rows)]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
-        return [router_report(name, *(_merged([rank[i][part] for rank in gathered]) for part in (0, 1)),
-                              router.weight.shape[0], getattr(router, "banks", 1), router.topk, self.vocab_size,
-                              domains, decode, top, min_count)
-                for i, (name, router) in enumerate(zip(self.names, self.routers))]
+        return {"datasets": domains, "routers": [
+            router_report(name, *(_merged([rank[i][part] for rank in gathered]) for part in (0, 1)),
+                          router.weight.shape[0], getattr(router, "banks", 1), router.topk, self.vocab_size, domains,
+                          decode, top, min_count)
+            for i, (name, router) in enumerate(zip(self.names, self.routers))]}
 
 
 def _counted(keys: torch.Tensor) -> Counts:
@@ -108,9 +110,9 @@ def router_report(name: str, pairs: Counts, rows: Counts, num_experts: int, bank
             "per_expert": experts}
 
 
-def report_lines(layers: list[dict]) -> list[str]:
+def report_lines(report: dict) -> list[str]:
     lines = []
-    for layer in layers:
+    for layer in report["routers"]:
         banks = f" in {layer['banks']} banks" if layer["banks"] > 1 else ""
         lines.append(f"{layer['router']} ({layer['experts']} experts{banks}, top-{layer['topk']}, "
                      f"{layer['rows']:,} rows): token concentration {layer['token_concentration']:.3f} "
@@ -127,8 +129,9 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def plot(layers: list[dict], domains: list[str], path) -> None:
+def plot(report: dict, path) -> None:
     """Routers x experts heatmaps: the load, and with a blend each source dataset's lift (log2)."""
+    layers, domains = report["routers"], report["datasets"]
     import matplotlib
 
     matplotlib.use("Agg")
