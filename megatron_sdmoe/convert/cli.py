@@ -239,8 +239,7 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
         source = fp8.DequantizedWeights(source, block, _unquantised_dtype(hf))
     if upcycled:
         dense = hf.architectures[0]
-        moe = load_config(None, overrides).moe
-        hf = upcycle.moe_config(hf, moe.num_experts, moe.topk)
+        hf = upcycle.moe_config(hf, load_config(None, overrides).moe)
         source = upcycle.UpcycledWeights(source, hf)
     adapter, cfg = import_config(hf, [f"model.init_from={out / 'weights'}",
                                       *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides],

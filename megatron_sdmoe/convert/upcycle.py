@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from megatron_sdmoe.config import MoEConfig
 from megatron_sdmoe.errors import UserError
 
 DENSE_ARCHITECTURE = "Qwen3ForCausalLM"
@@ -23,14 +24,18 @@ ROUTER = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
 ROUTER_SEED = 1234  # each layer's router is drawn from a generator seeded with this plus its index
 
 
-def moe_config(dense, experts: int, topk: int):
-    """The Qwen3MoeConfig of the upcycled model: the dense config's fields, `experts` routed
-    experts as wide as its MLP, top-`topk` routing."""
+def moe_config(dense, moe: MoEConfig):
+    """The Qwen3MoeConfig of the upcycled model: the dense config's fields, moe.num_experts routed
+    experts as wide as its MLP, top-moe.topk routing."""
     from transformers import Qwen3MoeConfig
 
     if (dense.architectures or [None])[0] != DENSE_ARCHITECTURE:
         raise UserError(f"upcycle reads a dense {DENSE_ARCHITECTURE}, not architectures={dense.architectures}: "
                         "import MoE models with sdmoe-convert from-hf")
+    if moe.variant not in ("topk", "sdmoe"):  # head-wise experts take a head's slice, not the whole hidden state
+        raise UserError(f"moe.variant={moe.variant} experts take d/H-wide head slices, so they cannot copy the dense "
+                        "MLP: upcycle with moe.variant=topk or sdmoe")
+    experts, topk = moe.num_experts, moe.topk
     if not 1 <= topk <= experts:
         raise UserError(f"moe.topk={topk} with moe.num_experts={experts}: choose 1 <= topk <= experts")
     fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
