@@ -1,11 +1,13 @@
 """sdmoe-eval: the validation and test losses of a run's latest checkpoint (or, with --step, an
 earlier one), as its training measures them, in any layout and on the run's own data or other data
 (`data.*` overrides). Nothing in the run directory changes (megatron's data index cache aside).
-With --routes, also which tokens each expert takes on the validation data (moe/routes.py).
+With --routes, also which tokens each expert takes on the validation data, and with --routes-text
+which experts each token of a text goes to (moe/routes.py).
 
     sdmoe-eval runs/demo
     sdmoe-eval runs/demo --step 100
     sdmoe-eval runs/demo --routes --routes-plot routes.png
+    sdmoe-eval runs/demo --routes-text sample.txt
     sdmoe-eval runs/demo "data.valid_path=[/data/wiki]" "data.test_path=[/data/books]" train.eval_samples=256
     torchrun --nproc-per-node 2 -m megatron_sdmoe.evaluate runs/demo parallel.expert=2 --json eval.json
 """
@@ -23,7 +25,7 @@ import torch
 from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line, writing_into
-from megatron_sdmoe.moe.routes import RouteTokens, plot, report_lines
+from megatron_sdmoe.moe.routes import RouteTokens, plot, report_lines, route_text, text_lines
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.train import setup
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only tokens seen at least N times are listed (default 5)")
     parser.add_argument("--routes-plot", metavar="FILE.png", help="routers x experts heatmaps of the load and, with a "
                         "blend, each source dataset's lift (implies --routes)")
+    parser.add_argument("--routes-text", metavar="FILE", help="also show which experts each token of this text (its "
+                        "first data.seq_length tokens) goes to in every router, by routing weight")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # as sdmoe-train's
     return parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -63,11 +67,12 @@ def run_config(run_dir: str, overrides: list[str]) -> Config:
     return load_config(path, [*overrides, f"run.dir={run_dir}"])
 
 
-def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = None) -> dict:
+def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = None,
+             text: str | None = None) -> dict:
     """{"checkpoint", "step", val_loss (per source dataset too), test_loss (...), with data.stages
     stage_loss_<name> for every stage}: the keys the run's metrics.jsonl uses. `checkpoint`: by
     default run.dir's latest. `routes` ({"top", "min_count"}): also "routes", moe/routes.py's
-    report on the validation tokens."""
+    report on the validation tokens; `text`: also "text_routes", the routes of its tokens."""
     session = setup(cfg, evaluating=True, checkpoint=checkpoint)
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
@@ -86,8 +91,29 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = 
     if len(stages) > 1:
         losses.update({f"stage_loss_{stage.name}": trainer.evaluate(stage.valid, stage.domains)["val_loss"]
                        for stage in stages})
+    if text is not None:
+        losses["text_routes"] = text_routes(session, text)
     shutdown()
     return {"checkpoint": str(session.checkpoint), "step": step, **losses}
+
+
+def text_routes(session, text: str) -> dict:
+    """moe/routes.py's route_text of the text's first data.seq_length tokens."""
+    tokens = session.tokenizer.tokenize(text)[:session.cfg.data.seq_length]
+    if not tokens:
+        raise UserError("--routes-text holds no token: give a text")
+    model = session.engine.module.eval()
+    decode = session.tokenizer.detokenize
+    return route_text(model, torch.tensor(tokens, device=session.layout.device), session.cfg.parallel.tensor,
+                      session.tokenizer.eod, lambda token: decode([token]))
+
+
+def read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--routes-text {path} cannot be read ({getattr(e, 'strerror', None) or e}): give a UTF-8 "
+                        "text file") from None
 
 
 def check_writable(flag: str, path: Path) -> None:
@@ -101,7 +127,7 @@ def write_outputs(args: argparse.Namespace, result: dict) -> None:
     """--json and --routes-plot, each written whole (a temporary file renamed into place)."""
     for flag, path, write in (("--json", args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")),
                               ("--routes-plot", args.routes_plot,
-                               lambda tmp: plot(result["routes"], tmp))):
+                               lambda tmp: plot(result["routes"], tmp, result.get("text_routes")))):
         if path:
             path = Path(path)
             with writing_into(path.parent, flag):
@@ -123,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                 check_writable(flag, Path(path))
         routes = ({"top": args.routes_top, "min_count": args.routes_min_count}
                   if args.routes or args.routes_plot else None)
+        text = read_text(args.routes_text) if args.routes_text else None
         result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step),
-                          routes)
+                          routes, text)
     except UserError as e:
         if rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -141,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {key:<24} {loss:.4f}  perplexity {math.exp(min(loss, 700)):.2f}")
     if "routes" in result:
         print("\n".join(["routes on the validation tokens:", *report_lines(result["routes"])]))
+    if "text_routes" in result:
+        print("\n".join([f"routes of {args.routes_text} (each token's experts, by routing weight):",
+                         *text_lines(result["text_routes"])]))
     try:
         write_outputs(args, result)
     except UserError as e:

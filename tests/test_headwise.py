@@ -138,7 +138,7 @@ def test_route_composition_counts_each_heads_route(single_process_groups):
     composition.batch = {"domain": torch.tensor([0])}
     chosen = torch.tensor([[0, 2], [0, 2], [0, 3], [0, 3]])  # [token, head] -> expert
     routing_map = F.one_hot(chosen, 4).bool().view(8, 4)  # rows: sub-tokens, heads innermost
-    composition.add(0, routing_map, composition.labels(4).repeat_interleave(2))
+    composition.add(0, None, routing_map, composition.labels(4).repeat_interleave(2))
     assert effective_composition(composition.counts[0]) == pytest.approx(1.5)
 
 

@@ -1,7 +1,8 @@
 """sdmoe-eval --routes: each expert's load, the tokens it takes (as a share of their rows) and each
 source dataset's lift equal what transformers' routers give on the same validation samples (the
-checkpoint exported with sdmoe-convert, its router logits' top-k), and do not depend on the layout
-the checkpoint is evaluated in; the plot is written; the run directory is left alone."""
+checkpoint exported with sdmoe-convert, its router logits' top-k), and so do each token's experts
+of a text (--routes-text); none of it depends on the layout the checkpoint is evaluated in; the
+plot is written; the run directory is left alone."""
 import json
 from collections import Counter
 
@@ -13,6 +14,7 @@ from test_convert import load_exported
 
 EVAL = "megatron_sdmoe.evaluate"
 ALL_TOKENS = ["--routes", "--routes-top", "100000", "--routes-min-count", "1"]
+TEXT = "The value of the string is a suite of tests, AND THE STATEMENT RETURNS NONE."
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +59,15 @@ def transformers_routes(run, hf_dir) -> tuple[list[list[Counter]], Counter, list
     return reaching, rows, domain_names(cfg.data.path)
 
 
+def text_file(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    return str(tmp_path / "text.txt")
+
+
 def test_routes_equal_transformers_routers(run, tmp_path):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*") if "data_cache" not in p.parts)
-    result = routes(run, tmp_path / "routes.json", 1, "--routes-plot", str(tmp_path / "routes.png"))
+    result = routes(run, tmp_path / "routes.json", 1, "--routes-plot", str(tmp_path / "routes.png"),
+                    "--routes-text", text_file(tmp_path))
     assert (tmp_path / "routes.png").stat().st_size > 0
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*") if "data_cache" not in p.parts) == before
     assert run_command("megatron_sdmoe.convert.cli", "to-hf", run, tmp_path / "hf").returncode == 0
@@ -96,12 +104,28 @@ def test_routes_equal_transformers_routers(run, tmp_path):
                 largest[token] = max(largest[token], sum(n for (_, t), n in counts.items() if t == token))
         assert layer["token_concentration"] == pytest.approx(sum(largest.values()) / total)
 
+    # the text's tokens: each one's experts, by routing weight, as transformers' router logits rank them
+    from megatron_sdmoe.config import load_config
+    from megatron_sdmoe.data import load_tokenizer
+
+    tokenizer = load_tokenizer(load_config(run / "config.yaml").data.tokenizer)
+    tokens = torch.tensor(tokenizer.tokenize(TEXT))
+    hf = load_exported(tmp_path / "hf")
+    with torch.no_grad():
+        logits = hf(tokens[None], output_router_logits=True).router_logits
+    text = result["text_routes"]
+    assert text["tokens"] == [tokenizer.detokenize([t]) for t in tokens.tolist()] and len(tokens) > 10
+    assert list(text["routers"]) == [layer["router"] for layer in result["routes"]["routers"]]
+    for chosen, layer_logits in zip(text["routers"].values(), logits, strict=True):
+        assert chosen == layer_logits.topk(hf.config.num_experts_per_tok, dim=-1).indices.tolist()
+
 
 @pytest.mark.parametrize("layout", [["parallel.expert=2"], ["parallel.tensor=2"]], ids=["EP2", "TP2"])
 def test_routes_do_not_depend_on_the_layout(layout, run, tmp_path):
-    one = routes(run, tmp_path / "one.json")
-    two = routes(run, tmp_path / "two.json", 2, *layout)
+    one = routes(run, tmp_path / "one.json", 1, "--routes-text", text_file(tmp_path))
+    two = routes(run, tmp_path / "two.json", 2, *layout, "--routes-text", text_file(tmp_path))
     assert two["routes"] == one["routes"]
+    assert two["text_routes"] == one["text_routes"]
 
 
 def test_head_wise_routes(tmp_path):

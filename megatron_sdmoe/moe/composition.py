@@ -43,9 +43,9 @@ def effective_composition(counts: Counter) -> float:
 
 
 class RouterObserver:
-    """Forward hooks on every router of `model`: while `recording`, each router's routing map
-    [rows, experts] goes to `add` with the labels of its rows (`labels`; the micro-batch being run
-    is `batch`, which the training loop sets)."""
+    """Forward hooks on every router of `model`: while `recording`, each router's routing weights
+    and map [rows, experts] go to `add` with the labels of its rows (`labels`; the micro-batch being
+    run is `batch`, which the training loop sets)."""
 
     def __init__(self, model: torch.nn.Module):
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
@@ -60,10 +60,10 @@ class RouterObserver:
             if self.recording and (not module.training or torch.is_grad_enabled()):
                 heads = getattr(module, "heads", 1)  # a head-wise router's rows are sub-tokens, heads innermost
                 labels = self.labels(output[1].shape[0] // heads).repeat_interleave(heads).to(output[1].device)
-                self.add(index, output[1], labels)
+                self.add(index, *output, labels)
         return count
 
-    def add(self, index: int, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, index: int, probs: torch.Tensor, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
         raise NotImplementedError
 
     def labels(self, tokens: int) -> torch.Tensor:
@@ -86,7 +86,7 @@ class RouteComposition(RouterObserver):
         self.counts = [Counter() for _ in self.routers]
         self.fixed_label: int | None = None  # label every token with this instead (e.g. its stage)
 
-    def add(self, index: int, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, index: int, _probs, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
         """Count router `index`'s routes [rows, experts] against the rows' labels."""
         rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
         pairs, tokens = torch.unique(rows, dim=0, return_counts=True)

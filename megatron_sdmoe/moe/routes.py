@@ -13,6 +13,8 @@ of each router:
   rows (1.0: no preference).
 Per router, `token_concentration`: the row-weighted mean over tokens of their largest share, to
 set against k / (experts in a bank), what routing that ignores the token gives.
+
+`route_text` shows one text's routes instead: each token's experts in every router, by weight.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class RouteTokens(RouterObserver):
         tokens = self.batch["tokens"].cpu()[:, positions]  # [b, len(positions)]
         return self.batch["domain"].cpu()[None, :] * self.vocab_size + tokens.T
 
-    def add(self, index: int, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, index: int, _probs, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
         rows, experts = routing_map.nonzero(as_tuple=True)
         self.pairs[index].append(_counted(experts * self.labels_count + labels[rows]))
         self.rows[index].append(_counted(labels))
@@ -57,6 +59,56 @@ class RouteTokens(RouterObserver):
                           router.weight.shape[0], getattr(router, "banks", 1), router.topk, self.vocab_size, domains,
                           decode, top, min_count)
             for i, (name, router) in enumerate(zip(self.names, self.routers))]}
+
+
+class RouteCapture(RouterObserver):
+    """The experts of each position of one sequence in every router, by routing weight (a head-wise
+    router's heads one after another)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.names = [name for name, m in model.named_modules() if isinstance(m, TopKRouter)]
+        self.chosen: list[dict[int, list[int]]] = [{} for _ in self.routers]
+
+    def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+        return positions[:, None]  # one sample
+
+    def add(self, index: int, probs: torch.Tensor, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
+        order = torch.where(routing_map, probs.float(), -1.0).argsort(dim=1, descending=True, stable=True)
+        for position, row, count in zip(labels.tolist(), order.tolist(), routing_map.sum(1).tolist()):
+            self.chosen[index].setdefault(position, []).extend(row[:count])
+
+
+def route_text(model: torch.nn.Module, tokens: torch.Tensor, tensor_parallel: int, pad: int, decode) -> dict:
+    """{"tokens": the tokens' texts, "routers": {router: each token's experts}} for `tokens` [s]: every
+    rank runs the same sequence (tensor-parallel ranks each route their slice of it under sequence
+    parallelism, so it is padded with `pad` to a multiple of their number: after the text, which
+    causal attention keeps from changing its routes); a collective."""
+    capture = RouteCapture(model)
+    padded = torch.cat([tokens, tokens.new_full((-len(tokens) % tensor_parallel,), pad)])
+    capture.batch, capture.recording = {"domain": torch.zeros(1, dtype=torch.int64), "tokens": padded[None]}, True
+    with torch.no_grad():
+        model(padded[None], torch.arange(len(padded), device=tokens.device)[None], None)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, capture.chosen)
+    seen = [{p: experts for rank in gathered for p, experts in rank[i].items()} for i in range(len(capture.names))]
+    routers = {name: [seen[i][p] for p in range(len(tokens))] for i, name in enumerate(capture.names)
+               if seen[i]}  # (a multi-token-prediction layer routes only when the loss is computed)
+    return {"tokens": [decode(t) for t in tokens.tolist()], "routers": routers}
+
+
+def text_lines(text: dict) -> list[str]:
+    """A row per token, a column per router (its experts, by weight)."""
+    names = list(text["routers"])
+    columns = [[" ".join(map(str, experts)) for experts in text["routers"][name]] for name in names]
+    widths = [max(len(f"R{i}"), *map(len, column)) for i, column in enumerate(columns)]
+    token_width = max(len(repr(t)) for t in text["tokens"])
+    lines = [f"  R{i}: {name}" for i, name in enumerate(names)]
+    lines.append((f"  {'token':<{token_width}}  " + "  ".join(f"R{i}".ljust(w) for i, w in enumerate(widths))).rstrip())
+    for position, token in enumerate(text["tokens"]):
+        lines.append((f"  {token!r:<{token_width}}  " + "  ".join(column[position].ljust(w)
+                                                                  for column, w in zip(columns, widths))).rstrip())
+    return lines
 
 
 def _counted(keys: torch.Tensor) -> Counts:
@@ -129,27 +181,36 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def plot(report: dict, path) -> None:
-    """Routers x experts heatmaps: the load, and with a blend each source dataset's lift (log2)."""
+def plot(report: dict, path, text: dict | None = None) -> None:
+    """Routers x experts heatmaps: the load, and with a blend each source dataset's lift (log2);
+    with `text` (route_text's), routers x its tokens coloured by each token's first expert."""
     layers, domains = report["routers"], report["datasets"]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = [layer["router"] for layer in layers]
+    experts = list(range(layers[0]["experts"]))
     panels = [("load (share of routings)", [[e["load"] for e in layer["per_expert"]] for layer in layers], "viridis",
-               None)]
-    if len(domains) > 1:
-        panels += [(f"{domain}: log2 lift", [[_log2(e["domain_lift"][domain]) for e in layer["per_expert"]]
-                                            for layer in layers], "coolwarm", 2.0) for domain in domains]
-    figure, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.35 * layers[0]["experts"] + 3),
-                                                          (0.4 * len(layers) + 1.2) * len(panels)), squeeze=False)
-    for ax, (title, values, colours, bound) in zip(axes[:, 0], panels):
-        image = ax.imshow(values, aspect="auto", cmap=colours, vmin=-bound if bound else None, vmax=bound)
+               (None, None), "expert", names, experts)]
+    panels += [(f"{domain}: log2 lift", [[_log2(e["domain_lift"][domain]) for e in layer["per_expert"]]
+                                        for layer in layers], "coolwarm", (-2.0, 2.0), "expert", names, experts)
+               for domain in domains if len(domains) > 1]
+    if text:  # a colour per expert, not a scale
+        panels.append(("each token's first expert", [[chosen[0] for chosen in row] for row in text["routers"].values()],
+                       plt.get_cmap("tab20", len(experts)), (-0.5, len(experts) - 0.5), "token",
+                       list(text["routers"]), [repr(t)[1:-1] for t in text["tokens"]]))
+    width = max(6.0, 0.35 * len(experts) + 3, 0.22 * len(text["tokens"]) + 3 if text else 0)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(width, sum(0.4 * len(p[5]) + 1.4 for p in panels)),
+                                squeeze=False)
+    for ax, (title, values, colours, (low, high), xlabel, rows, columns) in zip(axes[:, 0], panels):
+        image = ax.imshow(values, aspect="auto", cmap=colours, vmin=low, vmax=high)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("expert")
-        ax.set_yticks(range(len(layers)), [layer["router"].removesuffix(".router") for layer in layers], fontsize=7)
-        figure.colorbar(image, ax=ax)
+        ax.set_xlabel(xlabel)
+        ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=90 if xlabel == "token" else 0)
+        ax.set_yticks(range(len(rows)), [row.removesuffix(".router") for row in rows], fontsize=7)
+        figure.colorbar(image, ax=ax, label="expert" if xlabel == "token" else None)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
