@@ -2,8 +2,9 @@
 slurm_standin: srun starts the tasks here with SLURM's variables, scontrol answers for 2 "nodes"),
 in both launch modes: one task per GPU, and one task per node running torchrun (--per-node, static
 rendezvous). Ranks and rendezvous are right (the EP2 run on 2 "nodes" x 1 GPU equals one process)
-and a stop for time ends in a requeue."""
+and a stop for time ends in a requeue; --chain submits jobs that each wait for the one before."""
 import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +71,9 @@ def test_submit_bad_input(tmp_path):
     proc = submit(tmp_path / "job", "parallel.expert=4", check=False)  # 2 GPUs cannot hold EP4
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: world size 2")
     assert not (tmp_path / "job").exists()
+    proc = submit(tmp_path / "job", "--chain", "-1", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --chain -1: give the number of jobs to queue after the first (0: none)")
 
 
 def test_profile_sets_site_defaults(tmp_path):
@@ -85,3 +89,20 @@ def test_profile_sets_site_defaults(tmp_path):
     assert " python -m megatron_sdmoe.launch.torchrun" in script
     assert script.index("NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}") < script.index("export NCCL_IB_TIMEOUT=23")
     assert "export NCCL_SOCKET_IFNAME=ib0" in script
+
+
+def test_a_chain_of_jobs_each_after_the_one_before(tmp_path):
+    """--chain 2 --after 77: three submissions of the one script, the first after job 77, each
+    other after the job submitted before it (the sbatch stand-in numbers them 100, 101, 102)."""
+    env = run_env()
+    env.update(PATH=f"{STANDIN}:{env['PATH']}", STANDIN_LOG=str(tmp_path / "sbatch.log"))
+    run_dir = tmp_path / "job"
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdmoe.launch.slurm", str(CONFIG), *SMALL,
+                           f"run.dir={run_dir}", "--nodes", "1", "--gpus-per-node", "1", "--chain", "2",
+                           "--after", "77"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    script = run_dir / "slurm" / "job.sbatch"
+    assert (tmp_path / "sbatch.log").read_text().splitlines() == [
+        f"--parsable --dependency=afterany:{after} {script}" for after in (77, 100, 101)]
+    assert proc.stdout.splitlines() == [f"submitted job {job}, to start once job {after} has ended: {script}"
+                                        for job, after in ((100, 77), (101, 100), (102, 101))]

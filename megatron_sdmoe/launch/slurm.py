@@ -12,7 +12,10 @@ node's G processes; the nodes meet in torchrun's static rendezvous at the first 
 SLURM's node id as its rank.
 SLURM sends SIGUSR1 two minutes before the time limit (`--signal=USR1@120`); training then saves
 and exits with code 3, on which the script requeues the job (`--requeue`), and the requeued job
-resumes from `latest` in the same run directory.
+resumes from `latest` in the same run directory. Where jobs may not requeue themselves, or to
+queue work ahead, `--chain N` submits N more jobs of the script, each to start once the one before
+has ended (`--dependency=afterany`); a job that starts after the run is done ends at once.
+`--after JOBID` queues the first behind a job already there (one training in run.dir, say).
 """
 from __future__ import annotations
 
@@ -126,11 +129,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="one task per node running torchrun instead of one task per GPU")
     parser.add_argument("--python", help="interpreter on the nodes (default: this one; with a container, the "
                         "container's python)")
+    parser.add_argument("--chain", type=int, default=0, metavar="N",
+                        help="also submit N more jobs of the script, each starting once the one before has ended")
+    parser.add_argument("--after", metavar="JOBID", help="start the first job once this one has ended")
     parser.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
     args = parser.parse_intermixed_args(argv)
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise UserError("--nodes and --gpus-per-node must be at least 1")
+        if args.chain < 0:
+            raise UserError(f"--chain {args.chain}: give the number of jobs to queue after the first (0: none)")
         profile = load_profile(args.profile)
         profile.update({k: getattr(args, k) for k in ("partition", "account", "qos", "constraint", "container")
                         if getattr(args, k)})
@@ -149,11 +157,26 @@ def main(argv: list[str] | None = None) -> None:
     job = running_job(path.parents[1])
     if job:  # may be meant (a job queued to continue this one), so said, not refused
         print(f"note: run.dir {path.parents[1]} is in use by {job}: this job's start is refused while that one "
-              "runs", file=sys.stderr)
+              "runs (--after JOBID queues it behind)", file=sys.stderr)
     if args.dry_run:
         print(f"# {path}\n{script}")
         return
-    sys.exit(subprocess.run(["sbatch", str(path)]).returncode)
+    sys.exit(submit(path, 1 + args.chain, args.after))
+
+
+def submit(path: Path, jobs: int, after: str | None) -> int:
+    """sbatch `path` `jobs` times, each job after the one before (the first after `after`, if
+    given); sbatch's exit code, 0 when all were submitted."""
+    for _ in range(jobs):
+        dependency = [f"--dependency=afterany:{after}"] if after else []
+        done = subprocess.run(["sbatch", "--parsable", *dependency, str(path)], capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr.strip(), file=sys.stderr)
+            return done.returncode
+        job = done.stdout.strip().split(";")[0]  # --parsable: "jobid" or "jobid;cluster"
+        print(f"submitted job {job}" + (f", to start once job {after} has ended" if after else "") + f": {path}")
+        after = job
+    return 0
 
 
 if __name__ == "__main__":
