@@ -2,7 +2,8 @@
 run from one.
 
     sdmoe-checkpoints list RUN_DIR                   each checkpoint: step, layout, size, the loss logged there
-                                                     (and the training job running there, if one is)
+                                                     (and those rolled back, and the training job running
+                                                     there, if one is)
     sdmoe-checkpoints rollback RUN_DIR STEP          make step STEP the one the next start resumes from
     sdmoe-checkpoints branch RUN_DIR STEP NEW_DIR    a new run directory that resumes from step STEP
 
@@ -34,6 +35,9 @@ from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
 from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
 from megatron_sdmoe.training.metrics import logged_step
+
+
+ROLLED_BACK = "rolled_back"  # checkpoints/rolled_back/<time>/: the checkpoints a rollback moved aside
 
 
 def _step(path: Path) -> int:
@@ -73,6 +77,10 @@ def describe(run_dir: Path) -> list[str]:
         lines.append(f"{_step(path):>8}  {_layout_words(layout):<26}  {_size_gib(path):>7.3f}  "
                      f"{_number(row.get('loss')):>7}  {_number(row.get('val_loss')):>8}"
                      + ("  <- latest" if path == latest else ""))
+    for aside in sorted((checkpoint_root(run_dir) / ROLLED_BACK).glob("*")):
+        steps = sorted(_step(p) for p in aside.glob("step_*"))
+        lines.append(f"rolled back: step(s) {', '.join(map(str, steps))} in {aside} (move them into "
+                     f"{checkpoint_root(run_dir)} and point {LATEST} at one to return to it)")
     job = running_job(run_dir)
     if job:
         lines.append(f"training now: {job}")
@@ -112,7 +120,7 @@ def rollback(run_dir: Path, step: int) -> str:
     later = [p for p in root.glob("step_*") if _step(p) > step]
     # `latest` first, atomically: if the moves below are cut short, the run still resumes from `step`
     # (and a save does not count the later checkpoints left in place: save_checkpoint's retention).
-    aside = root / "rolled_back" / time.strftime("%Y%m%d-%H%M%S")
+    aside = root / ROLLED_BACK / time.strftime("%Y%m%d-%H%M%S")
     with writing_into(run_dir):
         point_latest(root, target.name)
         for path in later:

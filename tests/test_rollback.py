@@ -83,6 +83,8 @@ def test_rollback_then_skip_equals_skipping_from_the_start(runs, tmp_path):
     aside = list((run_dir / "checkpoints" / "rolled_back").iterdir())
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000004", "step_00000006"]
     assert str(aside[0]) in done.stdout
+    listed = run_command("megatron_sdmoe.checkpoints", "list", run_dir).stdout.splitlines()
+    assert listed[-1].startswith(f"rolled back: step(s) 4, 6 in {aside[0]} (move them into ")
 
     proc = launch(run_dir, 1, *RUN, SKIP)
     assert "resuming from step 2" in proc.stdout and "steps 3-4: batches skipped" in proc.stdout
