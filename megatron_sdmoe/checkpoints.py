@@ -175,6 +175,9 @@ def _copy_tensorboard(source: Path, target: Path, step: int) -> None:
             if event.step <= step and not (event.HasField("file_version") and event.step == 0):
                 writer.add_event(event)
     writer.close()
+    # TensorBoard reads a directory's event files in name order (their creation second, then host and
+    # pid): under the run's first file's name, the copy comes before whatever the branch writes.
+    next(target.glob("events.out.tfevents.*")).rename(target / files[0].name)
 
 
 def _link_or_copy(source: str, target: str) -> None:
