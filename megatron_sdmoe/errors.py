@@ -2,10 +2,12 @@
 
 Entry points print its message as a single line and exit with code 2.
 """
+import errno
 from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
 
 
 class UserError(Exception):
@@ -18,6 +20,9 @@ def writing_into(directory: Path, setting: str = "run.dir"):
     try:
         yield
     except OSError as e:
+        if e.errno in FULL:
+            raise UserError(f"writing into {setting} {directory} failed ({e.strerror}): free space or quota there, "
+                            "then start again") from e
         raise UserError(f"{setting} {directory} is not writable ({e.strerror}): choose another {setting}") from e
 
 

@@ -185,3 +185,25 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(tmp_path):
         "train.recompute=selective (or full), or spread the model over more GPUs (sdmoe-estimate CONFIG --gpus N "
         "says what fits)"], proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+def test_a_metrics_write_that_fails_is_one_line(tmp_path):
+    """A full disk or a quota under run.dir while logging (a file size limit stands in for it): the
+    rank that writes the metrics stops with one line naming the directory, the reason and the fix."""
+    code = f"""
+import resource, signal
+from pathlib import Path
+from megatron_sdmoe.errors import UserError
+from megatron_sdmoe.training.metrics import MetricsLogger
+logger = MetricsLogger(Path({str(tmp_path)!r}), True, 0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))
+try:
+    for step in range(1, 1000):
+        logger.log(step, {{"loss": 1.0, "lr": 0.1}})
+except UserError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == (f"writing into run.dir {tmp_path} failed (File too large): free space or quota "
+                                   "there, then start again"), proc.stdout + proc.stderr[-2000:]

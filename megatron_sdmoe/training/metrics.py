@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from megatron_sdmoe.config import Config
+from megatron_sdmoe.errors import writing_into
 from megatron_sdmoe.estimate import flops_per_token, peak_tflops
 
 
@@ -52,7 +53,7 @@ class MetricsLogger:
     metrics.jsonl to metrics_replaced.jsonl, and TensorBoard hides it (its purge_step)."""
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int):
-        self.enabled = enabled
+        self.enabled, self.run_dir = enabled, run_dir
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -61,17 +62,20 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def log(self, step: int, scalars: dict[str, float], per_layer: dict[str, list[float]] | None = None) -> None:
+        """One metrics line and its TensorBoard scalars; a write that fails (a full disk) is this
+        rank's one-line error (the launcher ends the others, as for running out of GPU memory)."""
         if not self.enabled:
             return
         per_layer = per_layer or {}
-        self.jsonl.write(json.dumps({"step": step, **scalars, **per_layer}) + "\n")
-        self.jsonl.flush()
-        for key, value in scalars.items():
-            self.tb.add_scalar(_tensorboard_tag(key), value, step)
-        for key, values in per_layer.items():
-            for layer, value in enumerate(values):
-                self.tb.add_scalar(f"moe/{key}/layer_{layer}", value, step)
-        self.tb.flush()
+        with writing_into(self.run_dir):
+            self.jsonl.write(json.dumps({"step": step, **scalars, **per_layer}) + "\n")
+            self.jsonl.flush()
+            for key, value in scalars.items():
+                self.tb.add_scalar(_tensorboard_tag(key), value, step)
+            for key, values in per_layer.items():
+                for layer, value in enumerate(values):
+                    self.tb.add_scalar(f"moe/{key}/layer_{layer}", value, step)
+            self.tb.flush()  # raises what TensorBoard's writer thread met
 
     def log_heatmaps(self, step: int, tag: str, matrices: list) -> None:
         """One heatmap image per layer (e.g. the experts' overlap matrix) in TensorBoard."""
