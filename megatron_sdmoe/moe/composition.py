@@ -43,12 +43,13 @@ def effective_composition(counts: Counter) -> float:
 
 
 class RouterObserver:
-    """Forward hooks on every router of `model`: while `recording`, each router's routing weights
-    and map [rows, experts] go to `add` with the labels of its rows (`labels`; the micro-batch being
-    run is `batch`, which the training loop sets)."""
+    """Forward hooks on every router of `model` (`routers`; their module names, `names`): while
+    `recording`, each router's routing weights and map [rows, experts] go to `add` with the labels
+    of its rows (`labels`; the micro-batch being run is `batch`, which the training loop sets)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+        found = [(name, m) for name, m in model.named_modules() if isinstance(m, TopKRouter)]
+        self.names, self.routers = [name for name, _ in found], [m for _, m in found]
         self.batch: dict[str, torch.Tensor] | None = None  # the micro-batch being run
         self.recording = False
         for index, router in enumerate(self.routers):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_sdmoe.moe.composition import RouterObserver
 
@@ -35,7 +34,6 @@ class RouteTokens(RouterObserver):
     def __init__(self, model: torch.nn.Module, vocab_size: int, domains: int):
         super().__init__(model)
         self.vocab_size, self.labels_count = vocab_size, domains * vocab_size
-        self.names = [name for name, m in model.named_modules() if isinstance(m, TopKRouter)]
         self.pairs: list[list[Counts]] = [[] for _ in self.routers]
         self.rows: list[list[Counts]] = [[] for _ in self.routers]
 
@@ -67,7 +65,6 @@ class RouteCapture(RouterObserver):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        self.names = [name for name, m in model.named_modules() if isinstance(m, TopKRouter)]
         self.chosen: list[dict[int, list[int]]] = [{} for _ in self.routers]
 
     def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
