@@ -79,8 +79,9 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = 
     current = trainer.stage_at(min(step, cfg.train.max_steps) - 1)  # the data the checkpoint last saw (step >= 1)
     recorder = (RouteTokens(session.engine.module, session.engine.module.vocab_size, len(current.domains))
                 if routes else None)
-    if recorder:  # the loop hands each micro-batch to its composition recorder
-        trainer.composition, recorder.recording = recorder, True
+    if recorder:  # the loop hands each micro-batch to its observers
+        trainer.observers.append(recorder)
+        recorder.recording = True
     losses = trainer.evaluate(current.valid, current.domains)  # train.eval_samples > 0: every stage has one
     if recorder:
         recorder.recording = False

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import REPO, launch, launch_module, run_command
+from conftest import REPO, launch, launch_module, metrics, run_command
 from test_convert import load_exported
 
 EVAL = "megatron_sdmoe.evaluate"
@@ -19,10 +19,12 @@ TEXT = "The value of the string is a suite of tests, AND THE STATEMENT RETURNS N
 
 @pytest.fixture(scope="module")
 def run(domains, tmp_path_factory):
-    """4 steps on a blend of two corpora (one upper-cased), validated on the blend."""
+    """4 steps on a blend of two corpora (one upper-cased), validated on the blend every 2 steps, with
+    the diagnostics on."""
     run = tmp_path_factory.mktemp("routes") / "run"
     launch(run, 1, f"data.path=[1, {domains['prose']}, 1, {domains['shout']}]",
-           f"data.tokenizer={domains['tokenizer']}", "train.max_steps=4", "train.eval_samples=16")
+           f"data.tokenizer={domains['tokenizer']}", "train.max_steps=4", "train.eval_samples=16",
+           "train.eval_interval=2", "moe.diag_interval=4")
     return run
 
 
@@ -118,6 +120,18 @@ def test_routes_equal_transformers_routers(run, tmp_path):
     assert list(text["routers"]) == [layer["router"] for layer in result["routes"]["routers"]]
     for chosen, layer_logits in zip(text["routers"].values(), logits, strict=True):
         assert chosen == layer_logits.topk(hf.config.num_experts_per_tok, dim=-1).indices.tolist()
+
+
+def test_training_logs_each_routers_token_concentration(run, tmp_path):
+    """With the diagnostics on, every evaluation logs each router's token concentration on the
+    validation tokens: at the last step, what sdmoe-eval --routes reports for its checkpoint."""
+    logged = [row for row in metrics(run) if "val_token_concentration" in row]
+    assert [row["step"] for row in logged] == [2, 4]
+    result = routes(run, tmp_path / "routes.json")
+    assert logged[-1]["val_token_concentration"] == pytest.approx(
+        [layer["token_concentration"] for layer in result["routes"]["routers"]], rel=1e-12)
+    for layer, value in zip(result["routes"]["routers"], logged[0]["val_token_concentration"], strict=True):
+        assert layer["uniform_concentration"] < value <= 1.0
 
 
 @pytest.mark.parametrize("layout", [["parallel.expert=2"], ["parallel.tensor=2"]], ids=["EP2", "TP2"])

@@ -1,7 +1,7 @@
 """Domains and stages on two tiny corpora: a blended run reports per-domain validation and test
-loss and the routes' effective composition number (layout-independent), and a two-stage run writes
-the stage matrix and BWT, and keeps them across a restart at the stage boundary; separate
-validation and test blends are read."""
+loss, the routes' effective composition number and the token concentration (layout-independent),
+and a two-stage run writes the stage matrix and BWT, and keeps them across a restart at the stage
+boundary; separate validation and test blends are read."""
 import json
 
 import pytest
@@ -31,6 +31,8 @@ def test_blend_reports_domains_and_route_composition(domains, tmp_path):
             for key in ("val_loss", "val_loss_prose", "val_loss_shout"):
                 assert got[key] == pytest.approx(one[step][key], abs=2e-5), (name, key)
             assert got["route_neff"] == pytest.approx(one[step]["route_neff"], abs=1e-9), name
+            assert got["val_token_concentration"] == pytest.approx(one[step]["val_token_concentration"],
+                                                                   abs=1e-9), name
     # the test set, per domain too, once at the last step (4), also in TensorBoard
     assert abs(one[4]["test_loss_prose"] - one[4]["test_loss_shout"]) > 0.01 and "test_loss" not in one[2]
     events = EventAccumulator(str(tmp_path / "one" / "tb"))

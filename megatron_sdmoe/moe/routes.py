@@ -12,7 +12,8 @@ of each router:
 - with a blend, each source dataset's lift: its share of the expert's rows over its share of all
   rows (1.0: no preference).
 Per router, `token_concentration`: the row-weighted mean over tokens of their largest share, to
-set against k / (experts in a bank), what routing that ignores the token gives.
+set against k / (experts in a bank), what routing that ignores the token gives. Training logs it at
+each evaluation with the diagnostics on (`val_token_concentration`), through `concentration`.
 
 `route_text` shows one text's routes instead: each token's experts in every router, by weight.
 """
@@ -46,17 +47,30 @@ class RouteTokens(RouterObserver):
         self.pairs[index].append(_counted(experts * self.labels_count + labels[rows]))
         self.rows[index].append(_counted(labels))
 
-    def report(self, domains: list[str], decode, top: int, min_count: int) -> dict:
-        """{"datasets": the blend's source datasets, "routers": per router the statistics above}, over
-        every rank's counts (a collective)."""
+    def gathered(self) -> list[tuple[Counts, Counts]]:
+        """Per router (pairs, rows), summed over every rank's counts since the last call (a collective)."""
         local = [(_merged(pairs), _merged(rows)) for pairs, rows in zip(self.pairs, self.rows)]
+        self.pairs, self.rows = [[] for _ in self.routers], [[] for _ in self.routers]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
+        return [tuple(_merged([rank[i][part] for rank in gathered]) for part in (0, 1))
+                for i in range(len(self.routers))]
+
+    def report(self, domains: list[str], decode, top: int, min_count: int) -> dict:
+        """{"datasets": the blend's source datasets, "routers": per router the statistics above} (a collective)."""
         return {"datasets": domains, "routers": [
-            router_report(name, *(_merged([rank[i][part] for rank in gathered]) for part in (0, 1)),
-                          router.weight.shape[0], getattr(router, "banks", 1), router.topk, self.vocab_size, domains,
-                          decode, top, min_count)
-            for i, (name, router) in enumerate(zip(self.names, self.routers))]}
+            router_report(name, pairs, rows, router.weight.shape[0], getattr(router, "banks", 1), router.topk,
+                          self.vocab_size, domains, decode, top, min_count)
+            for name, router, (pairs, rows) in zip(self.names, self.routers, self.gathered())]}
+
+    def concentration(self) -> list[float]:
+        """`token_concentration` per router (a collective)."""
+        result = []
+        for router, (pairs, rows) in zip(self.routers, self.gathered()):
+            ids = torch.unique(rows[0] % self.vocab_size)
+            reaching = token_reaching(pairs, ids, router.weight.shape[0], self.labels_count, self.vocab_size)
+            result.append(token_concentration(reaching, rows[1].sum().item(), getattr(router, "banks", 1)))
+        return result
 
 
 class RouteCapture(RouterObserver):
@@ -130,21 +144,19 @@ def router_report(name: str, pairs: Counts, rows: Counts, num_experts: int, bank
     token_rows = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, column, rows[1].double())
     domain_rows = torch.zeros(len(domains), dtype=torch.float64).index_add_(0, rows[0] // vocab_size,
                                                                             rows[1].double())
+    reaching = token_reaching(pairs, ids, num_experts, labels_count, vocab_size)  # [E, tokens]
     expert, label = pairs[0] // labels_count, pairs[0] % labels_count
-    n = pairs[1].double()
-    token_reaching = torch.zeros(num_experts, len(ids), dtype=torch.float64)  # [E, tokens]
-    token_reaching.index_put_((expert, torch.searchsorted(ids, label % vocab_size)), n, accumulate=True)
     domain_reaching = torch.zeros(num_experts, len(domains), dtype=torch.float64)  # [E, domains]
-    domain_reaching.index_put_((expert, label // vocab_size), n, accumulate=True)
+    domain_reaching.index_put_((expert, label // vocab_size), pairs[1].double(), accumulate=True)
     eligible = token_rows / banks  # a token's rows that can reach an expert (per-head banks: one head's)
-    share = token_reaching / eligible  # [E, tokens]
+    share = reaching / eligible  # [E, tokens]
     total = token_rows.sum().item()
     seen = eligible >= min_count
     by_rows = token_rows.argsort(descending=True, stable=True)  # ties in share: the commoner token first
     experts = []
     for e in range(num_experts):
         ranked = by_rows[torch.where(seen, share[e], -1.0)[by_rows].argsort(descending=True, stable=True)][:top]
-        entry = {"expert": e, "load": token_reaching[e].sum().item() / token_reaching.sum().item(),
+        entry = {"expert": e, "load": reaching[e].sum().item() / reaching.sum().item(),
                  "top_tokens": [{"id": int(ids[t]), "text": decode(int(ids[t])), "share": share[e, t].item(),
                                  "rows": int(eligible[t].item())} for t in ranked.tolist() if seen[t]]}
         if len(domains) > 1:
@@ -153,10 +165,23 @@ def router_report(name: str, pairs: Counts, rows: Counts, num_experts: int, bank
                                     / (domain_rows[d].item() / total) if expert_rows and domain_rows[d] else None
                                     for d, domain in enumerate(domains)}
         experts.append(entry)
-    concentration = (token_rows * share.max(0).values).sum().item() / total
     return {"router": name, "experts": num_experts, "banks": banks, "topk": topk, "rows": int(total),
-            "token_concentration": concentration, "uniform_concentration": topk * banks / num_experts,
-            "per_expert": experts}
+            "token_concentration": token_concentration(reaching, total, banks),
+            "uniform_concentration": topk * banks / num_experts, "per_expert": experts}
+
+
+def token_reaching(pairs: Counts, ids: torch.Tensor, num_experts: int, labels_count: int,
+                   vocab_size: int) -> torch.Tensor:
+    """[E, len(ids)]: each token's rows (over source datasets) that reach each expert."""
+    expert, token = pairs[0] // labels_count, pairs[0] % labels_count % vocab_size
+    reaching = torch.zeros(num_experts, len(ids), dtype=torch.float64)
+    return reaching.index_put_((expert, torch.searchsorted(ids, token)), pairs[1].double(), accumulate=True)
+
+
+def token_concentration(reaching: torch.Tensor, rows: float, banks: int) -> float:
+    """The row-weighted mean over tokens of their largest share: sum_t rows_t max_e reaching[e, t] /
+    (rows_t / banks), over `rows`."""
+    return banks * reaching.max(0).values.sum().item() / rows if rows else float("nan")
 
 
 def report_lines(report: dict) -> list[str]:

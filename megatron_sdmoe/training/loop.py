@@ -16,6 +16,7 @@ from megatron_sdmoe.data.datasets import get_batch
 from megatron_sdmoe.models.attention import document_attention_mask
 from megatron_sdmoe.moe.composition import RouteComposition
 from megatron_sdmoe.moe.diagnostics import Diagnostics
+from megatron_sdmoe.moe.routes import RouteTokens
 from megatron_sdmoe.moe.sdmoe import UpdateProjector, sdmoe_modules
 from megatron_sdmoe.runtime import Layout
 from megatron_sdmoe.runtime.preemption import StopRequest
@@ -51,6 +52,9 @@ class Trainer:
         self.diagnostics = Diagnostics(engine.module, cfg.moe.diag_rank) if cfg.moe.diag_interval else None
         self.composition = (RouteComposition(engine.module, cfg.moe.diag_position_buckets)
                             if cfg.moe.diag_interval else None)
+        self.route_tokens = (RouteTokens(engine.module, engine.module.vocab_size, max(len(s.domains) for s in stages))
+                             if cfg.moe.diag_interval else None)
+        self.observers = [o for o in (self.composition, self.route_tokens) if o]  # each is handed the micro-batch
         self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, dist.get_rank())
         self.smoother = (SingularitySmoother(cfg.smoothing, engine.module, layout.device,
@@ -71,8 +75,8 @@ class Trainer:
         batch = {k: v.to(self.layout.device) for k, v in
                  get_batch(dataset, self.micro_batch_indices(first_sample, micro)).items()}
         mask = batch["loss_mask"]
-        if self.composition:
-            self.composition.batch = batch
+        for observer in self.observers:
+            observer.batch = batch
         attention_mask = (document_attention_mask(batch["cu_seqlens"], batch["tokens"].shape[1])
                           if "cu_seqlens" in batch else None)
         per_token = self.engine(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"],
@@ -245,7 +249,12 @@ class Trainer:
         evaluating = tr.eval_interval > 0 and (done % tr.eval_interval == 0 or done == tr.max_steps)
         stage = self.stage_at(step)
         if evaluating:
+            if self.route_tokens:
+                self.route_tokens.recording = True
             result.update(self.evaluate(stage.valid, stage.domains))
+            if self.route_tokens:
+                self.route_tokens.recording = False
+                per_layer["val_token_concentration"] = self.route_tokens.concentration()
         testing = done == tr.max_steps and stage.test is not None  # the held-out test set, once
         if testing:
             result.update(self.evaluate(stage.test, stage.test_domains, "test"))
