@@ -5,6 +5,7 @@ it was. The holders here are real processes of this machine, or locks as another
 (test_preemption starts a second job beside a running one, and restarts after kill -9.)"""
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ def test_a_live_process_on_this_host_holds_it(tmp_path, sleeper):
     ("ended here", "its process has ended"),
     ("pid reused here", "its process has ended"),
     ("host restarted", "its host has restarted since"),
+    ("silent in another pid namespace here", "no heartbeat for"),
     ("unreadable, old", "cannot be read (it may be being written): unchanged for"),
 ])
 def test_a_gone_holder_is_taken_over(case, why, tmp_path, elsewhere, sleeper, monkeypatch):
@@ -98,6 +100,8 @@ def test_a_gone_holder_is_taken_over(case, why, tmp_path, elsewhere, sleeper, mo
         write_lock(tmp_path, replace(sleeper[1], process_start="1"))
     elif case == "host restarted":
         write_lock(tmp_path, replace(sleeper[1], boot="an-earlier-boot"))
+    elif case == "silent in another pid namespace here":
+        write_lock(tmp_path, replace(here, pid=ended.pid, pid_namespace="pid:[1]"), quiet=STALE + 5)
     else:
         (tmp_path / LOCK).write_text('{"host": "no')  # torn by a crash long ago
         os.utime(tmp_path / LOCK, (time.time() - STALE - 5,) * 2)
@@ -106,6 +110,57 @@ def test_a_gone_holder_is_taken_over(case, why, tmp_path, elsewhere, sleeper, mo
     assert note.startswith(f"run.dir {tmp_path}: took over {LOCK} from ") and why in note, note
     assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_a_job_in_another_pid_namespace_here_is_judged_by_its_heartbeat(tmp_path):
+    """A container that shares this host's name but not its processes: its pid, not running in
+    this namespace, says nothing; its heartbeat does."""
+    holder = replace(Holder.this_process(), pid=2 ** 22 + 1, pid_namespace="pid:[1]")  # above any pid here
+    write_lock(tmp_path, holder, quiet=STALE - 10)
+    with pytest.raises(UserError, match=f"is in use by the training job on host {holder.host} "):
+        RunLock(tmp_path).acquire()
+
+
+def _start(run_dir, index: int, ready, held, results) -> None:
+    """A start (a forked process) that judges the lock as late as its `index` says, then takes it or
+    is refused, and lives on until every start has tried."""
+    judge = Holder.gone
+    Holder.gone = lambda holder, quiet: (judge(holder, quiet), time.sleep(0.05 * index))[0]
+    ready.wait()
+    try:
+        RunLock(run_dir).acquire()
+        results.put((os.getpid(), "took"))
+    except UserError as e:
+        results.put((os.getpid(), str(e)))
+    held.wait()
+    os._exit(0)
+
+
+def test_of_starts_meeting_a_gone_jobs_lock_at_once_one_takes_it(tmp_path):
+    """Four starts at once, each judging the ended job's lock gone a little after the one before:
+    one takes it (and holds the lock file), the others are refused, naming the start that took it
+    or (when they read the lock after it did) its holder; ten times."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    for _ in range(10):
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])
+        ended.wait()
+        write_lock(tmp_path, replace(Holder.this_process(), pid=ended.pid, process_start="1"))
+        ready, held, results = fork.Barrier(4), fork.Barrier(5), fork.Queue()
+        starts = [fork.Process(target=_start, args=(tmp_path, i, ready, held, results)) for i in range(4)]
+        for start in starts:
+            start.start()
+        outcomes = dict(results.get(timeout=120) for _ in starts)
+        holder = json.loads((tmp_path / LOCK).read_text())["pid"]
+        held.wait()
+        for start in starts:
+            start.join()
+        assert [pid for pid, outcome in outcomes.items() if outcome == "took"] == [holder], outcomes
+        assert all("was taken by another job starting at the same moment" in outcome  # it judged the gone job's lock
+                   or f"is in use by the training job on host {socket.gethostname()} (pid {holder}," in outcome
+                   for pid, outcome in outcomes.items() if pid != holder), outcomes
+        assert [p.name for p in tmp_path.iterdir()] == [LOCK]
 
 
 def test_a_lock_being_written_is_not_taken(tmp_path):
