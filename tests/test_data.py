@@ -270,3 +270,34 @@ def test_a_corpus_rewritten_under_its_prefix_is_indexed_afresh(tmp_path, tok):
     cfg.data.cache_dir = str(tmp_path / "fresh_cache")
     fresh = build_datasets(cfg, tok, 64, 8).train
     assert torch.equal(get_batch(again, list(range(64)))["tokens"], get_batch(fresh, list(range(64)))["tokens"])
+
+
+@single_process
+def test_an_index_cache_write_that_fails_is_one_line_and_leaves_no_partial_cache(tmp_path, tok, monkeypatch):
+    """The disk fills while megatron writes the train split's shuffle index (the last file of a
+    split, so megatron would take the cut file for a cached one): one line naming the directory and
+    the fix, the build's files removed, and the next build gives the samples of a fresh cache."""
+    import errno
+
+    prefix = _corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)
+    cfg = _cfg(tmp_path, [prefix])
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    save = np.save
+
+    def disk_fills(path, array, **kwargs):
+        if "train-shuffle_index" in str(path):
+            Path(path).write_bytes(b"\x93NUMPY" + bytes(10))  # as far as it got
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save(path, array, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_fills)
+    with pytest.raises(UserError) as failed:
+        build_datasets(cfg, tok, 64, 8)
+    assert str(failed.value) == (f"writing into data.cache_dir {tmp_path / 'cache'} failed (No space left on "
+                                 "device): free space or quota there, then start again")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(np, "save", save)
+    again = build_datasets(cfg, tok, 64, 8).train
+    cfg.data.cache_dir = str(tmp_path / "fresh_cache")
+    fresh = build_datasets(cfg, tok, 64, 8).train
+    assert torch.equal(get_batch(again, list(range(64)))["tokens"], get_batch(fresh, list(range(64)))["tokens"])

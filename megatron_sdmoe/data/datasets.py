@@ -24,7 +24,7 @@ from megatron_sdmoe.config import Config
 from megatron_sdmoe.data.indexed import check_bin_size
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
-from megatron_sdmoe.errors import UserError
+from megatron_sdmoe.errors import UserError, writing_into
 
 BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
                 "position_ids": torch.int64}
@@ -173,13 +173,14 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
                             "data.tokenizer")
         path = [corpus.prefix]
     blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_eval_samples)
+    cache = _cache_dir(cfg, [blend, valid_blend, test_blend])
     with _single_process_is_fine():
         config = GPTDatasetConfig(
             random_seed=cfg.train.seed,
             sequence_length=cfg.data.seq_length,
             **({"blend_per_split": [blend, valid_blend, test_blend]} if valid_blend else
                {"blend": blend, "split": cfg.data.split}),
-            path_to_cache=_cache_dir(cfg, [blend, valid_blend, test_blend]),
+            path_to_cache=str(cache),
             tokenizer=tokenizer,
             reset_position_ids=False,
             reset_attention_mask=False,
@@ -188,14 +189,41 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             inter_document_masking=cfg.data.document_mask,  # samples gain cu_seqlens: document boundaries
         )
         sizes = [num_train_samples, num_eval_samples, num_eval_samples]
-        built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        with _index_cache_writes(cache, cfg):
+            built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only. It builds
     # no dataset for a split without documents (a zero weight, or no test blend).
     return Splits(*(Subset(dataset, range(n)) if dataset is not None and n else None
                     for dataset, n in zip(built, sizes)))
 
 
-def _cache_dir(cfg: Config, blends: list) -> str:
+@contextmanager
+def _index_cache_writes(cache: Path, cfg: Config):
+    """Around megatron's build on the rank that writes the index cache (rank 0): a write that fails
+    (a full disk, a quota) is one line, and the files that build wrote are removed. Megatron writes
+    them in place and counts a cache as complete when every file exists, so a shuffle index cut
+    short would be read by every later start (an error, or other samples)."""
+    if dist.is_initialized() and dist.get_rank() != 0:  # the other ranks read the cache
+        yield
+        return
+    before = _stamps(cache)
+    setting = ("data.cache_dir", cfg.data.cache_dir) if cfg.data.cache_dir else ("run.dir", cfg.run.dir)
+    try:
+        with writing_into(Path(setting[1]), setting[0]):
+            yield
+    except UserError:
+        for path, stamp in _stamps(cache).items():
+            if before.get(path) != stamp:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _stamps(directory: Path) -> dict[Path, tuple[int, int]]:
+    """Each file in `directory`: (size, modification time)."""
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in directory.glob("*")}
+
+
+def _cache_dir(cfg: Config, blends: list) -> Path:
     """Where megatron keeps its sample indices: data.cache_dir (default run.dir/data_cache), in a
     folder named by the data files' sizes and modification times. Megatron keys the cache by the
     prefixes' names alone, so a corpus rewritten under its prefix (preprocessed again) would be read
@@ -209,7 +237,7 @@ def _cache_dir(cfg: Config, blends: list) -> str:
         dist.broadcast_object_list(shared, src=0)
         stamps = shared[0]
     fingerprint = hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
-    return str(Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data_cache") / fingerprint)
+    return Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data_cache") / fingerprint
 
 
 def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
