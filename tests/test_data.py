@@ -295,9 +295,37 @@ def test_an_index_cache_write_that_fails_is_one_line_and_leaves_no_partial_cache
         build_datasets(cfg, tok, 64, 8)
     assert str(failed.value) == (f"writing into data.cache_dir {tmp_path / 'cache'} failed (No space left on "
                                  "device): free space or quota there, then start again")
-    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["build.lock"]
     monkeypatch.setattr(np, "save", save)
     again = build_datasets(cfg, tok, 64, 8).train
     cfg.data.cache_dir = str(tmp_path / "fresh_cache")
     fresh = build_datasets(cfg, tok, 64, 8).train
     assert torch.equal(get_batch(again, list(range(64)))["tokens"], get_batch(fresh, list(range(64)))["tokens"])
+
+
+@single_process
+def test_jobs_that_share_an_index_cache_build_it_one_at_a_time(tmp_path, tok, capsys):
+    """While another job builds indices in the shared data.cache_dir (it holds the folder's lock), a
+    build waits, saying so, and writes nothing; once that job is done, it goes on."""
+    import fcntl
+    import threading
+
+    prefix = _corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)
+    cfg = _cfg(tmp_path, [prefix])
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    build_datasets(cfg, tok, 64, 8)
+    [folder] = (tmp_path / "cache").iterdir()
+    files = sorted(folder.iterdir())
+    built = []
+    with open(folder / "build.lock", "a") as other_job:
+        fcntl.flock(other_job, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: built.append(build_datasets(cfg, tok, 128, 8).train))
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive() and sorted(folder.iterdir()) == files  # more samples: its own files, not yet
+    waiting.join(timeout=120)
+    assert f"waiting for another job that builds the data index cache in {folder}" in capsys.readouterr().out
+    assert len(sorted(folder.iterdir())) > len(files)
+    cfg.data.cache_dir = str(tmp_path / "fresh_cache")
+    fresh = build_datasets(cfg, tok, 128, 8).train
+    assert torch.equal(get_batch(built[0], list(range(128)))["tokens"], get_batch(fresh, list(range(128)))["tokens"])

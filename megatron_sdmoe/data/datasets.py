@@ -1,6 +1,7 @@
 """Train/validation datasets from megatron.core.datasets (GPTDataset, blended and cached)."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -189,7 +190,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
             inter_document_masking=cfg.data.document_mask,  # samples gain cu_seqlens: document boundaries
         )
         sizes = [num_train_samples, num_eval_samples, num_eval_samples]
-        with _index_cache_writes(cache, cfg):
+        with _building_index_cache(cache, cfg):
             built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     # Megatron rounds sizes up (whole epochs, blend surplus); callers index [0, n) only. It builds
     # no dataset for a split without documents (a zero weight, or no test blend).
@@ -198,24 +199,38 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
 
 
 @contextmanager
-def _index_cache_writes(cache: Path, cfg: Config):
-    """Around megatron's build on the rank that writes the index cache (rank 0): a write that fails
-    (a full disk, a quota) is one line, and the files that build wrote are removed. Megatron writes
-    them in place and counts a cache as complete when every file exists, so a shuffle index cut
-    short would be read by every later start (an error, or other samples)."""
+def _building_index_cache(cache: Path, cfg: Config):
+    """Around megatron's build on the rank that writes the index cache (rank 0):
+    - one builder at a time: jobs that share data.cache_dir (a sweep started at once) build the same
+      files, which megatron writes in place, so one job's ranks could read a file another job is
+      rewriting. An exclusive lock (flock) on the cache folder serialises them; the later job then
+      finds the cache built. Where the filesystem has no locks (Lustre mounted without flock),
+      builds go unlocked.
+    - a write that fails (a full disk, a quota) is one line, and the files that build wrote are
+      removed: megatron counts a cache as complete when every file exists, so a shuffle index cut
+      short would be read by every later start (an error, or other samples)."""
     if dist.is_initialized() and dist.get_rank() != 0:  # the other ranks read the cache
         yield
         return
-    before = _stamps(cache)
     setting = ("data.cache_dir", cfg.data.cache_dir) if cfg.data.cache_dir else ("run.dir", cfg.run.dir)
-    try:
-        with writing_into(Path(setting[1]), setting[0]):
-            yield
-    except UserError:
-        for path, stamp in _stamps(cache).items():
-            if before.get(path) != stamp:
-                path.unlink(missing_ok=True)
-        raise
+    with writing_into(Path(setting[1]), setting[0]):
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / "build.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another job that builds the data index cache in {cache}", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # no locks on this filesystem
+                pass
+            before = _stamps(cache)
+            try:
+                yield
+            except OSError:
+                for path, stamp in _stamps(cache).items():
+                    if before.get(path) != stamp:
+                        path.unlink(missing_ok=True)
+                raise
 
 
 def _stamps(directory: Path) -> dict[Path, tuple[int, int]]:
