@@ -108,6 +108,21 @@ def _cfg(tmp_path: Path, path: list, seq_length: int = 32) -> Config:
     return cfg
 
 
+def _cached(tmp_path: Path, tok) -> Config:
+    """A config on a small corpus with its index cache in tmp_path/cache (as jobs share one)."""
+    cfg = _cfg(tmp_path, [_corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)])
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+def _fresh_cache_gives(train, cfg: Config, tok) -> bool:
+    """Whether `train` holds the samples a build into an empty cache gives (cfg then names that cache)."""
+    cfg.data.cache_dir = str(Path(cfg.run.dir).parent / "fresh_cache")
+    fresh = build_datasets(cfg, tok, len(train), 8).train
+    return torch.equal(get_batch(train, list(range(len(train))))["tokens"],
+                       get_batch(fresh, list(range(len(train))))["tokens"])
+
+
 def test_build_datasets_blend(tmp_path, tok):
     # Corpus a uses ids [1, 2000), corpus b [2000, 4000): each sample shows which one it came from.
     a = _corpus(tmp_path / "a", 1, 2000, tok.eod, seed=1)
@@ -261,15 +276,10 @@ def test_load_tokenizer_errors(tmp_path):
 def test_a_corpus_rewritten_under_its_prefix_is_indexed_afresh(tmp_path, tok):
     """megatron's index cache is keyed by the prefix, not the files: a corpus rewritten in place
     (preprocessed again, other documents) must not be read through the old corpus's indices."""
-    prefix = _corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)
-    cfg = _cfg(tmp_path, [prefix])
-    cfg.data.cache_dir = str(tmp_path / "shared_cache")
+    cfg = _cached(tmp_path, tok)
     build_datasets(cfg, tok, 64, 8)
     _corpus(tmp_path / "data", 2000, 4000, tok.eod, seed=2, docs=150)  # other documents, other lengths
-    again = build_datasets(cfg, tok, 64, 8).train
-    cfg.data.cache_dir = str(tmp_path / "fresh_cache")
-    fresh = build_datasets(cfg, tok, 64, 8).train
-    assert torch.equal(get_batch(again, list(range(64)))["tokens"], get_batch(fresh, list(range(64)))["tokens"])
+    assert _fresh_cache_gives(build_datasets(cfg, tok, 64, 8).train, cfg, tok)
 
 
 @single_process
@@ -279,9 +289,7 @@ def test_an_index_cache_write_that_fails_is_one_line_and_leaves_no_partial_cache
     the fix, the build's files removed, and the next build gives the samples of a fresh cache."""
     import errno
 
-    prefix = _corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)
-    cfg = _cfg(tmp_path, [prefix])
-    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg = _cached(tmp_path, tok)
     save = np.save
 
     def disk_fills(path, array, **kwargs):
@@ -297,10 +305,7 @@ def test_an_index_cache_write_that_fails_is_one_line_and_leaves_no_partial_cache
                                  "device): free space or quota there, then start again")
     assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["build.lock"]
     monkeypatch.setattr(np, "save", save)
-    again = build_datasets(cfg, tok, 64, 8).train
-    cfg.data.cache_dir = str(tmp_path / "fresh_cache")
-    fresh = build_datasets(cfg, tok, 64, 8).train
-    assert torch.equal(get_batch(again, list(range(64)))["tokens"], get_batch(fresh, list(range(64)))["tokens"])
+    assert _fresh_cache_gives(build_datasets(cfg, tok, 64, 8).train, cfg, tok)
 
 
 @single_process
@@ -310,9 +315,7 @@ def test_jobs_that_share_an_index_cache_build_it_one_at_a_time(tmp_path, tok, ca
     import fcntl
     import threading
 
-    prefix = _corpus(tmp_path / "data", 1, 2000, tok.eod, seed=1)
-    cfg = _cfg(tmp_path, [prefix])
-    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg = _cached(tmp_path, tok)
     build_datasets(cfg, tok, 64, 8)
     [folder] = (tmp_path / "cache").iterdir()
     files = sorted(folder.iterdir())
@@ -326,6 +329,4 @@ def test_jobs_that_share_an_index_cache_build_it_one_at_a_time(tmp_path, tok, ca
     waiting.join(timeout=120)
     assert f"waiting for another job that builds the data index cache in {folder}" in capsys.readouterr().out
     assert len(sorted(folder.iterdir())) > len(files)
-    cfg.data.cache_dir = str(tmp_path / "fresh_cache")
-    fresh = build_datasets(cfg, tok, 128, 8).train
-    assert torch.equal(get_batch(built[0], list(range(128)))["tokens"], get_batch(fresh, list(range(128)))["tokens"])
+    assert _fresh_cache_gives(built[0], cfg, tok)
