@@ -49,6 +49,11 @@ def test_run_directory_contract(reference_dir, reference):
     assert [r["step"] for r in diag_rows] == [2, 4]
     for key in ("expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity"):
         assert all(len(r[key]) == 2 for r in diag_rows), key
+    for row in diag_rows:  # each expert's share of its layer's routings, on diagnostics steps
+        assert [len(shares) for shares in row["expert_load"]] == [8, 8]
+        for shares, max_over_mean in zip(row["expert_load"], row["expert_load_max_over_mean"]):
+            assert sum(shares) == pytest.approx(1.0) and max(shares) * 8 == pytest.approx(max_over_mean)
+    assert not any("expert_load" in r for r in reference if r not in diag_rows)
     events = EventAccumulator(str(reference_dir / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -56,7 +61,7 @@ def test_run_directory_contract(reference_dir, reference):
             "moe/expert_load_max_over_mean/layer_0", "moe/expert_load_max_over_mean/layer_1"} <= tags
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in reference])
     assert {"moe/expert_overlap/layer_0", "moe/router_specificity/layer_1"} <= tags
-    assert {"moe/expert_overlap/layer_0", "moe/expert_overlap/layer_1"} <= set(events.Tags()["images"])
+    assert {"moe/expert_overlap/layer_0", "moe/expert_overlap/layer_1", "moe/expert_load"} <= set(events.Tags()["images"])
     assert (reference_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
@@ -78,4 +83,6 @@ def test_same_losses_as_one_process(reference, layout, tmp_path):
             # same values as one process
             for key in ("expert_overlap", "expert_overlap_right", "router_specificity", "grad_alignment"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4), key
+            for shares, wanted in zip(got["expert_load"], want["expert_load"], strict=True):  # counted over all ranks
+                assert shares == pytest.approx(wanted, abs=1e-12)
     assert rows[-1]["loss"] < rows[0]["loss"]  # and it learns

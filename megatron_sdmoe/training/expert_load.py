@@ -31,15 +31,19 @@ class ExpertLoadMeter:
                 self.tokens[index] += routing_map.shape[0]
         return count
 
-    def collect(self) -> dict[str, list[float]]:
+    def collect(self, per_expert: bool = False) -> dict[str, list]:
         """Per MoE layer since the last call (a collective): the busiest expert's tokens over the
         mean (1.0 = perfectly balanced) and the fraction of routed (token, expert) pairs that
-        expert capacity dropped (0 when dropless)."""
+        expert capacity dropped (0 when dropless); with `per_expert`, also `expert_load`: each
+        expert's share of the layer's routings."""
         counts = torch.cat([self.counts, self.tokens[:, None]], dim=1)
         self.counts.zero_()
         self.tokens.zero_()
         dist.all_reduce(counts)
         counts, tokens = counts[:, :-1].cpu(), counts[:, -1].cpu()
         topk = self.routers[0].topk if self.routers else 1
-        return {"expert_load_max_over_mean": (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).tolist(),
-                "expert_dropped_fraction": (1 - counts.sum(dim=1) / (tokens * topk).clamp_min(1)).tolist()}
+        result = {"expert_load_max_over_mean": (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).tolist(),
+                  "expert_dropped_fraction": (1 - counts.sum(dim=1) / (tokens * topk).clamp_min(1)).tolist()}
+        if per_expert:
+            result["expert_load"] = (counts / counts.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
+        return result

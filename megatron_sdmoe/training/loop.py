@@ -264,7 +264,7 @@ class Trainer:
             result.update(scalars)
             per_layer.update(stage_per_layer)
         if evaluating or diagnosing or stage_end or done % tr.log_interval == 0 or done == tr.max_steps:
-            per_layer.update(self.expert_load.collect())
+            per_layer.update(self.expert_load.collect(per_expert=diagnosing))
             self.metrics.log(done, result, per_layer)
             if self.layout.is_main:
                 val = f" | val loss {result['val_loss']:.4f}" if evaluating else ""

@@ -73,6 +73,9 @@ class MetricsLogger:
             for key, value in scalars.items():
                 self.tb.add_scalar(_tensorboard_tag(key), value, step)
             for key, values in per_layer.items():
+                if values and isinstance(values[0], list):  # a value per expert: one layers x experts image
+                    self.tb.add_figure(f"moe/{key}", _per_expert_figure(key, values, step), step)
+                    continue
                 for layer, value in enumerate(values):
                     self.tb.add_scalar(f"moe/{key}/layer_{layer}", value, step)
             self.tb.flush()  # raises what TensorBoard's writer thread met
@@ -119,6 +122,27 @@ def _move_lines_past(step: int, path: Path, replaced: Path) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
+
+
+def _per_expert_figure(key: str, shares: list[list[float]], step: int):
+    """MoE layers x experts, each expert's share of its layer's routings against an even split
+    (log2 of share x experts: 0 balanced, +1 twice its share)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, experts = len(shares), len(shares[0])
+    with np.errstate(divide="ignore"):  # an idle expert: -inf, drawn as the scale's end
+        values = np.clip(np.log2(np.asarray(shares) * experts), -2, 2)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.3 * experts + 2.5), 0.3 * layers + 2.0))
+    image = ax.imshow(values, aspect="auto", cmap="coolwarm", vmin=-2, vmax=2)
+    ax.set(title=f"{key}, step {step}", xlabel="expert", ylabel="MoE layer")
+    ax.set_yticks(range(layers))
+    fig.colorbar(image, ax=ax, label="log2(share x experts)")
+    fig.tight_layout()
+    return fig
 
 
 def logged_step(line: str) -> float:
