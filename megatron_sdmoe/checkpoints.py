@@ -3,7 +3,7 @@ run from one.
 
     sdmoe-checkpoints list RUN_DIR                   each checkpoint: step, layout, size, the loss logged there
                                                      (and those rolled back, and the training job running
-                                                     there, if one is)
+                                                     there, if one is: its last logged step and time left)
     sdmoe-checkpoints rollback RUN_DIR STEP          make step STEP the one the next start resumes from
     sdmoe-checkpoints branch RUN_DIR STEP NEW_DIR    a new run directory that resumes from step STEP
 
@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_sdmoe.config import load_config
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
 from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
@@ -83,8 +84,28 @@ def describe(run_dir: Path) -> list[str]:
                      f"{checkpoint_root(run_dir)} and point {LATEST} at one to return to it)")
     job = running_job(run_dir)
     if job:
-        lines.append(f"training now: {job}")
+        lines.append(f"training now: {job}{_progress(run_dir)}")
     return lines
+
+
+def _progress(run_dir: Path) -> str:
+    """The running job's last logged step of train.max_steps, when it was logged, and the time left
+    at that step's speed (its training time alone: evaluations and checkpoints add to it)."""
+    rows = _rows(run_dir / "metrics.jsonl")
+    if not rows:
+        return ""
+    last, cfg = rows[-1], load_config(run_dir / "config.yaml")  # the config the job started with
+    seconds = (cfg.train.max_steps - last["step"]) * last["global_batch"] * cfg.data.seq_length / last["tokens_per_s"]
+    logged = time.strftime("%H:%M:%S", time.localtime((run_dir / "metrics.jsonl").stat().st_mtime))
+    return (f"; step {last['step']} of {cfg.train.max_steps} logged at {logged}, about {_duration(seconds)} to go at "
+            f"{last['tokens_per_s']:,.0f} tokens/s")
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _layout_words(layout: dict) -> str:

@@ -6,6 +6,7 @@ a save that one rank cannot write stops every rank with one line, as running out
 does the rank it happens on. Every resumed run reaches the uninterrupted run's losses exactly."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,8 +88,12 @@ def test_a_second_job_in_a_running_run_dir_is_refused_and_the_first_goes_on(tmp_
     assert second.returncode == 2 and second.stderr.count("error:") == 1 and holder in second.stderr, second.stderr
     rollback = run_command("megatron_sdmoe.checkpoints", "rollback", tmp_path, 1)
     assert rollback.returncode == 2 and holder in rollback.stderr, rollback.stderr
+    logged_before = metrics(tmp_path)[-1]["step"]
     listed = run_command("megatron_sdmoe.checkpoints", "list", tmp_path).stdout.splitlines()
     assert listed[-1].startswith(f"training now: the training job on host {socket.gethostname()} (pid {proc.pid}")
+    progress = re.search(r"; step (\d+) of 100000 logged at \d\d:\d\d:\d\d, about (\d+ h \d+ min|\d+ min|\d+ s) to go "
+                         r"at [\d,]+ tokens/s$", listed[-1])
+    assert progress and logged_before <= int(progress[1]) <= metrics(tmp_path)[-1]["step"], listed[-1]
     assert {p: p.read_bytes() for p in files} == files
     assert (tmp_path / "checkpoints" / "step_00000001").exists()
     proc.send_signal(signal.SIGUSR1)
