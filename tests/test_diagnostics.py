@@ -1,5 +1,4 @@
 """Diagnostics on hand-made subspaces and routes with known answers."""
-from collections import Counter
 
 import pytest
 import torch
@@ -56,8 +55,13 @@ def test_route_composition_known_answers():
     ids = route_ids(routing)
     assert ids.shape == (3, 2) and torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])
     # one route serving one domain: 1; one route with two domains in equal shares: 2
-    assert effective_composition(Counter({(("a",), 0): 10})) == 1.0
-    assert effective_composition(Counter({(("a",), 0): 5, (("a",), 1): 5})) == pytest.approx(2.0)
+    assert effective_composition(counts({(7, 0): 10})) == 1.0
+    assert effective_composition(counts({(7, 0): 5, (7, 1): 5})) == pytest.approx(2.0)
     # token-weighted: 30 tokens on a pure route (1), 10 on an even two-domain route (2) -> 1.25
-    mixed = Counter({(("a",), 0): 30, (("b",), 0): 5, (("b",), 1): 5})
-    assert effective_composition(mixed) == pytest.approx((30 * 1 + 10 * 2) / 40)
+    mixed = {(7, 0): 30, (9, 0): 5, (9, 1): 5}
+    assert effective_composition(counts(mixed)) == pytest.approx((30 * 1 + 10 * 2) / 40)
+
+
+def counts(tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """{(route word, label): tokens} as composition.py counts them."""
+    return torch.tensor(list(tokens)), torch.tensor(list(tokens.values()))

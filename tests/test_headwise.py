@@ -2,7 +2,6 @@
 megatron-core's own TopKRouter run on that head's slice (probabilities, choices, aux / z-loss
 gradients, expert-bias counts); one head is the flat MoE, loss for loss; every parallel layout gives
 one process's losses, with and without SD-MoE; a restart resumes exactly."""
-from collections import Counter
 
 import pytest
 import torch
@@ -132,14 +131,15 @@ def test_route_composition_counts_each_heads_route(single_process_groups):
     every token to expert 0 (one route serving both labels: N_eff 2), head 1 sends tokens 0-1 to
     expert 2 and 2-3 to expert 3 (two pure routes: N_eff 1). Token-weighted: (4*2 + 2*1 + 2*1) / 8."""
     from megatron_sdmoe.moe.composition import RouteComposition, effective_composition
+    from megatron_sdmoe.moe.counting import merged
 
     composition = RouteComposition(torch.nn.Module(), position_buckets=2)
-    composition.counts = [Counter()]
+    composition.counts = [[]]
     composition.batch = {"domain": torch.tensor([0])}
     chosen = torch.tensor([[0, 2], [0, 2], [0, 3], [0, 3]])  # [token, head] -> expert
     routing_map = F.one_hot(chosen, 4).bool().view(8, 4)  # rows: sub-tokens, heads innermost
     composition.add(0, None, routing_map, composition.labels(4).repeat_interleave(2))
-    assert effective_composition(composition.counts[0]) == pytest.approx(1.5)
+    assert effective_composition(merged(composition.counts[0], 2)) == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize("flat, headwise", [(["moe.variant=topk"], ["moe.variant=headwise"]),

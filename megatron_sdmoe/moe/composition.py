@@ -11,16 +11,16 @@ Recorded on the diagnostics' training steps (labels: source dataset) and, with d
 stage end over every seen stage's validation tokens (labels: stage), where a single stage's data
 would give one label. Routers are observed by forward hooks while `recording`; tokens reach a
 router as [s, b] flattened sequence-major, each TP rank holding a contiguous slice of positions
-under sequence parallelism. Counts are summed over all ranks (each token is routed on exactly one rank).
+under sequence parallelism. Counts are summed over all ranks (each token is routed on exactly one
+rank), each route's on the rank that owns it (counting.py).
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_sdmoe.moe.counting import Counts, counted, mixed, owned_sums, summed
 
 
 def route_ids(routing_map: torch.Tensor) -> torch.Tensor:
@@ -33,13 +33,21 @@ def route_ids(routing_map: torch.Tensor) -> torch.Tensor:
     return (padded.view(tokens, width, 63) << bits).sum(-1)
 
 
-def effective_composition(counts: Counter) -> float:
-    """{(route, label): tokens} -> token-weighted mean over routes of 1 / sum_c p(c|r)^2."""
-    per_route: dict = {}
-    for (route, _label), n in counts.items():
-        per_route.setdefault(route, []).append(n)
-    total = sum(sum(ns) for ns in per_route.values())
-    return sum(sum(ns) ** 3 / sum(n * n for n in ns) for ns in per_route.values()) / total
+def composition_sums(counts: Counts) -> list[float]:
+    """(keys [n, route words + label], tokens) -> [sum over routes of N_r / sum_c p(c|r)^2, sum of N_r],
+    N_r a route's tokens: their ratio is N_eff; sums over disjoint sets of routes add up."""
+    keys, tokens = counts
+    routes, route = torch.unique(keys[:, :-1], dim=0, return_inverse=True)
+    n = tokens.double()
+    per_route = torch.zeros(len(routes), dtype=torch.float64).index_add_(0, route, n)
+    squares = torch.zeros_like(per_route).index_add_(0, route, n * n)
+    return [(per_route ** 3 / squares).sum().item(), per_route.sum().item()]
+
+
+def effective_composition(counts: Counts) -> float:
+    """(keys [n, route words + label], tokens) -> token-weighted mean over routes of 1 / sum_c p(c|r)^2."""
+    weighted, tokens = composition_sums(counts)
+    return weighted / tokens
 
 
 class RouterObserver:
@@ -84,15 +92,12 @@ class RouteComposition(RouterObserver):
     def __init__(self, model: torch.nn.Module, position_buckets: int = 1):
         super().__init__(model)
         self.position_buckets = position_buckets
-        self.counts = [Counter() for _ in self.routers]
+        self.counts: list[list[Counts]] = [[] for _ in self.routers]  # per router: (route words + label, tokens)
         self.fixed_label: int | None = None  # label every token with this instead (e.g. its stage)
 
     def add(self, index: int, _probs, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
         """Count router `index`'s routes [rows, experts] against the rows' labels."""
-        rows = torch.cat([route_ids(routing_map), labels[:, None]], dim=1)
-        pairs, tokens = torch.unique(rows, dim=0, return_counts=True)
-        for pair, n in zip(pairs.tolist(), tokens.tolist()):
-            self.counts[index][(tuple(pair[:-1]), pair[-1])] += n
+        self.counts[index].append(counted(torch.cat([route_ids(routing_map), labels[:, None]], dim=1)))
 
     def position_labels(self, positions: torch.Tensor, seq_length: int) -> torch.Tensor:
         """[len(positions), b]: each sample's domain crossed with the position's bucket."""
@@ -105,8 +110,9 @@ class RouteComposition(RouterObserver):
     def compute(self) -> list[float]:
         """N_eff per router over the tokens recorded since the last call, on every rank's counts (a
         collective)."""
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.counts)
-        self.counts = [Counter() for _ in self.routers]
-        return [effective_composition(sum((rank[i] for rank in gathered), Counter()))
-                for i in range(len(self.routers))]
+        sums = []
+        for router, parts in zip(self.routers, self.counts):
+            width = -(-router.weight.shape[0] // 63) + 1  # route_ids' words, then the label
+            sums.append(composition_sums(owned_sums(parts, width, lambda keys: mixed(keys[:, :-1]))))
+        self.counts = [[] for _ in self.routers]
+        return [weighted / tokens if tokens else float("nan") for weighted, tokens in summed(sums)]

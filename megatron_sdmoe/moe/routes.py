@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdmoe.moe.composition import RouterObserver
-
-Counts = tuple[torch.Tensor, torch.Tensor]  # (distinct int64 keys, how often each), on the CPU
+from megatron_sdmoe.moe.counting import Counts, counted, on_first_rank, owned_sums, summed
 
 
 class RouteTokens(RouterObserver):
     """Per router, how often each (expert, source dataset, token id) is routed and how many rows
     each (source dataset, token id) has; counted as tensors (keys: label = domain x vocab_size +
-    token, pair = expert x labels + label), so millions of tokens over many layers stay cheap."""
+    token, pair = expert x labels + label), so millions of tokens over many layers stay cheap; summed
+    over ranks by token (counting.py), so the statistics of a token are all on one rank."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, domains: int):
         super().__init__(model)
@@ -44,33 +44,42 @@ class RouteTokens(RouterObserver):
 
     def add(self, index: int, _probs, routing_map: torch.Tensor, labels: torch.Tensor) -> None:
         rows, experts = routing_map.nonzero(as_tuple=True)
-        self.pairs[index].append(_counted(experts * self.labels_count + labels[rows]))
-        self.rows[index].append(_counted(labels))
+        self.pairs[index].append(counted((experts * self.labels_count + labels[rows])[:, None]))
+        self.rows[index].append(counted(labels[:, None]))
 
-    def gathered(self) -> list[tuple[Counts, Counts]]:
-        """Per router (pairs, rows), summed over every rank's counts since the last call (a collective)."""
-        local = [(_merged(pairs), _merged(rows)) for pairs, rows in zip(self.pairs, self.rows)]
+    def owned(self) -> list[tuple[Counts, Counts]]:
+        """Per router (pairs, rows) since the last call, summed over every rank for the tokens this
+        rank owns (a collective)."""
+        def token(keys: torch.Tensor) -> torch.Tensor:  # of a pair's or a row's key
+            return keys[:, 0] % self.labels_count % self.vocab_size
+
+        owned = [tuple(owned_sums(parts, 1, token) for parts in (pairs, rows))
+                 for pairs, rows in zip(self.pairs, self.rows)]
         self.pairs, self.rows = [[] for _ in self.routers], [[] for _ in self.routers]
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        return [tuple(_merged([rank[i][part] for rank in gathered]) for part in (0, 1))
-                for i in range(len(self.routers))]
+        return owned
 
-    def report(self, domains: list[str], decode, top: int, min_count: int) -> dict:
-        """{"datasets": the blend's source datasets, "routers": per router the statistics above} (a collective)."""
+    def report(self, domains: list[str], decode, top: int, min_count: int) -> dict | None:
+        """On rank 0 {"datasets": the blend's source datasets, "routers": per router the statistics
+        above}, None on the others (a collective)."""
+        counts = on_first_rank([part for router in self.owned() for part in router])
+        if counts is None:
+            return None
+        counts = [_flat(c) for c in counts]
         return {"datasets": domains, "routers": [
             router_report(name, pairs, rows, router.weight.shape[0], getattr(router, "banks", 1), router.topk,
                           self.vocab_size, domains, decode, top, min_count)
-            for name, router, (pairs, rows) in zip(self.names, self.routers, self.gathered())]}
+            for name, router, pairs, rows in zip(self.names, self.routers, counts[0::2], counts[1::2])]}
 
     def concentration(self) -> list[float]:
-        """`token_concentration` per router (a collective)."""
-        result = []
-        for router, (pairs, rows) in zip(self.routers, self.gathered()):
+        """`token_concentration` per router (a collective): each rank adds up its own tokens' largest
+        shares, then the sums are summed."""
+        sums = []
+        for router, (pairs, rows) in zip(self.routers, self.owned()):
+            pairs, rows = _flat(pairs), _flat(rows)
             ids = torch.unique(rows[0] % self.vocab_size)
             reaching = token_reaching(pairs, ids, router.weight.shape[0], self.labels_count, self.vocab_size)
-            result.append(token_concentration(reaching, rows[1].sum().item(), getattr(router, "banks", 1)))
-        return result
+            sums.append([getattr(router, "banks", 1) * reaching.max(0).values.sum().item(), rows[1].sum().item()])
+        return [largest / rows if rows else float("nan") for largest, rows in summed(sums)]
 
 
 class RouteCapture(RouterObserver):
@@ -122,17 +131,9 @@ def text_lines(text: dict) -> list[str]:
     return lines
 
 
-def _counted(keys: torch.Tensor) -> Counts:
-    distinct, counts = torch.unique(keys, return_counts=True)
-    return distinct.cpu(), counts.cpu()
-
-
-def _merged(parts: list[Counts]) -> Counts:
-    """The counts of several (keys, counts) summed per key."""
-    if not parts:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    keys, inverse = torch.unique(torch.cat([k for k, _ in parts]), return_inverse=True)
-    return keys, torch.zeros(len(keys), dtype=torch.int64).index_add_(0, inverse, torch.cat([c for _, c in parts]))
+def _flat(counts: Counts) -> Counts:
+    """Counts of one-word keys [n, 1] as keys [n]."""
+    return counts[0][:, 0], counts[1]
 
 
 def router_report(name: str, pairs: Counts, rows: Counts, num_experts: int, banks: int, topk: int,
