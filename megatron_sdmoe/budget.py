@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, load_config, routed_experts, routed_topk,
                                    router_bank_size)
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError
 from megatron_sdmoe.estimate import expert_parameters, parameter_blocks, routed_active, sub_tokens, vocab_size
 from megatron_sdmoe.validation import validate
 
@@ -168,7 +168,7 @@ def table(config: str, flat: Row, proposals: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sdmoe-budget", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-budget", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file (see configs/); its moe section is the flat MoE")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 
 from megatron_sdmoe.config import load_config
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
-from megatron_sdmoe.training.checkpoint import LATEST, checkpoint_root, latest_checkpoint, point_latest
+from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, latest_checkpoint, point_latest,
+                                                 read_meta)
 from megatron_sdmoe.training.metrics import logged_step
 
 
@@ -73,7 +74,7 @@ def describe(run_dir: Path) -> list[str]:
     checkpoints, latest, logged = complete_checkpoints(run_dir), latest_checkpoint(run_dir), _logged(run_dir)
     lines = [f"{'step':>8}  {'layout':<26}  {'GiB':>7}  {'loss':>7}  {'val loss':>8}"]
     for path in checkpoints:
-        layout = json.loads((path / "meta.json").read_text())["layout"]
+        layout = read_meta(path)["layout"]
         row = logged.get(_step(path), {})
         lines.append(f"{_step(path):>8}  {_layout_words(layout):<26}  {_size_gib(path):>7.3f}  "
                      f"{_number(row.get('loss')):>7}  {_number(row.get('val_loss')):>8}"
@@ -118,12 +119,13 @@ def _number(value) -> str:
 
 
 def checkpoint_of_step(run_dir: Path, step: int) -> Path:
-    """The complete checkpoint of step `step` in `run_dir`."""
+    """The complete checkpoint of step `step` in `run_dir` (its meta.json read)."""
     checkpoints = complete_checkpoints(run_dir)
     found = next((p for p in checkpoints if _step(p) == step), None)
     if found is None:
         raise UserError(f"{run_dir} has no complete checkpoint of step {step}: choose one of "
                         f"{', '.join(str(_step(p)) for p in checkpoints) or 'none'} (sdmoe-checkpoints list {run_dir})")
+    read_meta(found)
     return found
 
 
@@ -131,6 +133,7 @@ def rollback(run_dir: Path, step: int) -> str:
     """Point `latest` at step `step` and move the later checkpoints aside; returns what was done."""
     checkpoints, latest = complete_checkpoints(run_dir), latest_checkpoint(run_dir)
     target = checkpoint_of_step(run_dir, step)
+    check_intact(target)  # not made `latest` or branched when a rank file is damaged
     check_free(run_dir, "roll back once it has ended (or stop it: it saves a checkpoint on SIGUSR1)")
     if target == latest:
         return f"{LATEST} already names {target.name}: nothing to do"
@@ -157,6 +160,7 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
     """A new run directory `new_dir` that resumes from step `step` of `run_dir`; returns what was done.
     It is made whole beside `new_dir`, then renamed into place: a failure leaves nothing."""
     source = checkpoint_of_step(run_dir, step)
+    check_intact(source)  # not made `latest` or branched when a rank file is damaged
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise UserError(f"{new_dir} exists and is not an empty directory: branch into a new directory")
     tmp = new_dir.with_name(f".{new_dir.name}.tmp")
@@ -210,7 +214,7 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sdmoe-checkpoints", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-checkpoints", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     list_cmd = commands.add_parser("list", help="each checkpoint: step, layout, size, the loss logged there")

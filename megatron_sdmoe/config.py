@@ -240,9 +240,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file {path} not found: pass the path of a YAML file (see configs/)")
+            what = "is a directory" if path.is_dir() else "not found"
+            raise UserError(f"config file {path} {what}: pass the path of a YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not UTF-8 text: pass a YAML file (see configs/)") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML ({_first_line(e)}): fix the syntax")
         if not isinstance(raw, dict):
@@ -284,6 +287,9 @@ def _build(cls: type, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise UserError(f"config key {prefix}{key!r} is not a name: keys are section and setting names "
+                            "(see configs/)")
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known keys: {', '.join(fields)}"

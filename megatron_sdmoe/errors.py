@@ -2,7 +2,11 @@
 
 Entry points print its message as a single line and exit with code 2.
 """
+import argparse
 import errno
+import math
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +16,34 @@ FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file
 
 class UserError(Exception):
     """Bad input that the user can fix; the message names the problem and the fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a missing argument, a bad number) are one line and exit
+    code 2 like every other bad input, printed by the first rank only, instead of the usage block."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message}: see {self.prog} --help", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a count of at least 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return int(value)
+
+
+def positive_number(value: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
+    return number
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
                                    load_config, recompute_label, routed_experts, routed_topk, router_bank_size,
                                    sdmoe_group_size)
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, positive_number
 from megatron_sdmoe.validation import validate
 
 GIB = 2**30
@@ -311,12 +311,12 @@ def peak_tflops(device_name: str, bf16: bool) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sdmoe-estimate", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-estimate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--gpus", type=int, help="GPUs in the job (default: the smallest the layout allows)")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--gpu-memory-gib", type=positive_number, default=80.0, help="memory of one GPU (default 80)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_intermixed_args(argv)
     try:

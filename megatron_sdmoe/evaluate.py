@@ -24,7 +24,8 @@ import torch
 
 from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.config import Config, load_config
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line, writing_into
+from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, out_of_memory_line, positive_int,
+                                   writing_into)
 from megatron_sdmoe.moe.routes import RouteTokens, plot, report_lines, route_text, text_lines
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
@@ -33,7 +34,7 @@ from megatron_sdmoe.validation import validate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sdmoe-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory sdmoe-train wrote (its config.yaml "
                         "and checkpoints/latest are read)")
@@ -46,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--routes", action="store_true", help="also report, per MoE router on the validation "
                         "tokens, each expert's load, the tokens it takes most often (as a share of their rows) and, "
                         "with a blend, each source dataset's lift")
-    parser.add_argument("--routes-top", type=int, default=5, metavar="N", help="tokens listed per expert (default 5)")
-    parser.add_argument("--routes-min-count", type=int, default=5, metavar="N",
+    parser.add_argument("--routes-top", type=positive_int, default=5, metavar="N", help="tokens listed per expert (default 5)")
+    parser.add_argument("--routes-min-count", type=positive_int, default=5, metavar="N",
                         help="only tokens seen at least N times are listed (default 5)")
     parser.add_argument("--routes-plot", metavar="FILE.png", help="routers x experts heatmaps of the load and, with a "
                         "blend, each source dataset's lift (implies --routes)")
@@ -122,6 +123,15 @@ def check_writable(flag: str, path: Path) -> None:
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise UserError(f"{flag} {path}: directory {path.parent} does not exist or is not writable: create it "
                         "or write elsewhere")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    if flag == "--routes-plot":
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if path.suffix.lstrip(".").lower() not in formats:
+            raise UserError(f"--routes-plot {path}: matplotlib writes no {path.suffix or 'extension-less'} images: "
+                            "end the name in .png (or .pdf, .svg)")
 
 
 def write_outputs(args: argparse.Namespace, result: dict) -> None:

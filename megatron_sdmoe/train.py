@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, out_of_memory_line, writing_into
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, out_of_memory_line, writing_into
 from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import check_files
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
@@ -42,7 +42,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C that did not wait for a checkpoint (128 + SIGIN
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sdmoe-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -53,28 +53,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(cfg: Config, is_main: bool, write_config: bool = True, lock: RunLock | None = None) -> Path:
-    """run.dir (and data.cache_dir), each checked to be one directory on every rank, with the
-    resolved config.yaml written into run.dir (unless `write_config` is false) once rank 0 holds
-    `lock`, if given."""
+def prepare_run_dir(cfg: Config, is_main: bool, lock: RunLock | None = None) -> Path:
+    """run.dir (and data.cache_dir), each checked to be one directory on every rank; rank 0 takes
+    `lock`, if given, before anything is written there (the data index cache)."""
     run_dir = Path(cfg.run.dir)
     check_shared_directory(run_dir, "run.dir")
     if cfg.data.cache_dir:  # rank 0 writes the dataset index cache, the other ranks read it
         check_shared_directory(Path(cfg.data.cache_dir), "data.cache_dir")
-    if write_config:
-        taken_over = agreed(lambda: lock.acquire() if is_main and lock else None)
+    if lock:
+        taken_over = agreed(lambda: lock.acquire() if is_main else None)
         if taken_over:
             print(taken_over, flush=True)
-        agreed(lambda: _write_config(cfg, run_dir) if is_main else None)
     return run_dir
 
 
-def _write_config(cfg: Config, run_dir: Path) -> None:
-    with writing_into(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        save_config(cfg, tmp)
-        os.replace(tmp, run_dir / "config.yaml")
+def write_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
+    """The resolved config.yaml, written once the data, the model and the weights it starts from
+    have passed (so bad input leaves a run's config.yaml as it was)."""
+    def write() -> None:
+        with writing_into(run_dir):
+            tmp = run_dir / ".config.yaml.tmp"
+            save_config(cfg, tmp)
+            os.replace(tmp, run_dir / "config.yaml")
+    agreed(lambda: write() if is_main else None)
 
 
 def checked_tokenizer(cfg: Config, checkpoint: Path | None) -> tuple[Tokenizer, int]:
@@ -121,7 +122,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
             ensure_sample_corpus()
         dist.barrier()
     tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg, checkpoint))
-    run_dir = prepare_run_dir(cfg, layout.is_main, write_config=not evaluating, lock=lock)
+    run_dir = prepare_run_dir(cfg, layout.is_main, lock=lock)
     stages = build_stages(cfg, tokenizer)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
@@ -134,6 +135,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
     start_step = load_checkpoint(checkpoint, engine, layout, model_only=evaluating)
     load_seconds = time.perf_counter() - started
     if not evaluating:
+        write_config(cfg, run_dir, layout.is_main)
         record_start(run_dir, layout, start_step, dtype)
     metrics = MetricsLogger(run_dir, layout.is_main and not evaluating, start_step)
     if layout.is_main:

@@ -2,6 +2,8 @@
 (megatron-core's and DeepSpeed's rules, checked here so that each error is one clear line)."""
 from __future__ import annotations
 
+import math
+
 from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
                                    expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
                                    routed_topk, router_bank_size, sdmoe_group_size, skipped_batch_ranges,
@@ -24,6 +26,7 @@ def validate(cfg: Config, world_size: int) -> None:
     need(moe.variant in VARIANTS, f"moe.variant={moe.variant!r} is unknown: use one of {', '.join(VARIANTS)}")
     need(moe.expert_impl in ("grouped", "sequential"),
          f"moe.expert_impl={moe.expert_impl!r} is unknown: use grouped or sequential")
+    _check_numbers(cfg, need)
     if is_headwise(cfg):
         _validate_headwise(cfg, need)
     experts, topk, ffn, expert_input = routed_experts(cfg), routed_topk(cfg), expert_ffn_hidden_size(cfg), \
@@ -114,26 +117,6 @@ def validate(cfg: Config, world_size: int) -> None:
          f"model.dense_layers={m.dense_layers} needs model.dense_ffn_hidden_size (the dense MLP's width)")
     need(m.dense_ffn_hidden_size % par.tensor == 0,
          f"model.dense_ffn_hidden_size={m.dense_ffn_hidden_size} is not divisible by parallel.tensor={par.tensor}")
-    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
-                       ("model.num_attention_heads", m.num_attention_heads),
-                       ("model.num_query_groups", m.num_query_groups), ("moe.num_experts", moe.num_experts),
-                       ("moe.topk", moe.topk), ("moe.ffn_hidden_size", moe.ffn_hidden_size),
-                       ("parallel.tensor", par.tensor), ("parallel.expert", par.expert),
-                       ("parallel.expert_tensor", par.expert_tensor), ("train.max_steps", tr.max_steps),
-                       ("train.global_batch_size", tr.global_batch_size),
-                       ("train.micro_batch_size", tr.micro_batch_size), ("data.seq_length", data.seq_length),
-                       ("train.log_interval", tr.log_interval)]:
-        need(value >= 1, f"{key}={value} must be at least 1")
-    for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
-                       ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval),
-                       ("train.eval_samples", tr.eval_samples), ("train.keep_checkpoints", tr.keep_checkpoints),
-                       ("train.max_skipped_steps", tr.max_skipped_steps),
-                       ("train.time_budget_minutes", tr.time_budget_minutes),
-                       ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
-                       ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.lr", tr.lr),
-                       ("moe.expert_bias_update_rate", moe.expert_bias_update_rate),
-                       ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff)]:
-        need(value >= 0, f"{key}={value} must not be negative")
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
     need(tr.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={tr.lr_schedule!r} is unknown: use one of "
                                           f"{', '.join(LR_SCHEDULES)}")
@@ -155,7 +138,6 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.recompute != "selective" or tr.recompute_modules != [],
          "train.recompute=selective with empty train.recompute_modules recomputes nothing: name modules or "
          "set train.recompute=none")
-    need(len(tr.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {tr.adam_betas}")
     need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
                                     and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
          f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last, or empty")
@@ -249,6 +231,58 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.eval_samples % per_step == 0,
          f"train.eval_samples={tr.eval_samples} is not divisible by train.micro_batch_size x data-parallel "
          f"size = {per_step}: make it a multiple of {per_step}")
+
+
+def _check_numbers(cfg: Config, need) -> None:
+    """Sizes, counts and rates in their ranges, before anything divides by them or trains on them
+    (a zero width, a NaN or infinite learning rate, an Adam epsilon of 0: NaN losses, not an error)."""
+    m, moe, par, tr, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups), ("moe.num_experts", moe.num_experts),
+                       ("moe.topk", moe.topk), ("moe.ffn_hidden_size", moe.ffn_hidden_size),
+                       ("parallel.tensor", par.tensor), ("parallel.expert", par.expert),
+                       ("parallel.expert_tensor", par.expert_tensor), ("train.max_steps", tr.max_steps),
+                       ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+                       ("model.kv_channels", 1 if m.kv_channels is None else m.kv_channels),
+                       ("model.rotary_base", m.rotary_base),
+                       ("train.global_batch_size", tr.global_batch_size),
+                       ("train.micro_batch_size", tr.micro_batch_size), ("data.seq_length", data.seq_length),
+                       ("train.log_interval", tr.log_interval)]:
+        need(value >= 1, f"{key}={value} must be at least 1")
+    for key, value in [("train.eval_interval", tr.eval_interval), ("train.save_interval", tr.save_interval),
+                       ("train.warmup_steps", tr.warmup_steps), ("train.exit_interval", tr.exit_interval),
+                       ("train.eval_samples", tr.eval_samples), ("train.keep_checkpoints", tr.keep_checkpoints),
+                       ("train.max_skipped_steps", tr.max_skipped_steps),
+                       ("train.time_budget_minutes", tr.time_budget_minutes),
+                       ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
+                       ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.weight_decay", tr.weight_decay),
+                       ("moe.expert_bias_update_rate", moe.expert_bias_update_rate),
+                       ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff)]:
+        need(value >= 0, f"{key}={value} must not be negative")
+    for key, value in [("train.lr", tr.lr), ("train.adam_eps", tr.adam_eps), ("model.norm_epsilon", m.norm_epsilon),
+                       ("model.init_method_std", m.init_method_std)]:
+        need(math.isfinite(value) and value >= 0, f"{key}={value} must be a finite number, not negative: "
+             "give one (see the README's config reference)")
+    for key, value in [("train.adam_eps", tr.adam_eps), ("model.norm_epsilon", m.norm_epsilon),
+                       ("model.init_method_std", m.init_method_std)]:
+        need(value > 0, f"{key}={value} must be positive (0 divides by zero): give e.g. its default")
+    need(len(tr.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.adam_betas),
+         f"train.adam_betas={tr.adam_betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    need(0 <= tr.seed < 2 ** 32, f"train.seed={tr.seed} must lie in [0, 2**32 - 1] (numpy's range)")
+    need(cfg.run.dir.strip() != "", "run.dir is empty (an unset shell variable?): give the run directory")
+    check_split(data.split)
+
+
+def check_split(split: str) -> None:
+    """data.split: train,validation,test weights (one to three), the train weight positive."""
+    try:
+        weights = [float(w) for w in str(split).split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or weights[0] <= 0:
+        raise UserError(f"data.split={split!r} is not of the form train,validation,test with a positive train weight: "
+                        "use e.g. 98,2,0 (quoted in YAML: an unquoted 98:2:0 is read as a number)")
 
 
 def _validate_headwise(cfg: Config, need) -> None:

@@ -7,14 +7,13 @@ The files are memory-mapped, so assembling a tensor reads only its shards.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.checkpoint import check_intact, latest_checkpoint
+from megatron_sdmoe.training.checkpoint import check_intact, latest_checkpoint, read_meta
 from megatron_sdmoe.training.reshard import assemble
 
 
@@ -30,7 +29,7 @@ def checkpoint_dir(path: str | Path) -> Path:
 class CheckpointReader:
     def __init__(self, path: str | Path):
         self.dir = checkpoint_dir(path)
-        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.meta = read_meta(self.dir)
         self.config: Config = load_config(self.dir / "config.yaml")
         if self.config.moe.expert_impl == "sequential":  # per-expert weights named by local index
             raise UserError(f"{self.dir} holds megatron-core's sequential experts (moe.expert_impl=sequential), "

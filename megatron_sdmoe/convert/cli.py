@@ -41,7 +41,7 @@ from megatron_sdmoe.convert import deepseek, fp8, headwise_export, qwen, upcycle
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.mapping import MTP_COPIES, conversion_group, layer_index
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
 from megatron_sdmoe.validation import validate
 
 ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen, "deepseek": deepseek}  # model.preset -> its adapter module
@@ -136,7 +136,8 @@ def staged(out: Path):
         raise UserError(f"{out} exists: choose a new output directory (nothing is overwritten)")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with writing_into(out, "OUT_DIR"):
+        tmp.mkdir(parents=True)
     try:
         yield tmp
         tmp.rename(out)
@@ -193,7 +194,10 @@ def read_hf_config(hf_dir: str):
     from transformers import AutoConfig
 
     try:
-        model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(hf_dir) / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError("config.json holds no mapping of settings")
+        model_type = config.get("model_type")
         own = headwise_export.config_class(model_type)
         return own.from_pretrained(hf_dir) if own else AutoConfig.from_pretrained(hf_dir)
     except (OSError, ValueError) as e:
@@ -264,7 +268,7 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sdmoe-convert", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("to-hf", help="checkpoint -> Hugging Face model directory")

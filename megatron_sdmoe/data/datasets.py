@@ -26,6 +26,7 @@ from megatron_sdmoe.data.indexed import check_bin_size
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
 from megatron_sdmoe.errors import UserError, writing_into
+from megatron_sdmoe.validation import check_split
 
 BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
                 "position_ids": torch.int64}
@@ -83,16 +84,6 @@ def _require_helpers() -> None:
                         f"megatron-core==0.19.2 from its wheel or build them with `make -C {source}`") from e
 
 
-def _check_split(split: str) -> None:
-    try:
-        weights = [float(w) for w in split.split(",")]
-    except ValueError:
-        weights = []
-    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or weights[0] <= 0:
-        raise UserError(f"data.split={split!r} is not of the form train,validation,test with a positive "
-                        "train weight: use e.g. 98,2,0")
-
-
 @contextmanager
 def _single_process_is_fine():
     # A single process is a supported layout: megatron's "defaulting to rank 0" warning is right there.
@@ -110,7 +101,7 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
     epochs). The validation and test sets are read when `num_eval_samples` > 0, data.split's test
     set when it has a weight; and refused when a .bin does not hold the tokens its .idx lists (a
     copy cut short). Reads only the .idx files (and the size of each .bin)."""
-    _check_split(cfg.data.split)
+    check_split(cfg.data.split)
     blend, valid_blend, test_blend = (parse_blend(p) if p else None for p in (path, valid_path, test_path))
     if valid_blend:
         parts = [("train", prefix, (0.0, 1.0)) for prefix in blend[0]]

@@ -13,7 +13,7 @@ import numpy as np
 
 from megatron_sdmoe.data.indexed import open_checked
 from megatron_sdmoe.data.preprocess import load_cli_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, positive_int
 
 
 def describe(prefix: str, tokenizer_dir: str | None, sample_tokens: int) -> list[str]:
@@ -43,13 +43,13 @@ def check(prefix: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sdmoe-data", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     describe_cmd = commands.add_parser("inspect", help="counts, dtype and a decoded sample")
     describe_cmd.add_argument("prefix", help=".bin/.idx prefix (without the extension)")
     describe_cmd.add_argument("--tokenizer", help="local Hugging Face tokenizer directory, to decode a sample")
-    describe_cmd.add_argument("--sample-tokens", type=int, default=64,
+    describe_cmd.add_argument("--sample-tokens", type=positive_int, default=64,
                               help="tokens of document 0 to decode (default 64)")
     check_cmd = commands.add_parser("check", help="verify that each .idx describes its .bin")
     check_cmd.add_argument("prefixes", nargs="+", metavar="prefix", help=".bin/.idx prefix (without the extension)")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from megatron_sdmoe.data.indexed import open_checked
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, positive_int
 
 BATCH_RECORDS = 256  # records per worker task: amortises the transfer between processes, keeps progress smooth
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -404,14 +404,8 @@ def merge(args: argparse.Namespace) -> str:
             f"{args.output_prefix}")
 
 
-def positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-    return int(value)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sdmoe-preprocess", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help=".jsonl, .jsonl.gz, .parquet, .arrow files, directories of them, or datasets "
@@ -421,7 +415,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
     parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                         help="text field(s) to tokenize, one output each (default: text)")
-    parser.add_argument("--workers", type=positive, default=1,
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="tokenizing processes, one thread each (default 1: in this process)")
     parser.add_argument("--split-sentences", action="store_true",
                         help="one item per sentence (split after . ! ? and whitespace) instead of one per document")
@@ -429,7 +423,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="end each document with the tokenizer's eos id (default: on)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip and count malformed JSON lines instead of failing")
-    parser.add_argument("--partitions", type=positive, default=1,
+    parser.add_argument("--partitions", type=positive_int, default=1,
                         help="write N outputs <prefix>_0_<key>_document, ... of consecutive records (join them with "
                              "`sdmoe-preprocess merge`)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -437,7 +431,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_merge_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sdmoe-preprocess merge",
+    parser = ArgumentParser(prog="sdmoe-preprocess merge",
                                      description="Concatenate .bin/.idx pairs, in the order given, into one.")
     parser.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX", help=".bin/.idx prefixes to merge")
     parser.add_argument("--output-prefix", required=True, help="the merged pair's prefix")

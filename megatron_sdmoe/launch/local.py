@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError
 from megatron_sdmoe.launch.torchrun import run
 from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import WAIT_OR_STOP, check_free
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sdmoe-launch", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

@@ -20,6 +20,7 @@ has ended (`--dependency=afterany`); a job that starts after the run is done end
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from string import Template
 
 import yaml
 
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, UserError, writing_into
+from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
 from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import running_job
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
@@ -105,17 +106,43 @@ def load_profile(path: str | None) -> dict:
     if path is None:
         return {}
     try:
-        profile = yaml.safe_load(Path(path).read_text()) or {}
+        profile = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise UserError(f"cluster profile {path} cannot be read ({e.strerror}): give an existing YAML file")
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cluster profile {path} is not YAML text ({str(e).splitlines()[0]}): fix it") from None
     known = {"partition", "account", "qos", "constraint", "container", "cpus_per_gpu", "env", "time"}
     if not isinstance(profile, dict) or set(profile) - known:
         raise UserError(f"cluster profile {path} must be a mapping of {', '.join(sorted(known))}")
+    for key in ("partition", "account", "qos", "constraint", "container", "time"):
+        if key in profile and not isinstance(profile[key], str):
+            raise UserError(f"cluster profile {path}: {key} is {profile[key]!r}, not text: quote it (YAML reads an "
+                            "unquoted 24:00:00 as a number of seconds)")
+    if "time" in profile:
+        slurm_time(profile["time"], f"cluster profile {path}: time")
+    cpus = profile.get("cpus_per_gpu", 1)
+    if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
+        raise UserError(f"cluster profile {path}: cpus_per_gpu={cpus!r} must be a whole number of at least 1")
+    env = profile.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
+        raise UserError(f"cluster profile {path}: env must map variable names (letters, digits, _) to values, "
+                        f"got {env!r}")
     return profile
 
 
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE")  # sbatch --time's forms
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def slurm_time(value: str, what: str = "--time") -> str:
+    if not SLURM_TIME.fullmatch(value):
+        raise UserError(f"{what} {value!r} is not a SLURM time limit: give minutes, HH:MM:SS or D-HH:MM:SS "
+                        "(e.g. 24:00:00)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sdmoe-submit", description=__doc__,
+    parser = ArgumentParser(prog="sdmoe-submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -139,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--nodes and --gpus-per-node must be at least 1")
         if args.chain < 0:
             raise UserError(f"--chain {args.chain}: give the number of jobs to queue after the first (0: none)")
+        if args.time:
+            slurm_time(args.time)
+        if args.after and not re.fullmatch(r"\d+(_\d+)?", args.after):
+            raise UserError(f"--after {args.after!r} is not a SLURM job id: give the number sbatch printed")
         profile = load_profile(args.profile)
         profile.update({k: getattr(args, k) for k in ("partition", "account", "qos", "constraint", "container")
                         if getattr(args, k)})

@@ -213,7 +213,7 @@ def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
                 raise UserError(f"checkpoint {path} was trained with train.{key}={saved_value}, not {value}: the "
                                 "data position counts global batches, so other batches would skip or repeat "
                                 f"samples; resume with train.{key}={saved_value}")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     saved, par = meta["layout"], cfg.parallel
     wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
     if saved != wanted and "ranks" not in meta:
@@ -267,12 +267,25 @@ def _flat_items(saved: dict, current: dict, prefix: str = ""):
             yield f"{prefix}{key}", saved[key], current[key]
 
 
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json (step, layout, ...), refused when damaged (a copy cut short)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {path}: meta.json is damaged ({str(e).splitlines()[0]}): copy the checkpoint "
+                        "again, or sdmoe-checkpoints rollback to an earlier one") from None
+    if not isinstance(meta, dict) or not {"step", "layout"} <= set(meta):
+        raise UserError(f"checkpoint {path}: meta.json lacks the step and layout: copy the checkpoint again, or "
+                        "sdmoe-checkpoints rollback to an earlier one")
+    return meta
+
+
 def check_intact(path: Path) -> None:
     """Refuse a checkpoint with a rank file missing or cut short (a copy that stopped, a disk that
     filled while copying), which would otherwise fail on one rank while the others wait. Under
     torch.distributed each rank checks its share of the files, else this process all of them:
     opening a file as the zip archive torch.save writes reads its directory, at the end, not its data."""
-    saved = json.loads((path / "meta.json").read_text())["layout"]["world_size"]
+    saved = read_meta(path)["layout"]["world_size"]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for index in range(rank, saved, world):
         file = path / f"rank_{index:05d}.pt"
@@ -289,7 +302,7 @@ def check_vocabulary(path: Path | None, rows: int) -> None:
     of rows than this run's model (`rows`, padded): another tokenizer, or another model.vocab_size."""
     if path is None:
         return
-    saved = json.loads((path / "meta.json").read_text()).get("vocab_rows")  # absent: saved before it was recorded
+    saved = read_meta(path).get("vocab_rows")  # absent: saved before it was recorded
     if saved is not None and saved != rows:
         raise UserError(f"checkpoint {path} has a vocabulary of {saved} rows, but this run's tokenizer and "
                         f"model.vocab_size give {rows}: resume with the data.tokenizer and model.vocab_size it was "
@@ -299,7 +312,7 @@ def check_vocabulary(path: Path | None, rows: int) -> None:
 def relaid_from(path: Path | None, layout: Layout) -> str | None:
     """The layout a checkpoint was saved in, in words, if this run's differs (None: the same layout,
     or no checkpoint)."""
-    saved = json.loads((path / "meta.json").read_text())["layout"] if path is not None else None
+    saved = read_meta(path)["layout"] if path is not None else None
     if saved is None or saved == _layout_of(layout):
         return None
     return (f"world {saved['world_size']}, TP {saved['tensor']}, EP {saved['expert']}, "
@@ -308,12 +321,12 @@ def relaid_from(path: Path | None, layout: Layout) -> str | None:
 
 def saved_step(path: Path | None) -> int:
     """The step of a checkpoint (0 for none: before the first)."""
-    return json.loads((path / "meta.json").read_text())["step"] if path is not None else 0
+    return read_meta(path)["step"] if path is not None else 0
 
 
 def saved_trainer_state(path: Path | None) -> dict:
     """The training loop's state saved with a checkpoint ({} for none: before the first)."""
-    return json.loads((path / "meta.json").read_text()).get("trainer", {}) if path is not None else {}
+    return read_meta(path).get("trainer", {}) if path is not None else {}
 
 
 def load_checkpoint(path: Path | None, engine, layout: Layout, model_only: bool = False) -> int:
@@ -321,7 +334,7 @@ def load_checkpoint(path: Path | None, engine, layout: Layout, model_only: bool 
     start from. `model_only` (evaluation): the weights, not the optimizer or schedule."""
     if path is None:
         return 0
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     places = _places()
     saved = SavedRanks(path, meta.get("ranks", places))  # without "ranks": saved in this very layout
     # this run's optimizer settings (weight decay, betas, eps): loading the saved state overwrites them
