@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config
+from megatron_sdmoe.data.datasets import parse_blend
+from megatron_sdmoe.data.indexed import check_token_ids
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, out_of_memory_line, writing_into
@@ -34,7 +36,7 @@ from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabula
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
-from megatron_sdmoe.training.stages import build_stages
+from megatron_sdmoe.training.stages import build_stages, stage_blends
 from megatron_sdmoe.validation import validate
 
 EXIT_DIVERGED = 4  # stopped after too many non-finite steps, with a checkpoint of the last good weights
@@ -80,13 +82,16 @@ def write_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
 
 def checked_tokenizer(cfg: Config, checkpoint: Path | None) -> tuple[Tokenizer, int]:
     """The tokenizer and the vocabulary size (before padding), refused if the model or the
-    checkpoint it starts from has fewer rows than it needs."""
+    checkpoint it starts from has fewer rows than it needs, or the data holds ids past it."""
     tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
                         "raise it or leave it empty")
     check_vocabulary(checkpoint, padded_vocab_size(vocab, cfg))
+    for _name, *blends, _steps in stage_blends(cfg):
+        for prefix in {prefix for blend in blends if blend for prefix in parse_blend(blend)[0]}:
+            check_token_ids(prefix, vocab)
     return tokenizer, vocab
 
 

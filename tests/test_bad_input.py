@@ -295,3 +295,35 @@ def test_weights_to_start_from_with_a_missing_shard(tmp_path):
     proc = train(tmp_path / "run", f"model.init_from={tmp_path / 'hf'}")
     assert_refused(proc, f"error: {index} names shard model-1.safetensors, which is missing: ")
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_found_after_the_lock_leaves_the_runs_config_as_it_was(resumed):
+    """Bad input found once run.dir is locked (the sample corpus's splits are checked as it is read):
+    config.yaml is written only after the data, the model and its weights have passed."""
+    run_dir, before = resumed
+    proc = train(run_dir, "data.split=100,0,0", "train.eval_interval=2")
+    assert_refused(proc, "error: data.split='100,0,0' gives the validation set no documents")
+    after = snapshot(run_dir)
+    assert {p: after[p] for p in before} == before  # the data index cache aside, nothing changed
+
+
+def test_a_damaged_meta_json_is_one_line(resumed):
+    run_dir, before = resumed
+    meta = run_dir / "checkpoints" / "step_00000002" / "meta.json"
+    meta.write_text("{")
+    proc = train(run_dir)
+    assert_refused(proc, f"error: checkpoint {meta.parent}: meta.json is damaged (")
+    assert "copy the checkpoint again, or sdmoe-checkpoints rollback to an earlier one" in proc.stderr
+
+
+def test_a_corpus_of_another_tokenizer(tmp_path):
+    """Ids past the model's vocabulary (the sample tokenizer's 4096): refused at start-up, not an
+    index error at the embedding (a device-side assert on a GPU)."""
+    from megatron_sdmoe.data import ensure_sample_corpus
+
+    other = str(tmp_path / "other")
+    write_indexed(other, [[7, 5000, 12] * 10 + [0]] * 200, 6000)
+    proc = train(tmp_path / "run", f"data.path=[{other}]", f"data.tokenizer={ensure_sample_corpus().tokenizer_dir}")
+    assert_refused(proc, f"error: {other}.bin holds token id 5000, but the model's vocabulary (data.tokenizer's, or "
+                         "model.vocab_size) has 4096 ids: the corpus was tokenized with another tokenizer")
+    assert not (tmp_path / "run").exists()

@@ -84,6 +84,22 @@ def test_load_errors(override, message):
       "train.skip_batches=[90-110, 150]"], 1, "train.skip_batches has 90-110, which holds the last step of a stage"),
     (["moe.variant=sdmoe", "parallel.expert_tensor=2"], 2,
      "moe.variant=sdmoe shards the common matrices with the experts only when parallel.expert_tensor equals"),
+    # values that divided by zero, or trained to NaN, before they were checked
+    (["run.dir="], 1, "run.dir is empty (an unset shell variable?): give the run directory"),
+    (["parallel.tensor=0"], 1, "parallel.tensor=0 must be at least 1"),
+    (["model.kv_channels=0"], 1, "model.kv_channels=0 must be at least 1"),
+    (["model.make_vocab_size_divisible_by=0"], 1, "model.make_vocab_size_divisible_by=0 must be at least 1"),
+    (["model.rotary_base=0"], 1, "model.rotary_base=0 must be at least 1"),
+    (["train.lr=inf"], 1, "train.lr=inf must be a finite number, not negative"),
+    (["train.lr=nan"], 1, "train.lr=nan must be a finite number, not negative"),
+    (["train.adam_eps=0"], 1, "train.adam_eps=0.0 must be positive (0 divides by zero)"),
+    (["model.norm_epsilon=-1"], 1, "model.norm_epsilon=-1.0 must be a finite number, not negative"),
+    (["model.init_method_std=0"], 1, "model.init_method_std=0.0 must be positive"),
+    (["train.weight_decay=-1"], 1, "train.weight_decay=-1.0 must not be negative"),
+    (["train.adam_betas=[1.5, 2]"], 1, "train.adam_betas=[1.5, 2] must be two numbers in [0, 1)"),
+    (["train.adam_betas=[a, b]"], 1, "train.adam_betas=['a', 'b'] must be two numbers in [0, 1)"),
+    (["train.seed=-1"], 1, "train.seed=-1 must lie in [0, 2**32 - 1]"),
+    (["data.split=0,0,0"], 1, "data.split='0,0,0' is not of the form train,validation,test with a positive train"),
 ])
 def test_validation_errors(overrides, world, message):
     cfg = load_config(CONFIG, overrides)
@@ -109,6 +125,36 @@ def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not run_dir.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00 not text", "is not UTF-8 text: pass a YAML file (see configs/)"),
+    (b"1: 2\n", "config key 1 is not a name: keys are section and setting names (see configs/)"),
+])
+def test_config_files_that_are_not_configs(content, message, tmp_path):
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="is a directory: pass the path of a YAML file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("prog, args, message", [
+    ("megatron_sdmoe.evaluate", ["RUN", "--step", "abc"], "error: argument --step: invalid int value: 'abc': see "
+                                                          "sdmoe-eval --help"),
+    ("megatron_sdmoe.evaluate", ["RUN", "--routes-top", "-3"], "error: argument --routes-top: '-3' is not a positive "
+                                                               "integer: see sdmoe-eval --help"),
+    ("megatron_sdmoe.checkpoints", ["rollback", "RUN", "step_2"], "error: argument step: invalid int value: "
+                                                                  "'step_2': see sdmoe-checkpoints rollback --help"),
+    ("megatron_sdmoe.estimate", [CONFIG, "--gpus", "1", "--gpu-memory-gib", "nan"],
+     "error: argument --gpu-memory-gib: 'nan' is not a positive number: see sdmoe-estimate --help"),
+    ("megatron_sdmoe.convert.cli", [], "error: the following arguments are required: command: see sdmoe-convert "
+                                       "--help"),
+])
+def test_command_line_errors_are_one_line(prog, args, message, tmp_path):
+    """argparse's own errors too: one line naming the problem and --help, exit 2."""
+    proc = python_m(prog, *[str(tmp_path) if a == "RUN" else a for a in args])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message], proc.stderr
 
 
 def test_cli_missing_config_file(tmp_path):

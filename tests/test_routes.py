@@ -178,3 +178,7 @@ def test_a_plot_that_cannot_be_written_is_refused_first(run, tmp_path):
     proc = run_command(EVAL, run, "--routes-plot", tmp_path / "missing" / "routes.png")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"--routes-plot {tmp_path / 'missing' / 'routes.png'}: directory" in proc.stderr
+    proc = run_command(EVAL, run, "--routes-plot", tmp_path / "routes.txt")  # no image format
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --routes-plot {tmp_path / 'routes.txt'}: matplotlib writes no .txt images: end the name in .png "
+        "(or .pdf, .svg)"], proc.stderr

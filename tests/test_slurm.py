@@ -76,6 +76,25 @@ def test_submit_bad_input(tmp_path):
         "error: --chain -1: give the number of jobs to queue after the first (0: none)")
 
 
+@pytest.mark.parametrize("profile, args, message", [
+    ("time: 24:00:00\n", [], "error: cluster profile PROFILE: time is 86400, not text: quote it (YAML reads an "
+                             "unquoted 24:00:00 as a number of seconds)"),
+    ("time: '3 days'\n", [], "error: cluster profile PROFILE: time '3 days' is not a SLURM time limit"),
+    ("env: [A, B]\n", [], "error: cluster profile PROFILE: env must map variable names"),
+    ("env: {BAD NAME: 1}\n", [], "error: cluster profile PROFILE: env must map variable names"),
+    ("cpus_per_gpu: 0\n", [], "error: cluster profile PROFILE: cpus_per_gpu=0 must be a whole number of at least 1"),
+    ("", ["--time", "-1"], "error: --time '-1' is not a SLURM time limit: give minutes, HH:MM:SS or D-HH:MM:SS"),
+    ("", ["--after", "job7"], "error: --after 'job7' is not a SLURM job id: give the number sbatch printed"),
+])
+def test_submit_refuses_bad_times_ids_and_profiles(profile, args, message, tmp_path):
+    (tmp_path / "site.yaml").write_text(profile)
+    proc = submit(tmp_path / "job", "--profile", str(tmp_path / "site.yaml"), *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(message.replace("PROFILE", str(tmp_path / "site.yaml"))), lines[0]
+    assert not (tmp_path / "job").exists()
+
+
 def test_profile_sets_site_defaults(tmp_path):
     """A site profile's directives, container and environment land in the script; its env comes
     after the NCCL defaults, so it overrides them; in the container its python is used."""

@@ -77,6 +77,19 @@ def check_bin_size(prefix: str, dataset: IndexedDataset) -> None:
         raise _mismatch(prefix, _size_problem(tokens, itemsize, bin_bytes))
 
 
+def check_token_ids(prefix: str, vocab: int, head: int = 2 ** 20) -> None:
+    """Refuse a corpus whose first `head` tokens hold an id the model has no embedding row for: it
+    was tokenized with another tokenizer (training would fail at the embedding, on a GPU as a
+    device-side assert). The head alone is read, so that a huge corpus costs nothing at start-up."""
+    dtype = IndexedDataset(prefix).index.dtype
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")[:head]
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= vocab:
+        raise UserError(f"{prefix}.bin holds token id {largest}, but the model's vocabulary (data.tokenizer's, or "
+                        f"model.vocab_size) has {vocab} ids: the corpus was tokenized with another tokenizer; "
+                        "set data.tokenizer to that one, or preprocess the corpus with this one")
+
+
 def _size_problem(tokens: int, itemsize: int, bin_bytes: int) -> str:
     return f"its sequence lengths add up to {tokens} tokens of {itemsize} bytes, but the .bin has {bin_bytes} bytes"
 
