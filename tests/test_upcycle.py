@@ -72,6 +72,8 @@ def test_the_copies_train_apart(upcycled, tmp_path):
     ("topk", "moe.topk=5 with moe.num_experts=4: choose 1 <= topk <= experts"),
     ("headwise", "moe.variant=headwise experts take d/H-wide head slices, so they cannot copy the dense MLP: upcycle "
                  "with moe.variant=topk or sdmoe"),
+    ("resized", "overrides would describe another model than the weights (moe.ffn_hidden_size: 32 -> 64, "
+                "moe.shared_expert_ffn_hidden_size: 0 -> 128): drop them (the model's sizes come from its config.json)"),
 ])
 def test_bad_input_exits_2_with_one_line(case, message, upcycled, tmp_path):
     from test_convert import hf_model_config, save_hf_model
@@ -81,6 +83,7 @@ def test_bad_input_exits_2_with_one_line(case, message, upcycled, tmp_path):
         source = tmp_path / "moe"
         save_hf_model(hf_model_config("qwen3_moe", vocab_size=4096), source)
     proc = run_command(CONVERT, "upcycle", source, tmp_path / "out", "moe.num_experts=4",
-                       *{"topk": ["moe.topk=5"], "headwise": ["moe.variant=headwise"]}.get(case, []))
+                       *{"topk": ["moe.topk=5"], "headwise": ["moe.variant=headwise"],
+                         "resized": ["moe.ffn_hidden_size=64", "moe.shared_expert_ffn_hidden_size=128"]}.get(case, []))
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
     assert not (tmp_path / "out").exists()

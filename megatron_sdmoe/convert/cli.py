@@ -24,6 +24,7 @@ temporary directory and renamed into place; an existing OUT_DIR is refused.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -214,12 +215,28 @@ def import_config(hf, overrides: list[str], names: list[str]):
         raise UserError(f"architectures={hf.architectures} cannot be imported: this system imports "
                         f"{', '.join(sorted(architectures))} and their head-wise exports")
     headwise = getattr(hf, "headwise", None) is not None
-    cfg = load_config(None, [*adapter.config_overrides(hf, names),
-                             *(headwise_export.config_overrides(hf) if headwise else []),
-                             *overrides])
+    imported = [*adapter.config_overrides(hf, names), *(headwise_export.config_overrides(hf) if headwise else [])]
+    cfg, own = load_config(None, [*imported, *overrides]), load_config(None, imported)
+    changed = [f"{key}: {_setting(own, key)} -> {_setting(cfg, key)}" for key in WEIGHT_SHAPES
+               if _setting(cfg, key) != _setting(own, key)]
+    if changed:
+        raise UserError(f"overrides would describe another model than the weights ({', '.join(changed)}): drop them "
+                        "(the model's sizes come from its config.json)")
     par = cfg.parallel
     validate(cfg, max(par.tensor, par.expert * par.expert_tensor))
     return adapter, cfg
+
+
+# The settings that shape the weights (or add some): taken from the transformers config, never overridden.
+WEIGHT_SHAPES = ["model.preset", "model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                 "model.num_query_groups", "model.kv_channels", "model.attention", "model.dense_layers",
+                 "model.dense_ffn_hidden_size", "model.mtp_layers", "model.vocab_size", "model.mla.q_lora_rank",
+                 "model.mla.kv_lora_rank", "model.mla.qk_head_dim", "model.mla.qk_rope_head_dim",
+                 "model.mla.v_head_dim", "moe.num_experts", "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size"]
+
+
+def _setting(cfg: Config, key: str):
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def _unquantised_dtype(hf) -> torch.dtype:
