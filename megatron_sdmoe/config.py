@@ -234,6 +234,22 @@ class Config:
 # Loading
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} appears twice", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """YAML text as Python values; a key given twice in one mapping is an error (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeys)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Config file (YAML) plus dotted `key=value` overrides -> typed Config."""
     raw: dict = {}
@@ -243,7 +259,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             what = "is a directory" if path.is_dir() else "not found"
             raise UserError(f"config file {path} {what}: pass the path of a YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
             raise UserError(f"config file {path} is not UTF-8 text: pass a YAML file (see configs/)") from None
         except yaml.YAMLError as e:

@@ -130,6 +130,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe\x00 not text", "is not UTF-8 text: pass a YAML file (see configs/)"),
     (b"1: 2\n", "config key 1 is not a name: keys are section and setting names (see configs/)"),
+    (b"train:\n  lr: 1\n  lr: 2\n", "is not valid YAML (key 'lr' appears twice): fix the syntax"),
 ])
 def test_config_files_that_are_not_configs(content, message, tmp_path):
     (tmp_path / "bad.yaml").write_bytes(content)

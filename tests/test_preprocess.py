@@ -262,6 +262,18 @@ def test_bad_input_in_a_process(tmp_path, tokenizer_dir, overflowing_tokenizer):
     assert list(out.iterdir()) == []
 
 
+def test_an_output_prefix_that_names_a_directory(tmp_path, cli, tokenizer_dir):
+    """DIR/ would write DIR/_text_document.bin: refused, naming a prefix to use instead."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}])
+    (tmp_path / "out").mkdir()
+    for prefix in (f"{tmp_path / 'out'}/", str(tmp_path / "out")):
+        result = cli(PREPROCESS, "--input", corpus, "--output-prefix", prefix, "--tokenizer", tokenizer_dir)
+        assert result.code == 2 and result.err == (
+            f"error: argument --output-prefix: {prefix!r} names a directory: give a file-name prefix in it, e.g. "
+            f"{tmp_path / 'out' / 'corpus'}: see sdmoe-preprocess --help\n"), result.err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_existing_output_is_kept(tmp_path, cli, tokenizer_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}])
     (tmp_path / "out_text_document.idx").write_text("precious")

@@ -290,6 +290,14 @@ def encode_all(encoder: Encoder, batches: Iterable[Batch], workers: int) -> Iter
 
 # --- outputs ------------------------------------------------------------------------------------
 
+def output_prefix(value: str) -> str:
+    """An argparse type: a file-name prefix, not a directory (which would give DIR/_text_document.bin)."""
+    if value.endswith(os.sep) or os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value!r} names a directory: give a file-name prefix in it, e.g. "
+                                         f"{os.path.join(value, 'corpus')}")
+    return value
+
+
 def check_outputs(prefixes: list[str], overwrite: bool) -> None:
     for prefix in prefixes:
         parent = os.path.dirname(os.path.abspath(prefix))
@@ -410,7 +418,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help=".jsonl, .jsonl.gz, .parquet, .arrow files, directories of them, or datasets "
                              "save_to_disk directories")
-    parser.add_argument("--output-prefix", required=True,
+    parser.add_argument("--output-prefix", required=True, type=output_prefix,
                         help="outputs are <prefix>_<key>_document.bin/.idx (_sentence with --split-sentences)")
     parser.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
     parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
@@ -434,7 +442,7 @@ def parse_merge_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="sdmoe-preprocess merge",
                                      description="Concatenate .bin/.idx pairs, in the order given, into one.")
     parser.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX", help=".bin/.idx prefixes to merge")
-    parser.add_argument("--output-prefix", required=True, help="the merged pair's prefix")
+    parser.add_argument("--output-prefix", required=True, type=output_prefix, help="the merged pair's prefix")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser.parse_args(argv)
 

@@ -30,6 +30,7 @@ from string import Template
 
 import yaml
 
+from megatron_sdmoe.config import load_yaml
 from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
 from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import running_job
@@ -106,7 +107,7 @@ def load_profile(path: str | None) -> dict:
     if path is None:
         return {}
     try:
-        profile = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        profile = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise UserError(f"cluster profile {path} cannot be read ({e.strerror}): give an existing YAML file")
     except (UnicodeDecodeError, yaml.YAMLError) as e:
