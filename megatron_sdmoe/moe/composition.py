@@ -23,10 +23,15 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_sdmoe.moe.counting import Counts, counted, mixed, owned_sums, summed
 
 
+def route_words(experts: int) -> int:
+    """How many int64 words route_ids gives a route among `experts` (63 experts per word)."""
+    return -(-experts // 63)
+
+
 def route_ids(routing_map: torch.Tensor) -> torch.Tensor:
     """[T, E] bool -> [T, W] int64 words that identify each row's expert set (63 experts per word)."""
     tokens, experts = routing_map.shape
-    width = -(-experts // 63)
+    width = route_words(experts)
     padded = torch.zeros(tokens, width * 63, dtype=torch.int64, device=routing_map.device)
     padded[:, :experts] = routing_map.long()
     bits = torch.arange(63, device=routing_map.device, dtype=torch.int64)
@@ -112,7 +117,7 @@ class RouteComposition(RouterObserver):
         collective)."""
         sums = []
         for router, parts in zip(self.routers, self.counts):
-            width = -(-router.weight.shape[0] // 63) + 1  # route_ids' words, then the label
+            width = route_words(router.weight.shape[0]) + 1  # then the label
             sums.append(composition_sums(owned_sums(parts, width, lambda keys: mixed(keys[:, :-1]))))
         self.counts = [[] for _ in self.routers]
         return [weighted / tokens if tokens else float("nan") for weighted, tokens in summed(sums)]

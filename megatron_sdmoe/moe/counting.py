@@ -49,8 +49,8 @@ def owned_sums(parts: list[Counts], width: int, owner_of: Callable[[torch.Tensor
     world = dist.get_world_size()
     owners = owner_of(keys) % world
     order = torch.argsort(owners, stable=True)
-    payload = torch.cat([keys, counts[:, None]], dim=1)[order].to(_device())
-    sent = torch.bincount(owners, minlength=world).to(_device())
+    payload = torch.cat([keys, counts[:, None]], dim=1)[order].to(device())
+    sent = torch.bincount(owners, minlength=world).to(device())
     received = torch.empty_like(sent)
     dist.all_to_all_single(received, sent)
     arrived = payload.new_empty(int(received.sum()), width + 1)
@@ -70,11 +70,11 @@ def on_first_rank(counts: list[Counts]) -> list[Counts] | None:
 
 def summed(values: list[list[float]]) -> list[list[float]]:
     """Each rank's partial sums [items][terms], summed over every rank (float64); a collective."""
-    total = torch.tensor(values, dtype=torch.float64, device=_device())
+    total = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(total)
     return total.cpu().tolist()
 
 
-def _device() -> torch.device:
-    """Where collectives take tensors: NCCL's GPU on a GPU machine, gloo's CPU otherwise."""
+def device() -> torch.device:
+    """This rank's GPU, else the CPU: where its collectives (NCCL, gloo) take tensors."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

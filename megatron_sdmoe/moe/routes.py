@@ -78,7 +78,7 @@ class RouteTokens(RouterObserver):
             pairs, rows = _flat(pairs), _flat(rows)
             ids = torch.unique(rows[0] % self.vocab_size)
             reaching = token_reaching(pairs, ids, router.weight.shape[0], self.labels_count, self.vocab_size)
-            sums.append([getattr(router, "banks", 1) * reaching.max(0).values.sum().item(), rows[1].sum().item()])
+            sums.append([largest_shares(reaching, getattr(router, "banks", 1)), rows[1].sum().item()])
         return [largest / rows if rows else float("nan") for largest, rows in summed(sums)]
 
 
@@ -180,9 +180,14 @@ def token_reaching(pairs: Counts, ids: torch.Tensor, num_experts: int, labels_co
 
 
 def token_concentration(reaching: torch.Tensor, rows: float, banks: int) -> float:
-    """The row-weighted mean over tokens of their largest share: sum_t rows_t max_e reaching[e, t] /
-    (rows_t / banks), over `rows`."""
-    return banks * reaching.max(0).values.sum().item() / rows if rows else float("nan")
+    """The row-weighted mean over tokens of their largest share, over `rows`."""
+    return largest_shares(reaching, banks) / rows if rows else float("nan")
+
+
+def largest_shares(reaching: torch.Tensor, banks: int) -> float:
+    """sum_t rows_t x (token t's largest share) = sum_t max_e reaching[e, t] x banks (a token's rows
+    that can reach an expert are rows_t / banks); sums over disjoint sets of tokens add up."""
+    return banks * reaching.max(0).values.sum().item()
 
 
 def report_lines(report: dict) -> list[str]:

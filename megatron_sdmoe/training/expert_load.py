@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_sdmoe.moe.counting import device
+
 
 class ExpertLoadMeter:
     """Forward hooks on every router add up its routing map while the model trains.
@@ -16,10 +18,9 @@ class ExpertLoadMeter:
     def __init__(self, model: torch.nn.Module):
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         num_experts = self.routers[0].config.num_moe_experts if self.routers else 0
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         # On the routers' device, so counting adds no host sync to the training step.
-        self.counts = torch.zeros(len(self.routers), num_experts, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(len(self.routers), dtype=torch.float64, device=device)  # routed, per router
+        self.counts = torch.zeros(len(self.routers), num_experts, dtype=torch.float64, device=device())
+        self.tokens = torch.zeros(len(self.routers), dtype=torch.float64, device=device())  # routed, per router
         for index, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(index))
 
