@@ -234,8 +234,10 @@ class Config:
 # Loading
 
 
-class _UniqueKeys(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently)."""
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently),
+    and reading `98:2:0` or `24:00:00` as the text they are written as: YAML 1.1, which PyYAML
+    follows, reads them as base-60 numbers (352920, 86400), YAML 1.2 and people as text."""
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
@@ -244,10 +246,20 @@ class _UniqueKeys(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} appears twice", node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def construct_base_60(self, node):
+        if ":" in node.value:
+            return self.construct_scalar(node)
+        return (super().construct_yaml_int if node.tag.endswith(":int") else super().construct_yaml_float)(node)
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+    _ConfigLoader.add_constructor(_tag, _ConfigLoader.construct_base_60)
+
 
 def load_yaml(text: str):
-    """YAML text as Python values; a key given twice in one mapping is an error (yaml.YAMLError)."""
-    return yaml.load(text, Loader=_UniqueKeys)
+    """YAML text as Python values (see _ConfigLoader); a key given twice in one mapping is an error
+    (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -259,11 +271,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             what = "is a directory" if path.is_dir() else "not found"
             raise UserError(f"config file {path} {what}: pass the path of a YAML file (see configs/)")
         try:
-            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"config file {path} is not UTF-8 text: pass a YAML file (see configs/)") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML ({_first_line(e)}): fix the syntax")
+        if raw is None:  # e.g. a redirect that failed: training on the defaults would hide it
+            raise UserError(f"config file {path} is empty: pass a config with its sections (see configs/)")
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of sections (run:, model:, ...)")
     for item in overrides:
@@ -271,7 +285,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form dotted.key=value (e.g. train.lr=1e-3)")
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = load_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.split("."), parsed, item)

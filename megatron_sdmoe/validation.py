@@ -282,7 +282,7 @@ def check_split(split: str) -> None:
         weights = []
     if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or weights[0] <= 0:
         raise UserError(f"data.split={split!r} is not of the form train,validation,test with a positive train weight: "
-                        "use e.g. 98,2,0 (quoted in YAML: an unquoted 98:2:0 is read as a number)")
+                        "use e.g. 98,2,0")
 
 
 def _validate_headwise(cfg: Config, need) -> None:

@@ -100,6 +100,8 @@ def test_load_errors(override, message):
     (["train.adam_betas=[a, b]"], 1, "train.adam_betas=['a', 'b'] must be two numbers in [0, 1)"),
     (["train.seed=-1"], 1, "train.seed=-1 must lie in [0, 2**32 - 1]"),
     (["data.split=0,0,0"], 1, "data.split='0,0,0' is not of the form train,validation,test with a positive train"),
+    # YAML 1.1 reads an unquoted 98:2:0 as the number 352920, which would have trained on every document
+    (["data.split=98:2:0"], 1, "data.split='98:2:0' is not of the form train,validation,test"),
 ])
 def test_validation_errors(overrides, world, message):
     cfg = load_config(CONFIG, overrides)
@@ -131,6 +133,8 @@ def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
     (b"\xff\xfe\x00 not text", "is not UTF-8 text: pass a YAML file (see configs/)"),
     (b"1: 2\n", "config key 1 is not a name: keys are section and setting names (see configs/)"),
     (b"train:\n  lr: 1\n  lr: 2\n", "is not valid YAML (key 'lr' appears twice): fix the syntax"),
+    (b"# nothing but a comment\n", "is empty: pass a config with its sections (see configs/)"),
+    (b"", "is empty: pass a config with its sections (see configs/)"),
 ])
 def test_config_files_that_are_not_configs(content, message, tmp_path):
     (tmp_path / "bad.yaml").write_bytes(content)

@@ -77,8 +77,8 @@ def test_submit_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("profile, args, message", [
-    ("time: 24:00:00\n", [], "error: cluster profile PROFILE: time is 86400, not text: quote it (YAML reads an "
-                             "unquoted 24:00:00 as a number of seconds)"),
+    ("time: 2.5\n", [], "error: cluster profile PROFILE: time is 2.5, not text: quote it"),
+    ("qos: [a]\n", [], "error: cluster profile PROFILE: qos is ['a'], not text: quote it"),
     ("time: '3 days'\n", [], "error: cluster profile PROFILE: time '3 days' is not a SLURM time limit"),
     ("env: [A, B]\n", [], "error: cluster profile PROFILE: env must map variable names"),
     ("env: {BAD NAME: 1}\n", [], "error: cluster profile PROFILE: env must map variable names"),
@@ -97,12 +97,14 @@ def test_submit_refuses_bad_times_ids_and_profiles(profile, args, message, tmp_p
 
 def test_profile_sets_site_defaults(tmp_path):
     """A site profile's directives, container and environment land in the script; its env comes
-    after the NCCL defaults, so it overrides them; in the container its python is used."""
+    after the NCCL defaults, so it overrides them; in the container its python is used. An unquoted
+    time is the time written (YAML 1.1 would read 36:00:00 as 129,600 seconds)."""
     profile = tmp_path / "site.yaml"
     profile.write_text("partition: gpu\naccount: proj1\ncontainer: registry/sdmoe:1\ncpus_per_gpu: 4\n"
-                       "env: {NCCL_IB_TIMEOUT: 23, NCCL_SOCKET_IFNAME: ib0}\n")
+                       "env: {NCCL_IB_TIMEOUT: 23, NCCL_SOCKET_IFNAME: ib0}\ntime: 36:00:00\n")
     script = submit(tmp_path / "job", "--profile", str(profile), "--per-node").stdout
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --account=proj1" in script
+    assert "#SBATCH --time=36:00:00" in script
     assert "#SBATCH --cpus-per-task=4" in script  # one GPU per node here
     assert "srun --kill-on-bad-exit=1 --container-image=registry/sdmoe:1" in script
     assert " python -m megatron_sdmoe.launch.torchrun" in script

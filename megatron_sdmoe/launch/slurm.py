@@ -115,10 +115,11 @@ def load_profile(path: str | None) -> dict:
     known = {"partition", "account", "qos", "constraint", "container", "cpus_per_gpu", "env", "time"}
     if not isinstance(profile, dict) or set(profile) - known:
         raise UserError(f"cluster profile {path} must be a mapping of {', '.join(sorted(known))}")
+    if type(profile.get("time")) is int:  # minutes, as sbatch reads them
+        profile["time"] = str(profile["time"])
     for key in ("partition", "account", "qos", "constraint", "container", "time"):
         if key in profile and not isinstance(profile[key], str):
-            raise UserError(f"cluster profile {path}: {key} is {profile[key]!r}, not text: quote it (YAML reads an "
-                            "unquoted 24:00:00 as a number of seconds)")
+            raise UserError(f"cluster profile {path}: {key} is {profile[key]!r}, not text: quote it")
     if "time" in profile:
         slurm_time(profile["time"], f"cluster profile {path}: time")
     cpus = profile.get("cpus_per_gpu", 1)
