@@ -22,12 +22,11 @@ import argparse
 import copy
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, load_config, routed_experts, routed_topk,
                                    router_bank_size)
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input
 from megatron_sdmoe.estimate import expert_parameters, parameter_blocks, routed_active, sub_tokens, vocab_size
 from megatron_sdmoe.validation import validate
 
@@ -183,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         flat, proposals = budget(cfg, head_counts(args.heads, cfg.model.hidden_size))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
     proposals = proposals[:args.top]
     print(json.dumps({"flat": asdict(flat), "proposals": [asdict(r) for r in proposals]}, indent=2) if args.json
           else table(args.config, flat, proposals))

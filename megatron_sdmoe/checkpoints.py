@@ -27,12 +27,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from megatron_sdmoe.config import load_config
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
 from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, latest_checkpoint, point_latest,
                                                  read_meta)
@@ -240,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(branch(args.run_dir, args.step, args.new_dir))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
@@ -16,6 +17,23 @@ FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file
 
 class UserError(Exception):
     """Bad input that the user can fix; the message names the problem and the fix."""
+
+
+class RankError(UserError):
+    """Bad input that one rank meets alone (in the samples it reads): that rank prints it."""
+
+
+def seen_on(rank: int, world: int, host: str) -> str:
+    """Where an error one rank met was seen, for its line."""
+    return f" [seen on rank {rank} of {world}, host {host}]"
+
+
+def exit_bad_input(error: UserError) -> NoReturn:
+    """The one line, and exit code 2. Every rank of a job meets the same bad input, so the first
+    rank prints it; a RankError is the raising rank's own, so that rank does."""
+    if isinstance(error, RankError) or os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 class ArgumentParser(argparse.ArgumentParser):

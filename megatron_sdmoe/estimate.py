@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from megatron_sdmoe.config import (Config, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
                                    load_config, recompute_label, routed_experts, routed_topk, router_bank_size,
                                    sdmoe_group_size)
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, positive_number
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, positive_number
 from megatron_sdmoe.validation import validate
 
 GIB = 2**30
@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, gpus)
         result, blocks = estimate(cfg, gpus, args.gpu_memory_gib)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
     print(json.dumps(asdict(result), indent=2) if args.json else result.report(blocks))
     sys.exit(0 if result.fits else 1)
 

@@ -24,8 +24,8 @@ import torch
 
 from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.config import Config, load_config
-from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, out_of_memory_line, positive_int,
-                                   writing_into)
+from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, exit_bad_input, out_of_memory_line,
+                                   positive_int, writing_into)
 from megatron_sdmoe.moe.routes import RouteTokens, plot, report_lines, route_text, text_lines
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step),
                           routes, text)
     except UserError as e:
-        if rank_from_env() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
     except torch.OutOfMemoryError as e:
         print(out_of_memory_line(rank_from_env(), e, "lower train.micro_batch_size or spread the model over more "
                                  "GPUs"), file=sys.stderr, flush=True)
@@ -185,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         write_outputs(args, result)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from megatron_sdmoe.data.datasets import parse_blend
 from megatron_sdmoe.data.indexed import check_token_ids
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, out_of_memory_line, writing_into
+from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, exit_bad_input, out_of_memory_line,
+                                   writing_into)
 from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import check_files
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
@@ -181,9 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, world_size_from_env())
         train(cfg)
     except UserError as e:
-        if rank_from_env() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
     except Diverged as e:
         if rank_from_env() == 0:
             print(f"error: training diverged: {e}", file=sys.stderr, flush=True)

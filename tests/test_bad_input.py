@@ -327,3 +327,24 @@ def test_a_corpus_of_another_tokenizer(tmp_path):
     assert_refused(proc, f"error: {other}.bin holds token id 5000, but the model's vocabulary (data.tokenizer's, or "
                          "model.vocab_size) has 4096 ids: the corpus was tokenized with another tokenizer")
     assert not (tmp_path / "run").exists()
+
+
+def test_ids_past_the_vocabulary_after_the_start_up_check(tmp_path):
+    """A file whose ids are in the vocabulary for the first 2**20 tokens that the start-up check
+    reads, and past it after: each rank that reads such a sample stops with one line naming the
+    file, itself and its host, exit code 2 (not an index error at the embedding)."""
+    from megatron_sdmoe.data import ensure_sample_corpus
+
+    mixed = str(tmp_path / "mixed")
+    write_indexed(mixed, [[7] * 1023 + [0]] * 1024 + [[7, 5000] * 511 + [7, 0]] * 1024, 6000)
+    proc = train(tmp_path / "run", f"data.path=[{mixed}]", f"data.tokenizer={ensure_sample_corpus().tokenizer_dir}",
+                 world=2)
+    errors = re.findall("error: .*", proc.stderr)  # the ranks' lines (rank 0's after its progress bar)
+    pattern = (re.escape(f"error: {mixed}.bin holds token id 5000 (in sample ") + r"\d+\), past the model's 4096 "
+               r"embedding rows: that file, or part of it, was tokenized with another tokenizer .*: preprocess it "
+               r"with data.tokenizer's tokenizer, or leave it out of the blend" +
+               re.escape(" [seen on rank ") + "[01]" + re.escape(f" of 2, host {socket.gethostname()}]"))
+    assert proc.returncode == 2 and errors and all(re.fullmatch(pattern, e) for e in errors), proc.stderr[-3000:]
+    noise = [line for line in proc.stderr.splitlines() if line.strip() and "error: " not in line]
+    assert all(line.startswith("train:") for line in noise), proc.stderr[-3000:]  # nothing else: no traceback
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))

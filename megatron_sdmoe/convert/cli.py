@@ -28,7 +28,6 @@ import functools
 import json
 import re
 import shutil
-import sys
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from megatron_sdmoe.convert import deepseek, fp8, headwise_export, qwen, upcycle
 from megatron_sdmoe.convert.checkpoint_reader import CheckpointReader
 from megatron_sdmoe.convert.mapping import MTP_COPIES, conversion_group, layer_index
 from megatron_sdmoe.convert.weights import ShardWriter, WeightDirectory
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.validation import validate
 
 ADAPTERS = {"qwen3_moe": qwen, "qwen2_moe": qwen, "deepseek": deepseek}  # model.preset -> its adapter module
@@ -307,8 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from_hf(args.hf_dir, args.out, args.overrides, upcycled=args.command == "upcycle")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from megatron_sdmoe.config import Config
 from megatron_sdmoe.data.indexed import check_bin_size
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
-from megatron_sdmoe.errors import UserError, writing_into
+from megatron_sdmoe.errors import RankError, UserError, seen_on, writing_into
 from megatron_sdmoe.validation import check_split
 
 BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
@@ -246,12 +247,35 @@ def _cache_dir(cfg: Config, blends: list) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.run.dir) / "data_cache") / fingerprint
 
 
-def get_batch(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+def get_batch(dataset: Subset, indices: list[int], vocab: int | None = None) -> dict[str, torch.Tensor]:
     """Stack samples `indices` of `dataset` into [b, s] tensors, plus `domain` [b]: the index of
     each sample's source dataset in the blend (megatron's BlendedDataset adds it; 0 without a blend),
-    and with data.document_mask `cu_seqlens` [b, s + 1]: each sample's document starts, padded with s."""
+    and with data.document_mask `cu_seqlens` [b, s + 1]: each sample's document starts, padded with s.
+    With `vocab` (the model's embedding rows), a token id past it is refused: the start-up check
+    (indexed.check_token_ids) reads the head of each file only."""
     samples = [dataset[i] for i in indices]
     keys = {**BATCH_DTYPES, "cu_seqlens": torch.int64} if "cu_seqlens" in samples[0] else BATCH_DTYPES
     batch = {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in keys.items()}
     batch["domain"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.int64)
+    if vocab is not None:
+        _check_token_ids(dataset, indices, batch, vocab)
     return batch
+
+
+def _check_token_ids(dataset: Subset, indices: list[int], batch: dict[str, torch.Tensor], vocab: int) -> None:
+    """An id past the embedding would end training as an index error (on a GPU, a device-side
+    assert that names nothing); this names the file it came from. Only this rank reads the
+    sample, so the error is this rank's to print."""
+    largest = torch.maximum(batch["tokens"].amax(1), batch["labels"].amax(1))
+    past = (largest >= vocab).nonzero().flatten().tolist()
+    if not past:
+        return
+    row = past[0]
+    source = dataset.dataset  # megatron's BlendedDataset of GPTDatasets, or one GPTDataset
+    if hasattr(source, "datasets"):
+        source = source.datasets[int(batch["domain"][row])]
+    where = seen_on(dist.get_rank(), dist.get_world_size(), socket.gethostname()) if dist.is_initialized() else ""
+    raise RankError(f"{source.dataset.path_prefix}.bin holds token id {int(largest[row])} (in sample {indices[row]}), "
+                    f"past the model's {vocab} embedding rows: that file, or part of it, was tokenized with another "
+                    "tokenizer (the start-up check reads the first 2**20 tokens of each file): preprocess it with "
+                    f"data.tokenizer's tokenizer, or leave it out of the blend{where}")

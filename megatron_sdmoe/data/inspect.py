@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 
 import numpy as np
 
 from megatron_sdmoe.data.indexed import open_checked
 from megatron_sdmoe.data.preprocess import load_cli_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, positive_int
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, positive_int
 
 
 def describe(prefix: str, tokenizer_dir: str | None, sample_tokens: int) -> list[str]:
@@ -67,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             for prefix in args.prefixes:
                 print(check(prefix))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
 
 
 if __name__ == "__main__":

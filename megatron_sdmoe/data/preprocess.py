@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from megatron_sdmoe.data.indexed import open_checked
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, positive_int
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, positive_int
 
 BATCH_RECORDS = 256  # records per worker task: amortises the transfer between processes, keeps progress smooth
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -459,8 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(preprocess(parse_args(argv)))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input
 from megatron_sdmoe.launch.torchrun import run
 from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import WAIT_OR_STOP, check_free
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = checked_config(args.config, args.overrides, args.gpus)
         check_free(Path(cfg.run.dir), WAIT_OR_STOP)  # before starting processes that would be refused
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
     sys.exit(run(["--standalone", f"--nproc-per-node={args.gpus}", "-m", "megatron_sdmoe.train", args.config,
                   *args.overrides]))
 

@@ -31,7 +31,7 @@ from string import Template
 import yaml
 
 from megatron_sdmoe.config import load_yaml
-from megatron_sdmoe.errors import EXIT_BAD_INPUT, ArgumentParser, UserError, writing_into
+from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import running_job
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(script)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(e)
     job = running_job(path.parents[1])
     if job:  # may be meant (a job queued to continue this one), so said, not refused
         print(f"note: run.dir {path.parents[1]} is in use by {job}: this job's start is refused while that one "

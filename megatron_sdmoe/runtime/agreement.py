@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
-from megatron_sdmoe.errors import UserError, writing_into
+from megatron_sdmoe.errors import UserError, seen_on, writing_into
 
 T = TypeVar("T")
 
@@ -33,7 +33,7 @@ def agreed(step: Callable[[], T]) -> T:
     failed = [(rank, message, host) for rank, (message, host) in enumerate(reports) if message]
     if failed:
         rank, message, host = failed[0]
-        where = "" if len(failed) == world else f" [seen on rank {rank} of {world}, host {host}]"
+        where = "" if len(failed) == world else seen_on(rank, world, host)
         raise UserError(message + where)
     return result
 

@@ -45,6 +45,7 @@ class Trainer:
         self.batches = BatchSchedule(cfg)
         self.skipped_ranges = skipped_batch_ranges(cfg)  # 1-based steps
         self.model_config = engine.module.config  # megatron-core's TransformerConfig
+        self.vocab_rows = engine.module.vocab_size  # the embedding's rows (the padded vocabulary)
         self.expert_load = ExpertLoadMeter(engine.module)
         self.sdmoe_layers = sdmoe_modules(engine.module)
         self.update_projector = (UpdateProjector(self.sdmoe_layers)
@@ -52,10 +53,10 @@ class Trainer:
         self.diagnostics = Diagnostics(engine.module, cfg.moe.diag_rank) if cfg.moe.diag_interval else None
         self.composition = (RouteComposition(engine.module, cfg.moe.diag_position_buckets)
                             if cfg.moe.diag_interval else None)
-        self.route_tokens = (RouteTokens(engine.module, engine.module.vocab_size, max(len(s.domains) for s in stages))
+        self.route_tokens = (RouteTokens(engine.module, self.vocab_rows, max(len(s.domains) for s in stages))
                              if cfg.moe.diag_interval else None)
         self.observers = [o for o in (self.composition, self.route_tokens) if o]  # each is handed the micro-batch
-        self.throughput = Throughput(cfg, engine.module.vocab_size, layout.world_size, engine.module.config.bf16)
+        self.throughput = Throughput(cfg, self.vocab_rows, layout.world_size, engine.module.config.bf16)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, dist.get_rank())
         self.smoother = (SingularitySmoother(cfg.smoothing, engine.module, layout.device,
                                              saved_state.get("smoothing"))
@@ -72,8 +73,8 @@ class Trainer:
 
     def _forward(self, dataset, first_sample: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masked per-token losses [b, s], the mask, and each sample's domain [b]."""
-        batch = {k: v.to(self.layout.device) for k, v in
-                 get_batch(dataset, self.micro_batch_indices(first_sample, micro)).items()}
+        indices = self.micro_batch_indices(first_sample, micro)
+        batch = {k: v.to(self.layout.device) for k, v in get_batch(dataset, indices, self.vocab_rows).items()}
         mask = batch["loss_mask"]
         for observer in self.observers:
             observer.batch = batch
