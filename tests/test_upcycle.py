@@ -43,7 +43,8 @@ def test_the_upcycled_model_starts_as_the_dense_model(variant, nproc, layout, up
     from tests.workers.logits import TOKENS
 
     run, config, settings = tmp_path / "run", upcycled / "moe" / "config.yaml", [f"moe.variant={variant}", *layout]
-    launch(run, nproc, *IMPORTED, "train.eval_interval=1", *settings, config=config)
+    proc = launch(run, nproc, *IMPORTED, "train.eval_interval=1", *settings, config=config)
+    assert "drawn fresh" not in proc.stdout  # every weight comes from the files
     launch(run, nproc, *IMPORTED, *settings, str(tmp_path / "ours.pt"), module="tests.workers.logits", config=config)
     with torch.no_grad():
         theirs = load_exported(upcycled / "dense")(TOKENS).logits
@@ -52,10 +53,13 @@ def test_the_upcycled_model_starts_as_the_dense_model(variant, nproc, layout, up
 
 
 def test_the_copies_train_apart(upcycled, tmp_path):
-    """Every expert starts as the same MLP; routed different tokens, they differ after training."""
+    """Every expert starts as the same MLP; routed different tokens, they differ after training.
+    A shared expert added to the imported model is drawn fresh, and the start says so."""
     run = tmp_path / "run"
-    launch(run, 1, "moe.ffn_hidden_size=32", "train.max_steps=3",
-           "train.lr=1e-3", "train.save_interval=3", config=upcycled / "moe" / "config.yaml")
+    proc = launch(run, 1, "moe.ffn_hidden_size=32", "train.max_steps=3", "moe.shared_expert_ffn_hidden_size=32",
+                  "train.lr=1e-3", "train.save_interval=3", config=upcycled / "moe" / "config.yaml")
+    assert (f"model.init_from: drawn fresh, as {upcycled / 'moe' / 'weights'} does not hold them: "
+            "decoder.layers.*.mlp.shared_experts (4 weights)\n") in proc.stdout
     model = torch.load(run / "checkpoints" / "step_00000003" / "rank_00000.pt", weights_only=False)["model"]
     imported = WeightDirectory(upcycled / "moe" / "weights")
     for layer in range(2):

@@ -105,12 +105,18 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     num_local = routed_experts(cfg) // cfg.parallel.expert
     first_expert = ps.get_expert_model_parallel_rank() * num_local
     source = WeightDirectory(cfg.model.init_from) if cfg.model.init_from else None
+    first_rank = not dist.is_initialized() or dist.get_rank() == 0
+    # SD-MoE's common matrices are computed from the experts' weights afterwards (sdmoe.prepare)
+    params = [(name, param) for name, param in model.named_parameters() if not getattr(param, "derived", False)]
     if source is not None:
         _copy_from(source, model)
+        names = [name for name, _ in params]
+        if first_rank and any(name not in source for name in names):  # meant (a module added) or not: said
+            print(f"model.init_from: drawn fresh, as {cfg.model.init_from} does not hold them: "
+                  f"{_fresh_modules(names, source)}", flush=True)
+        params = [(name, param) for name, param in params if name not in source]
     draws = []
-    for name, param in model.named_parameters():
-        if source is not None and name in source:
-            continue  # copied above
+    for name, param in params:
         if param.dim() == 1:  # norm weights (no biases in these families)
             param.fill_(1.0 if "norm" in name else 0.0)
         else:
@@ -120,11 +126,27 @@ def init_weights(model: torch.nn.Module, cfg: Config) -> None:
     # own generator, so the draws run on this rank's cores at once (torch releases the GIL) with
     # the same values as one by one; and a bar, shown once it takes over 5 s, on the first rank.
     bar = tqdm(total=sum(target.numel() for target, _ in draws), desc="initial weights", unit="value",
-               unit_scale=True, delay=5, disable=dist.is_initialized() and dist.get_rank() != 0)
+               unit_scale=True, delay=5, disable=not first_rank)
     with ThreadPoolExecutor(cores_per_local_rank()) as pool:
         for target in pool.map(_fill, draws):
             bar.update(target.numel())
     bar.close()
+
+
+def _fresh_modules(names: list[str], source: WeightDirectory) -> str:
+    """The parameters of `names` that `source` lacks, as the largest modules none of whose
+    parameters it holds (`mtp`, `decoder.layers.*.mlp.router`: layer numbers as *), each with its
+    count of weights: one short line."""
+    def prefixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    held = {prefix for name in names if name in source for prefix in prefixes(name)}
+    counts: dict[str, int] = {}
+    for name in names:
+        if name not in source:
+            module = re.sub(r"\.\d+(?=\.|$)", ".*", next(p for p in prefixes(name) if p not in held))
+            counts[module] = counts.get(module, 0) + 1
+    return ", ".join(f"{module} ({count} weights)" for module, count in counts.items())
 
 
 @torch.no_grad()  # in the drawing thread: grad mode is per thread

@@ -233,6 +233,7 @@ class SDMoEExperts(GroupedExperts):
 
     def _common(self, unique: torch.nn.Parameter, groups: int, config: TransformerConfig) -> torch.nn.Parameter:
         param = torch.nn.Parameter(torch.zeros(groups, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
+        param.derived = True  # split_initial_weights computes it from the experts' weights: never drawn
         if self.shared and self.shards["down"].group is None:
             # A dense parameter, replicated on every rank. Its gradient must sum the terms of every
             # expert on every rank: the data-parallel reduction covers the ranks of one TP position;
