@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from megatron_sdmoe.config import load_config
+from megatron_sdmoe.config import load_config, save_config
 from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
 from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, latest_checkpoint, point_latest,
@@ -162,6 +162,9 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
     check_intact(source)  # not made `latest` or branched when a rank file is damaged
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise UserError(f"{new_dir} exists and is not an empty directory: branch into a new directory")
+    if new_dir.resolve().is_relative_to(run_dir.resolve()):
+        raise UserError(f"{new_dir} lies inside {run_dir}, whose checkpoints and rollbacks would replace its files: "
+                        "branch into a directory outside it")
     tmp = new_dir.with_name(f".{new_dir.name}.tmp")
     rows = [row for row in _rows(run_dir / "metrics.jsonl") if row["step"] <= step]
     try:
@@ -169,7 +172,9 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, checkpoint_root(tmp) / source.name, copy_function=_link_or_copy)
             (checkpoint_root(tmp) / LATEST).write_text(source.name)
-            shutil.copy2(source / "config.yaml", tmp / "config.yaml")
+            config = load_config(source / "config.yaml")  # as the checkpoint saved it, training into new_dir
+            config.run.dir = str(new_dir.resolve())  # (reused as is, it would train run_dir on)
+            save_config(config, tmp / "config.yaml")
             for name in ("stages.json", "stages.png"):  # the stage matrix, kept across restarts
                 if (run_dir / name).exists():
                     shutil.copy2(run_dir / name, tmp / name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -289,7 +290,29 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.split("."), parsed, item)
-    return _build(Config, raw, "")
+    return _resolve_paths(_build(Config, raw, ""))
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    """Every file and directory setting as an absolute path, `~` expanded: the run's config.yaml
+    then names the same files from any working directory (sdmoe-eval, a branch), and `~/runs` is
+    the home directory's, not a folder named `~`. Each rank resolves against its own working
+    directory, so a relative path on node-local disks is still refused by the shared-directory
+    check (runtime/agreement.py)."""
+    def resolved(value):
+        return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+    def blend(items: list) -> list:  # [prefix] or [w1, prefix1, w2, prefix2, ...]; parse_blend refuses others
+        if len(items) == 1:
+            return [resolved(items[0])]
+        return [resolved(item) if i % 2 else item for i, item in enumerate(items)] if len(items) % 2 == 0 else items
+
+    cfg.run.dir, cfg.model.init_from = resolved(cfg.run.dir), resolved(cfg.model.init_from)
+    cfg.data.tokenizer, cfg.data.cache_dir = resolved(cfg.data.tokenizer), resolved(cfg.data.cache_dir)
+    for section in (cfg.data, *cfg.data.stages):
+        section.path, section.valid_path, section.test_path = map(blend, (section.path, section.valid_path,
+                                                                        section.test_path))
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

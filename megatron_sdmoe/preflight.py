@@ -35,7 +35,11 @@ def check_files(cfg: Config, world_size: int, checkpoint: Path | None = None, ne
         raise UserError(f"run.dir {cfg.run.dir} holds no checkpoint: pass a run directory that has saved one "
                         "(train.save_interval, or the end of its run)")
     check_resumable(cfg, world_size, checkpoint)
-    check_batches(cfg, world_size, saved_step(checkpoint))
+    step = saved_step(checkpoint)
+    if step > cfg.train.max_steps and not need_checkpoint:  # (sdmoe-eval reads a checkpoint of any step)
+        raise UserError(f"train.max_steps={cfg.train.max_steps} lies before step {step} of the checkpoint it resumes "
+                        f"from ({checkpoint}): raise train.max_steps, or sdmoe-checkpoints rollback to an earlier step")
+    check_batches(cfg, world_size, step)
     for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):
         if blend:  # empty: the built-in sample corpus, checked where it is built
             checked_blends(cfg, blend, valid_blend, test_blend, cfg.train.eval_samples)

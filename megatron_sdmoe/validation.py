@@ -2,6 +2,7 @@
 (megatron-core's and DeepSpeed's rules, checked here so that each error is one clear line)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
@@ -95,6 +96,12 @@ def validate(cfg: Config, world_size: int) -> None:
             need(getattr(m.mla, key) >= 1, f"model.mla.{key}={getattr(m.mla, key)} must be at least 1")
         need(m.mla.q_lora_rank is None or m.mla.q_lora_rank >= 1,
              f"model.mla.q_lora_rank={m.mla.q_lora_rank} must be at least 1 (or empty)")
+        need(m.mla.qk_rope_head_dim % 2 == 0, f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be even "
+             "(RoPE rotates pairs of dimensions): e.g. 64, DeepSeek's")
+    else:
+        head = m.kv_channels or m.hidden_size // m.num_attention_heads
+        need(head % 2 == 0, f"each attention head is {head} wide (model.kv_channels, by default model.hidden_size / "
+             "model.num_attention_heads), but RoPE rotates pairs of dimensions: make it even")
     need(m.rope_scaling in ("none", "yarn"), f"model.rope_scaling={m.rope_scaling!r}: use none or yarn")
     if m.rope_scaling == "yarn":
         y = m.yarn
@@ -138,9 +145,10 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.recompute != "selective" or tr.recompute_modules != [],
          "train.recompute=selective with empty train.recompute_modules recomputes nothing: name modules or "
          "set train.recompute=none")
-    need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(isinstance(s, int) for s in tr.profile_steps)
-                                    and 1 <= tr.profile_steps[0] <= tr.profile_steps[1]),
-         f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last, or empty")
+    need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(type(s) is int for s in tr.profile_steps)
+                                    and 1 <= tr.profile_steps[0] <= tr.profile_steps[1] <= tr.max_steps),
+         f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last <= train.max_steps="
+         f"{tr.max_steps}, or empty")
     # The run's last step and each stage's evaluate and write results: they train.
     stage_ends = [sum(stage.steps for stage in data.stages[:i + 1]) for i in range(len(data.stages))]
     for first, last in skipped_batch_ranges(cfg):
@@ -258,7 +266,9 @@ def _check_numbers(cfg: Config, need) -> None:
                        ("train.grad_clip", tr.grad_clip), ("moe.aux_loss_coeff", moe.aux_loss_coeff),
                        ("moe.z_loss_coeff", moe.z_loss_coeff), ("train.weight_decay", tr.weight_decay),
                        ("moe.expert_bias_update_rate", moe.expert_bias_update_rate),
-                       ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff)]:
+                       ("model.mtp_layers", m.mtp_layers), ("model.mtp_loss_coeff", m.mtp_loss_coeff),
+                       ("sdmoe.power_iterations", cfg.sdmoe.power_iterations),
+                       ("sdmoe.oversample", cfg.sdmoe.oversample)]:
         need(value >= 0, f"{key}={value} must not be negative")
     for key, value in [("train.lr", tr.lr), ("train.adam_eps", tr.adam_eps), ("model.norm_epsilon", m.norm_epsilon),
                        ("model.init_method_std", m.init_method_std)]:
@@ -267,11 +277,22 @@ def _check_numbers(cfg: Config, need) -> None:
     for key, value in [("train.adam_eps", tr.adam_eps), ("model.norm_epsilon", m.norm_epsilon),
                        ("model.init_method_std", m.init_method_std)]:
         need(value > 0, f"{key}={value} must be positive (0 divides by zero): give e.g. its default")
+    for key, value in _float_settings(cfg):  # inf and NaN train to NaN (or crash in megatron-core)
+        need(math.isfinite(value) or (key == "train.time_budget_minutes" and value == math.inf),
+             f"{key}={value} must be a finite number: give one (see the README's config reference)")
     need(len(tr.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.adam_betas),
          f"train.adam_betas={tr.adam_betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     need(0 <= tr.seed < 2 ** 32, f"train.seed={tr.seed} must lie in [0, 2**32 - 1] (numpy's range)")
     need(cfg.run.dir.strip() != "", "run.dir is empty (an unset shell variable?): give the run directory")
     check_split(data.split)
+
+
+def _float_settings(cfg: Config) -> list[tuple[str, float]]:
+    """(dotted key, value) of every number setting held as a float."""
+    return [(f"{section.name}.{setting.name}", getattr(getattr(cfg, section.name), setting.name))
+            for section in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, section.name))
+            for setting in dataclasses.fields(getattr(cfg, section.name))
+            if isinstance(getattr(getattr(cfg, section.name), setting.name), float)]
 
 
 def check_split(split: str) -> None:

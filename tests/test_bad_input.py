@@ -78,6 +78,22 @@ def test_data_missing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("damage", ["idx cut short", "no documents"])
+def test_data_megatron_cannot_read(damage, tmp_path):
+    """megatron's reader fails on both with a traceback."""
+    prefix = corpus(tmp_path / "data", 100, 70)
+    if damage == "idx cut short":
+        idx = tmp_path / "data.idx"
+        idx.write_bytes(idx.read_bytes()[:30])
+        message = f"error: {idx} is not a readable Megatron index ("
+    else:
+        write_indexed(prefix, [], 1000)
+        message = f"error: {prefix} holds no documents: leave it out, or re-create it from input with text"
+    proc = train(tmp_path / "run", f"data.path=[{prefix}]", f"data.tokenizer={tmp_path}")
+    assert_refused(proc, message)
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_bin_cut_short(tmp_path):
     """A .bin copied in part: megatron's reader trusts the index and would read past its end."""
     prefix = corpus(tmp_path / "big", 200, 100)
@@ -264,7 +280,8 @@ def test_data_that_one_rank_does_not_see(tmp_path):
     (tmp_path / "ranks" / "rank0").mkdir(parents=True)
     corpus(tmp_path / "ranks" / "rank0" / "data", 100, 70)  # on rank 0's disk only
     proc = on_own_disks(tmp_path, "data.path=[data]", f"data.tokenizer={tmp_path}")
-    line = assert_refused(proc, "error: data.path prefix data has no data.bin or data.idx: ")
+    data = tmp_path / "ranks" / "rank1" / "data"  # a relative path, resolved in rank 1's working directory
+    line = assert_refused(proc, f"error: data.path prefix {data} has no {data}.bin or {data}.idx: ")
     assert line.endswith(f" [seen on rank 1 of 2, host {socket.gethostname()}]")
     assert not (tmp_path / "run").exists()
 
@@ -274,7 +291,8 @@ def test_directory_that_is_not_shared_by_every_rank(setting, tmp_path):
     """Every rank writes its checkpoint shards into run.dir, and reads the index cache rank 0
     writes into data.cache_dir: refused before the first step, not at the first checkpoint."""
     proc = on_own_disks(tmp_path, f"{setting}=here")
-    line = assert_refused(proc, f"error: {setting}=here is not one directory shared by every rank (a node-local disk, "
+    here = tmp_path / "ranks" / "rank1" / "here"  # rank 1's working directory's
+    line = assert_refused(proc, f"error: {setting}={here} is not one directory shared by every rank (a node-local disk, "
                                 "or a relative path resolved in another working directory): set ")
     assert line.endswith(f" [seen on rank 1 of 2, host {socket.gethostname()}]")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no config.yaml, no stamp left behind
@@ -305,6 +323,16 @@ def test_bad_input_found_after_the_lock_leaves_the_runs_config_as_it_was(resumed
     assert_refused(proc, "error: data.split='100,0,0' gives the validation set no documents")
     after = snapshot(run_dir)
     assert {p: after[p] for p in before} == before  # the data index cache aside, nothing changed
+
+
+def test_max_steps_before_the_checkpoint(resumed):
+    """A run at step 2 restarted with train.max_steps=1 said `done` and recorded max_steps 1."""
+    run_dir, before = resumed
+    proc = train(run_dir, "train.max_steps=1")
+    assert_refused(proc, f"error: train.max_steps=1 lies before step 2 of the checkpoint it resumes from "
+                         f"({run_dir / 'checkpoints' / 'step_00000002'}): raise train.max_steps, or sdmoe-checkpoints "
+                         "rollback to an earlier step")
+    assert snapshot(run_dir) == before
 
 
 def test_a_damaged_meta_json_is_one_line(resumed):

@@ -13,11 +13,24 @@ from megatron_sdmoe.validation import validate
 
 
 def test_yaml_and_dotted_overrides():
-    cfg = load_config(CONFIG, ["train.lr=1e-3", "parallel.expert=2", "data.path=/data/a", "run.dir=x"])
+    cfg = load_config(CONFIG, ["train.lr=1e-3", "parallel.expert=2", "data.path=/data/a", "run.dir=/x"])
     assert isinstance(cfg, Config)
-    assert cfg.train.lr == 1e-3 and cfg.parallel.expert == 2 and cfg.run.dir == "x"
+    assert cfg.train.lr == 1e-3 and cfg.parallel.expert == 2 and cfg.run.dir == "/x"
     assert cfg.data.path == ["/data/a"]  # a single prefix is a blend of one
     assert cfg.moe.num_experts == 8 and cfg.model.preset == "qwen3_moe"  # from the YAML
+
+
+def test_paths_are_absolute_and_home_expanded(monkeypatch, tmp_path):
+    """config.yaml then names the same files from any working directory, and ~/runs is no folder named ~."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/me")
+    cfg = load_config(CONFIG, ["run.dir=~/runs/a", "data.cache_dir=cache", "data.tokenizer=tok",
+                               "data.path=[0.3, data/a, 0.7, ~/b]", "data.valid_path=[v]", "model.init_from=w",
+                               "data.stages=[{path: [s], test_path: [t], steps: 10}]"])
+    assert (cfg.run.dir, cfg.data.cache_dir, cfg.data.tokenizer, cfg.model.init_from) == \
+        ("/home/me/runs/a", f"{tmp_path}/cache", f"{tmp_path}/tok", f"{tmp_path}/w")
+    assert cfg.data.path == [0.3, f"{tmp_path}/data/a", 0.7, "/home/me/b"] and cfg.data.valid_path == [f"{tmp_path}/v"]
+    assert (cfg.data.stages[0].path, cfg.data.stages[0].test_path) == ([f"{tmp_path}/s"], [f"{tmp_path}/t"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -57,7 +70,7 @@ def test_load_errors(override, message):
     (["model.dense_layers=1"], 1, "model.dense_layers=1 needs model.dense_ffn_hidden_size"),
     (["moe.capacity_factor=0"], 1, "moe.capacity_factor=0.0 must be positive"),
     (["model.attention=mla"], 1, "model.attention=mla is DeepSeek's: use model.preset=deepseek"),
-    (["model.preset=deepseek", "model.attention=mla", "model.mla.qk_rope_head_dim=63", "parallel.tensor=2"], 2,
+    (["model.preset=deepseek", "model.attention=mla", "model.mla.kv_lora_rank=511", "parallel.tensor=2"], 2,
      "model.mla.kv_lora_rank + model.mla.qk_rope_head_dim=575 is not divisible by parallel.tensor=2"),
     (["data.seq_length=8192"], 1, "data.seq_length=8192 exceeds model.max_position_embeddings=4096"),
     (["model.rope_scaling=linear"], 1, "model.rope_scaling='linear': use none or yarn"),
@@ -100,6 +113,25 @@ def test_load_errors(override, message):
     (["train.adam_betas=[a, b]"], 1, "train.adam_betas=['a', 'b'] must be two numbers in [0, 1)"),
     (["train.seed=-1"], 1, "train.seed=-1 must lie in [0, 2**32 - 1]"),
     (["data.split=0,0,0"], 1, "data.split='0,0,0' is not of the form train,validation,test with a positive train"),
+    # infinite values trained to NaN, or crashed in megatron-core (capacity)
+    (["moe.routed_scaling_factor=.inf"], 1, "moe.routed_scaling_factor=inf must be a finite number: give one"),
+    (["train.weight_decay=inf"], 1, "train.weight_decay=inf must be a finite number"),
+    (["moe.capacity_factor=.inf"], 1, "moe.capacity_factor=inf must be a finite number"),
+    (["moe.aux_loss_coeff=nan"], 1, "moe.aux_loss_coeff=nan must not be negative"),
+    (["smoothing.threshold=nan"], 1, "smoothing.threshold=nan must be a finite number"),
+    (["sdmoe.oversample=-100"], 1, "sdmoe.oversample=-100 must not be negative"),
+    (["sdmoe.power_iterations=-1"], 1, "sdmoe.power_iterations=-1 must not be negative"),
+    # an odd head width crashed in RoPE at the first forward pass
+    (["model.kv_channels=33"], 1, "each attention head is 33 wide (model.kv_channels, by default model.hidden_size / "
+                                  "model.num_attention_heads), but RoPE rotates pairs of dimensions: make it even"),
+    (["model.hidden_size=130", "model.num_attention_heads=2", "model.num_query_groups=1"], 1,
+     "each attention head is 65 wide"),
+    (["model.preset=deepseek", "model.attention=mla", "model.mla.qk_rope_head_dim=3"], 1,
+     "model.mla.qk_rope_head_dim=3 must be even (RoPE rotates pairs of dimensions)"),
+    # a trace past the last step was never written; True was step 1
+    (["train.max_steps=4", "train.profile_steps=[5, 10]"], 1,
+     "train.profile_steps=[5, 10] must be [first, last] with 1 <= first <= last <= train.max_steps=4, or empty"),
+    (["train.profile_steps=[true, true]"], 1, "train.profile_steps=[True, True] must be [first, last]"),
     # YAML 1.1 reads an unquoted 98:2:0 as the number 352920, which would have trained on every document
     (["data.split=98:2:0"], 1, "data.split='98:2:0' is not of the form train,validation,test"),
 ])

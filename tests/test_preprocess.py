@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import python_m
 from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer, sample_documents
 from megatron_sdmoe.data import inspect as data_cli, preprocess
+from megatron_sdmoe.data.indexed import write_indexed
 
 PREPROCESS, DATA = "megatron_sdmoe.data.preprocess", "megatron_sdmoe.data.inspect"
 MAINS = {PREPROCESS: preprocess.main, DATA: data_cli.main}
@@ -233,11 +234,16 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
         corpus = inputs / "c.parquet"
         datasets.Dataset.from_dict({"body": ["x"]}).to_parquet(str(corpus))
         message = f"error: {corpus} has no column 'text' (columns: body)"
+    elif case == "more partitions than records":  # the last 100 would be empty pairs, which nothing can read
+        write_jsonl(corpus, good)
+        return (["--input", corpus, "--tokenizer", tokenizer, "--partitions", 700],
+                "error: --partitions 700 exceeds the input's 600 records: give at most 600")
     return ["--input", corpus, "--tokenizer", tokenizer], message
 
 
 BAD_INPUTS = ["malformed", "missing field", "not text", "only empty documents", "missing tokenizer",
-              "broken tokenizer", "id overflows dtype", "missing input", "unsupported input", "missing column"]
+              "broken tokenizer", "id overflows dtype", "missing input", "unsupported input", "missing column",
+              "more partitions than records"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -338,10 +344,13 @@ def _corrupt(prefix: Path, how: str) -> str:
     if how == "not an index":
         idx.write_bytes(b"not an index at all, but long enough")
         return f"{idx} is not a readable Megatron index (bad header"
+    if how == "no documents":  # an empty .bin, which megatron's reader cannot map
+        write_indexed(str(prefix), [], 4096)
+        return f"{prefix} holds no documents: leave it out, or re-create it from input with text"
     raise AssertionError(how)
 
 
-CORRUPTIONS = ["truncated bin", "longer bin", "bad pointer", "truncated idx", "not an index"]
+CORRUPTIONS = ["truncated bin", "longer bin", "bad pointer", "truncated idx", "not an index", "no documents"]
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)

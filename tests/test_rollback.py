@@ -4,15 +4,15 @@ update (weights, Adam moments and fp32 masters stay bit for bit; the LR schedule
 on, SD-MoE's bases refresh on time), and a rolled-back run that skips equals a run that skipped
 from the start. The logs then hold the history that leads to the checkpoint: metrics.jsonl and
 TensorBoard each step once, what the rollback replaced in metrics_replaced.jsonl. A branch (a new
-run directory from a checkpoint, its files hard-linked, its logs up to there) continues as the run it
-came from did."""
+run directory from a checkpoint, its files hard-linked, its logs up to there, its config training
+into it) continues as the run it came from did."""
 import json
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import launch, metrics, run_command
+from conftest import launch, launch_module, metrics, run_command
 
 # SD-MoE refreshing its bases every 2 steps: step 3's refresh falls in the skipped batches 3-4.
 RUN = ["train.max_steps=6", "train.save_interval=2", "moe.variant=sdmoe", "sdmoe.refresh_interval=2",
@@ -131,7 +131,7 @@ def test_branch_continues_the_run_it_came_from_and_leaves_it_alone(runs, tmp_pat
         assert (linked / path.name).stat().st_ino == path.stat().st_ino
     assert [r["step"] for r in metrics(branch)] == [1, 2]
     assert tensorboard_losses(branch) == tensorboard_losses(straight)[:2]  # the history up to the branch
-    proc = launch(branch, 1, *RUN)
+    proc = launch_module("megatron_sdmoe.train", [str(branch / "config.yaml")], 1)  # its config trains the branch
     assert "resuming from step 2" in proc.stdout
     assert [(r["step"], r["loss"], r["lr"]) for r in metrics(branch)] == \
         [(r["step"], r["loss"], r["lr"]) for r in metrics(straight)]
@@ -139,6 +139,12 @@ def test_branch_continues_the_run_it_came_from_and_leaves_it_alone(runs, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
     refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, branch)
     assert refused.returncode == 2 and f"{branch} exists and is not an empty directory" in refused.stderr
+    inside = straight / "checkpoints" / "step_00000005"  # the next save of step 5 would replace it
+    refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, inside)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: {inside} lies inside {straight}, whose checkpoints and rollbacks would replace its files: branch "
+        "into a directory outside it\n")
+    assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("args, message", [

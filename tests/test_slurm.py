@@ -85,6 +85,10 @@ def test_submit_bad_input(tmp_path):
     ("cpus_per_gpu: 0\n", [], "error: cluster profile PROFILE: cpus_per_gpu=0 must be a whole number of at least 1"),
     ("", ["--time", "-1"], "error: --time '-1' is not a SLURM time limit: give minutes, HH:MM:SS or D-HH:MM:SS"),
     ("", ["--after", "job7"], "error: --after 'job7' is not a SLURM job id: give the number sbatch printed"),
+    ("", ["--account", "a\n#SBATCH --wrap=rm"], "error: --account 'a\\n#SBATCH --wrap=rm' holds whitespace, which an "
+                                              "#SBATCH line cannot carry: give it without"),
+    ("partition: a b\n", [], "error: --partition 'a b' holds whitespace"),
+    ("", ["run.dir=/tmp/with space"], "error: run.dir '/tmp/with space' holds whitespace"),
 ])
 def test_submit_refuses_bad_times_ids_and_profiles(profile, args, message, tmp_path):
     (tmp_path / "site.yaml").write_text(profile)

@@ -19,11 +19,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                     parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset, Subset
 
 from megatron_sdmoe.config import Config
-from megatron_sdmoe.data.indexed import check_bin_size
+from megatron_sdmoe.data.indexed import check_bin_size, open_indexed
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
 from megatron_sdmoe.errors import RankError, UserError, seen_on, writing_into
@@ -123,7 +122,7 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
     for name, prefix, bounds in parts:
         if prefix not in opened:
             with _single_process_is_fine():
-                opened[prefix] = IndexedDataset(prefix)  # kept referenced: its arrays view an mmap closed on deletion
+                opened[prefix] = open_indexed(prefix)  # kept referenced: its arrays view an mmap closed on deletion
             check_bin_size(prefix, opened[prefix])
         dataset = opened[prefix]
         beg, end = (int(round(b * len(dataset.sequence_lengths))) for b in bounds)  # megatron's rounding

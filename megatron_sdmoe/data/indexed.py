@@ -40,11 +40,7 @@ def open_checked(prefix: str) -> IndexedDataset:
         if not os.path.isfile(path):
             raise UserError(f"{path} not found: give the prefix of an existing .bin/.idx pair (without the "
                             "extension)")
-    try:
-        index = _IndexReader(idx, multimodal=False)
-    except (AssertionError, ValueError, struct.error) as e:  # bad magic or version, dtype code, truncation
-        raise UserError(f"{idx} is not a readable Megatron index ({e or type(e).__name__}): re-create it with "
-                        "sdmoe-preprocess") from e
+    index = _read_index(prefix)
     lengths = index.sequence_lengths.astype(np.int64)
     pointers, bounds, itemsize = index.sequence_pointers, index.document_indices, index.dtype_size
     idx_bytes, bin_bytes = os.path.getsize(idx), os.path.getsize(bin_)
@@ -66,6 +62,25 @@ def open_checked(prefix: str) -> IndexedDataset:
     if problem:
         raise _mismatch(prefix, problem)
     return IndexedDataset(prefix)
+
+
+def open_indexed(prefix: str) -> IndexedDataset:
+    """megatron-core's IndexedDataset over `prefix`, a damaged .idx or one without documents refused
+    in one line (megatron's reader fails on them with a traceback)."""
+    _read_index(prefix)
+    return IndexedDataset(prefix)
+
+
+def _read_index(prefix: str) -> _IndexReader:
+    idx = prefix + ".idx"
+    try:
+        index = _IndexReader(idx, multimodal=False)
+    except (AssertionError, ValueError, struct.error) as e:  # bad magic or version, dtype code, truncation
+        raise UserError(f"{idx} is not a readable Megatron index ({e or type(e).__name__}): re-create it with "
+                        "sdmoe-preprocess") from e
+    if not len(index.sequence_lengths):  # megatron cannot map its empty .bin
+        raise UserError(f"{prefix} holds no documents: leave it out, or re-create it from input with text")
+    return index
 
 
 def check_bin_size(prefix: str, dataset: IndexedDataset) -> None:

@@ -363,7 +363,9 @@ def partitioner(sources: list[JsonlFile | TableFile], partitions: int) -> Callab
     """Record number -> partition: contiguous ranges, so merging them in order gives the unpartitioned output."""
     if partitions == 1:
         return lambda record: 0
-    total = max(sum(src.count() for src in sources), 1)  # a pass over the input, only when partitioning
+    total = sum(src.count() for src in sources)  # a pass over the input, only when partitioning
+    if 0 < total < partitions:  # a partition without documents could not be read
+        raise UserError(f"--partitions {partitions} exceeds the input's {total} records: give at most {total}")
     return lambda record: record * partitions // total
 
 

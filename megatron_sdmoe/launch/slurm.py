@@ -85,8 +85,10 @@ def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, 
     """The batch script for CONFIG + overrides on nodes x gpus, and where it belongs."""
     cfg = checked_config(config, overrides, nodes * gpus)
     run_dir = Path(cfg.run.dir).resolve()
-    directives = [f"#SBATCH --{key}={profile[key]}" for key in ("partition", "account", "qos", "constraint")
-                  if profile.get(key)]
+    directives = {f"--{key}": profile[key] for key in ("partition", "account", "qos", "constraint") if profile.get(key)}
+    for what, value in [*directives.items(), ("run.dir", str(run_dir))]:
+        if re.search(r"\s", value):  # a space splits the directive, a newline starts another one
+            raise UserError(f"{what} {value!r} holds whitespace, which an #SBATCH line cannot carry: give it without")
     srun_flags = f"--container-image={shlex.quote(profile['container'])} --container-workdir={workdir}" \
         if profile.get("container") else ""
     args = shlex.join([str(Path(config).resolve()), *overrides, f"run.dir={run_dir}"])
@@ -96,7 +98,8 @@ def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, 
     script = SCRIPT.substitute(
         job_name=f"sdmoe-{run_dir.name}", nodes=nodes, gpus=gpus, tasks_per_node=1 if per_node else gpus,
         cpus_per_task=threads * gpus if per_node else threads, time=time, log_dir=run_dir / "slurm",
-        extra_directives="\n".join(directives), run_dir=run_dir, threads=threads,
+        extra_directives="\n".join(f"#SBATCH {key}={value}" for key, value in directives.items()), run_dir=run_dir,
+        threads=threads,
         env_lines="\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in (profile.get("env") or {}).items()),
         workdir=shlex.quote(str(workdir)), launch=launch, requeue_code=EXIT_REQUEUE)
     return script, run_dir / "slurm" / "job.sbatch"
