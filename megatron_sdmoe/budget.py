@@ -95,7 +95,7 @@ def row(setting: str, settings: dict, cfg: Config, flat_budget: tuple[int, int],
 def head_counts(requested: str, hidden_size: int) -> list[int]:
     """The requested head counts H (comma-separated) that divide the hidden size."""
     try:
-        heads = [int(h) for h in requested.split(",")]
+        heads = list(dict.fromkeys(int(h) for h in requested.split(",")))  # each once
     except ValueError:
         raise UserError(f"--heads {requested!r} is not a comma-separated list of whole numbers (e.g. 2,4,8)")
     usable = [h for h in heads if h >= 1 and hidden_size % h == 0]

@@ -299,20 +299,24 @@ def _resolve_paths(cfg: Config) -> Config:
     the home directory's, not a folder named `~`. Each rank resolves against its own working
     directory, so a relative path on node-local disks is still refused by the shared-directory
     check (runtime/agreement.py)."""
-    def resolved(value):
-        return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
-
-    def blend(items: list) -> list:  # [prefix] or [w1, prefix1, w2, prefix2, ...]; parse_blend refuses others
-        if len(items) == 1:
-            return [resolved(items[0])]
-        return [resolved(item) if i % 2 else item for i, item in enumerate(items)] if len(items) % 2 == 0 else items
-
-    cfg.run.dir, cfg.model.init_from = resolved(cfg.run.dir), resolved(cfg.model.init_from)
-    cfg.data.tokenizer, cfg.data.cache_dir = resolved(cfg.data.tokenizer), resolved(cfg.data.cache_dir)
+    cfg.run.dir, cfg.model.init_from = _resolved(cfg.run.dir), _resolved(cfg.model.init_from)
+    cfg.data.tokenizer, cfg.data.cache_dir = _resolved(cfg.data.tokenizer), _resolved(cfg.data.cache_dir)
     for section in (cfg.data, *cfg.data.stages):
-        section.path, section.valid_path, section.test_path = map(blend, (section.path, section.valid_path,
-                                                                        section.test_path))
+        section.path, section.valid_path, section.test_path = map(resolved_blend, (section.path, section.valid_path,
+                                                                                 section.test_path))
     return cfg
+
+
+def resolved_blend(items: list) -> list:
+    """A blend, [prefix] or [w1, prefix1, w2, prefix2, ...], with absolute prefixes (other shapes
+    as they are: parse_blend refuses them)."""
+    if len(items) == 1:
+        return [_resolved(items[0])]
+    return [_resolved(item) if i % 2 else item for i, item in enumerate(items)] if len(items) % 2 == 0 else items
+
+
+def _resolved(path):
+    return os.path.abspath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 
 def to_dict(cfg: Config) -> dict:

@@ -13,7 +13,7 @@ from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import check_batches
-from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint, saved_step
+from megatron_sdmoe.training.checkpoint import check_finished_stages, check_resumable, latest_checkpoint, saved_step
 from megatron_sdmoe.training.stages import stage_blends
 from megatron_sdmoe.validation import validate
 
@@ -36,9 +36,12 @@ def check_files(cfg: Config, world_size: int, checkpoint: Path | None = None, ne
                         "(train.save_interval, or the end of its run)")
     check_resumable(cfg, world_size, checkpoint)
     step = saved_step(checkpoint)
-    if step > cfg.train.max_steps and not need_checkpoint:  # (sdmoe-eval reads a checkpoint of any step)
-        raise UserError(f"train.max_steps={cfg.train.max_steps} lies before step {step} of the checkpoint it resumes "
-                        f"from ({checkpoint}): raise train.max_steps, or sdmoe-checkpoints rollback to an earlier step")
+    if not need_checkpoint:  # training goes on from it (sdmoe-eval reads a checkpoint of any step, on any data)
+        if step > cfg.train.max_steps:
+            raise UserError(f"train.max_steps={cfg.train.max_steps} lies before step {step} of the checkpoint it "
+                            f"resumes from ({checkpoint}): raise train.max_steps, or sdmoe-checkpoints rollback to an "
+                            "earlier step")
+        check_finished_stages(checkpoint, cfg)
     check_batches(cfg, world_size, step)
     for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):
         if blend:  # empty: the built-in sample corpus, checked where it is built

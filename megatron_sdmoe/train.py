@@ -33,7 +33,7 @@ from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.runtime.run_lock import RunLock
 from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabulary, latest_checkpoint,
-                                                load_checkpoint, relaid_from, saved_trainer_state)
+                                                load_checkpoint, relaid_from, saved_step, saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
@@ -166,10 +166,13 @@ def train(cfg: Config) -> None:
         stopped = session.trainer.run(session.start_step)
         session.trainer.metrics.close()
     if session.layout.is_main:
-        checkpoint = latest_checkpoint(session.run_dir)
-        print(f"{f'stopped early ({stopped}), requeue to resume' if stopped else 'done'}. TensorBoard: "
-              f"tensorboard --logdir {session.run_dir / 'tb'} | checkpoint: {checkpoint or 'none'} | metrics: "
-              f"{session.run_dir / 'metrics.jsonl'}", flush=True)
+        checkpoint, tr = latest_checkpoint(session.run_dir), cfg.train
+        step = saved_step(checkpoint)
+        ended = (f"stopped early ({stopped}), requeue to resume" if stopped else
+                 f"stopped at step {step} of {tr.max_steps} (train.exit_interval), start again to go on"
+                 if tr.exit_interval and step < tr.max_steps else "done")
+        print(f"{ended}. TensorBoard: tensorboard --logdir {session.run_dir / 'tb'} | checkpoint: "
+              f"{checkpoint or 'none'} | metrics: {session.run_dir / 'metrics.jsonl'}", flush=True)
     shutdown()
     if stopped:
         sys.exit(EXIT_REQUEUE)

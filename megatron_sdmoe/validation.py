@@ -145,6 +145,12 @@ def validate(cfg: Config, world_size: int) -> None:
     need(tr.recompute != "selective" or tr.recompute_modules != [],
          "train.recompute=selective with empty train.recompute_modules recomputes nothing: name modules or "
          "set train.recompute=none")
+    for module, absent, what in (("mlp", m.dense_layers == 0, "dense layers (model.dense_layers=0)"),
+                                 ("shared_experts", moe.shared_expert_ffn_hidden_size == 0,
+                                  "shared experts (moe.shared_expert_ffn_hidden_size=0)")):
+        need(tr.recompute != "selective" or module not in tr.recompute_modules or not absent,
+             f"train.recompute_modules has {module!r}, but the model has no {what}, so it would save nothing: "
+             "drop it")
     need(tr.profile_steps == [] or (len(tr.profile_steps) == 2 and all(type(s) is int for s in tr.profile_steps)
                                     and 1 <= tr.profile_steps[0] <= tr.profile_steps[1] <= tr.max_steps),
          f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last <= train.max_steps="

@@ -312,6 +312,9 @@ def test_weights_to_start_from_with_a_missing_shard(tmp_path):
     index.write_text(json.dumps({"weight_map": {"embedding.word_embeddings.weight": "model-1.safetensors"}}))
     proc = train(tmp_path / "run", f"model.init_from={tmp_path / 'hf'}")
     assert_refused(proc, f"error: {index} names shard model-1.safetensors, which is missing: ")
+    proc = train(tmp_path / "run", f"model.init_from={tmp_path / 'nowhere'}")
+    assert_refused(proc, f"error: weights directory {tmp_path / 'nowhere'} not found: give a directory of safetensors "
+                         "weights (sdmoe-convert from-hf writes one)")
     assert not (tmp_path / "run").exists()
 
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import CONFIG, run_command
 
-from megatron_sdmoe.budget import DEFAULT_HEADS, budget, routing_paths
+from megatron_sdmoe.budget import DEFAULT_HEADS, budget, head_counts, routing_paths
 from megatron_sdmoe.config import load_config
 
 VOCAB = 1000
@@ -62,3 +62,8 @@ def test_cli_table_json_and_bad_input():
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["error: none of --heads 3,5 divides model.hidden_size=128: pick head "
                                                "counts that do (e.g. 2,4,8,16)"]
+
+
+def test_head_counts_each_once_and_only_divisors():
+    """--heads 2,2,3,4 on a width of 64: each proposal once (it was listed twice), 3 left out."""
+    assert head_counts("2,2,3,4", 64) == [2, 4]

@@ -85,6 +85,11 @@ def test_load_errors(override, message):
     (["train.recompute=selective", "train.recompute_modules=[moe_act]"], 1,
      "'moe_act': it needs megatron-core's own grouped-GEMM experts (recompute moe instead)"),
     (["train.recompute=selective", "train.recompute_modules=[]"], 1, "recomputes nothing"),
+    (["train.recompute=selective", "train.recompute_modules=[moe, mlp]"], 1,
+     "train.recompute_modules has 'mlp', but the model has no dense layers (model.dense_layers=0), so it would save "
+     "nothing: drop it"),
+    (["train.recompute=selective", "train.recompute_modules=[shared_experts]"], 1,
+     "train.recompute_modules has 'shared_experts', but the model has no shared experts"),
     (["train.recompute_layers=2"], 1, "train.recompute_layers=2 applies to train.recompute=full only"),
     (["train.recompute=full", "train.recompute_layers=5"], 1, "train.recompute_layers=5 must lie in [0, model.num_layers=4]"),
     (["train.recompute=full", "train.recompute_layers=1", "model.mtp_layers=1"], 1,

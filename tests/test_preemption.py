@@ -104,7 +104,8 @@ def test_a_second_job_in_a_running_run_dir_is_refused_and_the_first_goes_on(tmp_
 
 
 def test_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
-    launch(tmp_path, 1, *RUN, "train.exit_interval=4")
+    proc = launch(tmp_path, 1, *RUN, "train.exit_interval=4")
+    assert "stopped at step 4 of 12 (train.exit_interval), start again to go on. TensorBoard: " in proc.stdout
     # what a crash while writing step 5 leaves: a partial temporary directory, `latest` untouched
     partial = tmp_path / "checkpoints" / ".tmp_step_00000005"
     partial.mkdir()

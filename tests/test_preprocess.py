@@ -212,6 +212,11 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
         write_jsonl(corpus, good)
         tokenizer = inputs / "nope"
         message = f"error: tokenizer directory {tokenizer} not found: set --tokenizer to a local"
+    elif case == "tokenizer is a file":
+        write_jsonl(corpus, good)
+        tokenizer = inputs / "tokenizer.json"
+        tokenizer.write_text("{}")
+        message = f"error: tokenizer directory {tokenizer} is a file: set --tokenizer to a local"
     elif case == "broken tokenizer":
         write_jsonl(corpus, good)
         tokenizer = inputs / "broken"
@@ -242,8 +247,8 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
 
 
 BAD_INPUTS = ["malformed", "missing field", "not text", "only empty documents", "missing tokenizer",
-              "broken tokenizer", "id overflows dtype", "missing input", "unsupported input", "missing column",
-              "more partitions than records"]
+              "tokenizer is a file", "broken tokenizer", "id overflows dtype", "missing input", "unsupported input",
+              "missing column", "more partitions than records"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

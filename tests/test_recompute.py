@@ -141,8 +141,9 @@ def test_recomputation_saves_what_the_estimate_says(single_process_groups, name)
     for mode, settings in MODES.items():
         try:
             estimated, measured = measure(*settings)
-        except UserError:  # a first-layers-only recompute with MTP layers (megatron-core would skip the MTP)
-            assert mode == "full, first layer" and config == "tiny-deepseek.yaml"
+        except UserError as e:  # a first-layers-only recompute with MTP layers (megatron-core would skip the
+            # MTP), or a module the model lacks (recomputing it would save nothing)
+            assert (mode == "full, first layer" and config == "tiny-deepseek.yaml") or "would save nothing" in str(e)
             continue
         saving, measured_saving = estimated_none - estimated, measured_none - measured
         assert (saving == 0) == (measured_saving == 0), (mode, saving, measured_saving)

@@ -1,7 +1,7 @@
 """Domains and stages on two tiny corpora: a blended run reports per-domain validation and test
 loss, the routes' effective composition number and the token concentration (layout-independent),
 and a two-stage run writes the stage matrix and BWT, and keeps them across a restart at the stage
-boundary; separate validation and test blends are read."""
+boundary (one that changes a finished stage's data is refused); separate validation and test blends are read."""
 import json
 
 import pytest
@@ -61,6 +61,13 @@ def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_
     # stop at the stage boundary, start again: the same matrix, bit for bit
     launch(tmp_path / "restarted", 1, *stages, "train.exit_interval=3")
     assert len(json.loads((tmp_path / "restarted" / "stages.json").read_text())["loss"]) == 1
+    # a finished stage's data changed on the way: its row was measured on the old data, so refused
+    changed = stages[0].replace(f"path: [{domains['prose']}]}}", f"path: [{domains['shout']}]}}")
+    proc = launch(tmp_path / "restarted", 1, changed, *stages[1:], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: data.stages[0] ended at step 3 (the checkpoint is at step 3), and the stage matrix holds losses on "
+        f"its data: keep its path and valid_path as the run had them (['{domains['prose']}'], []), or start a new "
+        "run.dir"], proc.stderr
     launch(tmp_path / "restarted", 1, *stages)
     assert json.loads((tmp_path / "restarted" / "stages.json").read_text()) == result
 

@@ -63,6 +63,9 @@ class WeightDirectory:
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise UserError(f"weights directory {self.dir} not found: give a directory of safetensors weights "
+                            "(sdmoe-convert from-hf writes one)")
         if (self.dir / INDEX).is_file():
             self.weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
         elif (self.dir / SINGLE).is_file():

@@ -52,8 +52,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a tokenizer from a local directory (never from the Hub)."""
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise UserError(f"tokenizer directory {directory} not found: set data.tokenizer to a local "
-                        "Hugging Face tokenizer directory (holding tokenizer.json / tokenizer_config.json)")
+        what = "is a file" if path.exists() else "not found"
+        raise UserError(f"tokenizer directory {directory} {what}: set data.tokenizer to a local Hugging Face "
+                        "tokenizer directory (holding tokenizer.json / tokenizer_config.json)")
     try:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for bad directories

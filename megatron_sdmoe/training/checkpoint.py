@@ -37,7 +37,7 @@ import yaml
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_sdmoe.config import Config, TrainConfig, is_headwise, is_sdmoe, to_dict
+from megatron_sdmoe.config import Config, TrainConfig, is_headwise, is_sdmoe, resolved_blend, to_dict
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.models.init import split_tensors
 from megatron_sdmoe.runtime import Layout
@@ -256,6 +256,25 @@ def changed_settings(path: Path | None, cfg: Config) -> list[str]:
     included; other data continues at the same sample index)."""
     saved = _saved_config(path) if path is not None else None
     return _differences(saved, cfg, ["train", "smoothing", "data"]) if saved is not None else []
+
+
+def check_finished_stages(path: Path | None, cfg: Config) -> None:
+    """Refuse a start that changes the data of a stage the run finished before checkpoint `path`:
+    the stage matrix holds each finished stage's validation loss on that data, so rows measured on
+    other data would read as forgetting."""
+    saved = _saved_config(path) if path is not None else None
+    if not saved or not cfg.data.stages:
+        return
+    step, end = saved_step(path), 0
+    for index, (old, new) in enumerate(zip(saved["data"].get("stages", []), cfg.data.stages)):
+        end += old["steps"]
+        if end > step:
+            return
+        before = [resolved_blend(old.get(key, [])) for key in ("path", "valid_path")]  # (older runs: relative)
+        if before != [new.path, new.valid_path]:
+            raise UserError(f"data.stages[{index}] ended at step {end} (the checkpoint is at step {step}), and the "
+                            "stage matrix holds losses on its data: keep its path and valid_path as the run had them "
+                            f"({before[0]}, {before[1]}), or start a new run.dir")
 
 
 def _flat_items(saved: dict, current: dict, prefix: str = ""):
