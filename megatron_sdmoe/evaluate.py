@@ -100,14 +100,16 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = 
 
 
 def text_routes(session, text: str) -> dict:
-    """moe/routes.py's route_text of the text's first data.seq_length tokens."""
-    tokens = session.tokenizer.tokenize(text)[:session.cfg.data.seq_length]
+    """moe/routes.py's route_text of the text's first data.seq_length tokens, and "text_tokens": how
+    many the whole text has."""
+    every = session.tokenizer.tokenize(text)
+    tokens = every[:session.cfg.data.seq_length]
     if not tokens:
         raise UserError("--routes-text holds no token: give a text")
     model = session.engine.module.eval()
     decode = session.tokenizer.detokenize
-    return route_text(model, torch.tensor(tokens, device=session.layout.device), session.cfg.parallel.tensor,
-                      session.tokenizer.eod, lambda token: decode([token]))
+    return {**route_text(model, torch.tensor(tokens, device=session.layout.device), session.cfg.parallel.tensor,
+                         session.tokenizer.eod, lambda token: decode([token])), "text_tokens": len(every)}
 
 
 def read_text(path: str) -> str:
@@ -178,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     if "routes" in result:
         print("\n".join(["routes on the validation tokens:", *report_lines(result["routes"])]))
     if "text_routes" in result:
-        print("\n".join([f"routes of {args.routes_text} (each token's experts, by routing weight):",
+        routed, whole = len(result["text_routes"]["tokens"]), result["text_routes"]["text_tokens"]
+        cut = f", its first {routed} of {whole} tokens (data.seq_length)" if routed < whole else ""
+        print("\n".join([f"routes of {args.routes_text}{cut} (each token's experts, by routing weight):",
                          *text_lines(result["text_routes"])]))
     try:
         write_outputs(args, result)

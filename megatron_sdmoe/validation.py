@@ -44,6 +44,8 @@ def validate(cfg: Config, world_size: int) -> None:
         need(moe.diag_interval > 0, f"moe.diag_interval={moe.diag_interval} must not be negative")
         need(moe.expert_impl == "grouped" and par.expert_tensor == 1,
              "moe.diag_interval needs moe.expert_impl=grouped and parallel.expert_tensor=1")
+        need(router_bank_size(cfg) >= 2, f"moe.diag_interval compares experts, but each router has "
+             f"{router_bank_size(cfg)}: give it 2 or more, or set moe.diag_interval=0")
         need(moe.diag_position_buckets >= 1,
              f"moe.diag_position_buckets={moe.diag_position_buckets} must be at least 1")
         need(1 <= moe.diag_rank <= min(expert_input, ffn),

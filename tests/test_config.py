@@ -133,6 +133,9 @@ def test_load_errors(override, message):
      "each attention head is 65 wide"),
     (["model.preset=deepseek", "model.attention=mla", "model.mla.qk_rope_head_dim=3"], 1,
      "model.mla.qk_rope_head_dim=3 must be even (RoPE rotates pairs of dimensions)"),
+    # one expert per router: the diagnostics' comparisons were NaN
+    (["moe.num_experts=1", "moe.topk=1", "moe.diag_interval=2"], 1,
+     "moe.diag_interval compares experts, but each router has 1: give it 2 or more, or set moe.diag_interval=0"),
     # a trace past the last step was never written; True was step 1
     (["train.max_steps=4", "train.profile_steps=[5, 10]"], 1,
      "train.profile_steps=[5, 10] must be [first, last] with 1 <= first <= last <= train.max_steps=4, or empty"),

@@ -4,10 +4,12 @@ checkpoint exported with sdmoe-convert, its router logits' top-k), and so do eac
 of a text (--routes-text); none of it depends on the layout the checkpoint is evaluated in; the
 plot is written; the run directory is left alone."""
 import json
+import re
 from collections import Counter
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, launch, launch_module, metrics, run_command
 from test_convert import load_exported
@@ -165,9 +167,16 @@ def test_head_wise_routes(tmp_path):
             assert sum(rows.values()) == layer["rows"] // layer["banks"]  # one head's sub-tokens: one per token
 
 
-def test_routes_text_report(run):
-    proc = launch_module(EVAL, [str(run), "--routes", "--routes-top", "2", "train.eval_samples=8"], 1)  # in any order
+def test_routes_text_report(run, tmp_path):
+    long = tmp_path / "long.txt"  # more tokens than a sequence holds: the report says where it stops
+    long.write_text(TEXT * 40)
+    proc = launch_module(EVAL, [str(run), "--routes", "--routes-top", "2", "train.eval_samples=8",  # in any order
+                                "--routes-text", str(long)], 1)
     lines = proc.stdout.splitlines()
+    seq = yaml.safe_load((run / "config.yaml").read_text())["data"]["seq_length"]
+    header = next(line for line in lines if line.startswith(f"routes of {long}"))
+    assert re.fullmatch(re.escape(f"routes of {long}, its first {seq} of ") + r"\d+" +
+                        re.escape(" tokens (data.seq_length) (each token's experts, by routing weight):"), header)
     first = lines.index("routes on the validation tokens:") + 1
     assert lines[first].startswith("decoder.layers.0.mlp.router (8 experts, top-2, 512 rows): token concentration ")
     assert lines[first + 1].startswith("  expert   0  load ") and "  lift prose " in lines[first + 1]
