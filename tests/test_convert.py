@@ -426,6 +426,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
              "another family": (("from-hf", mixtral, out), "MixtralForCausalLM'] cannot be imported"),
              "overridden sizes": (("from-hf", hf, out, "moe.num_experts=4"),
                                   "overrides would describe another model than the weights (moe.num_experts: 2 -> 4)"),
+             "head-wise": (("from-hf", hf, out, "moe.variant=headwise"),
+                           "overrides would describe another model than the weights (moe.variant: topk -> headwise)"),
              "unknown tensor": (("from-hf", extra, out), "weight_scale_inv has no counterpart")}
     for case, (args, message) in cases.items():
         proc = convert(*args, check=False, process=case == "unknown tensor")

@@ -216,8 +216,11 @@ def import_config(hf, overrides: list[str], names: list[str]):
     headwise = getattr(hf, "headwise", None) is not None
     imported = [*adapter.config_overrides(hf, names), *(headwise_export.config_overrides(hf) if headwise else [])]
     cfg, own = load_config(None, [*imported, *overrides]), load_config(None, imported)
-    changed = [f"{key}: {_setting(own, key)} -> {_setting(cfg, key)}" for key in WEIGHT_SHAPES
+    shaping = WEIGHT_SHAPES + HEADWISE_SHAPES * is_headwise(own)
+    changed = [f"{key}: {_setting(own, key)} -> {_setting(cfg, key)}" for key in shaping
                if _setting(cfg, key) != _setting(own, key)]
+    if is_headwise(cfg) != is_headwise(own):  # head slices and per-head banks: other weights
+        changed.append(f"moe.variant: {own.moe.variant} -> {cfg.moe.variant}")
     if changed:
         raise UserError(f"overrides would describe another model than the weights ({', '.join(changed)}): drop them "
                         "(the model's sizes come from its config.json)")
@@ -232,6 +235,7 @@ WEIGHT_SHAPES = ["model.preset", "model.num_layers", "model.hidden_size", "model
                  "model.dense_ffn_hidden_size", "model.mtp_layers", "model.vocab_size", "model.mla.q_lora_rank",
                  "model.mla.kv_lora_rank", "model.mla.qk_head_dim", "model.mla.qk_rope_head_dim",
                  "model.mla.v_head_dim", "moe.num_experts", "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size"]
+HEADWISE_SHAPES = ["headwise.heads", "headwise.experts_per_head", "headwise.ffn_hidden_size", "headwise.bank"]
 
 
 def _setting(cfg: Config, key: str):
