@@ -335,7 +335,7 @@ def test_weights_one_rank_cannot_read(tmp_path):
                   module="tests.workers.node_local", env={"RANK_DIRS": str(tmp_path / "ranks")}, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"error: weights/{file} is not a readable safetensors file") and \
+    assert lines[0].startswith(f"error: {weights / file} is not a readable safetensors file") and \
         " [seen on rank 1 of 2, host " in lines[0], lines[0]
 
 
