@@ -37,7 +37,7 @@ from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabula
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
-from megatron_sdmoe.training.stages import build_stages, stage_blends
+from megatron_sdmoe.training.stages import build_stages, evaluated_on_training_data, stage_blends
 from megatron_sdmoe.validation import validate
 
 EXIT_DIVERGED = 4  # stopped after too many non-finite steps, with a checkpoint of the last good weights
@@ -130,6 +130,9 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
     tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg, checkpoint))
     run_dir = prepare_run_dir(cfg, layout.is_main, lock=lock)
     stages = build_stages(cfg, tokenizer)
+    if layout.is_main and not evaluating:
+        for note in evaluated_on_training_data(cfg):
+            print(note, flush=True)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if use_bf16 else torch.float32

@@ -96,8 +96,12 @@ def test_separate_test_blend(domains, tmp_path):
     is the validation blend with its datasets in the other order (the same samples, each under its
     other dataset id), so the final per-dataset test losses equal the validation losses."""
     prose, shout = domains["prose"], domains["shout"]
-    launch(tmp_path / "run", 1, f"data.path=[{prose}]", f"data.valid_path=[1, {prose}, 1, {shout}]",
-           f"data.test_path=[1, {shout}, 1, {prose}]", f"data.tokenizer={domains['tokenizer']}", "train.eval_interval=2")
+    proc = launch(tmp_path / "run", 1, f"data.path=[{prose}]", f"data.valid_path=[1, {prose}, 1, {shout}]",
+                  f"data.test_path=[1, {shout}, 1, {prose}]", f"data.tokenizer={domains['tokenizer']}",
+                  "train.eval_interval=2")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("note: ")] == [  # training data in both
+        f"note: the {setting} blend of stage main holds {prose}, which the stage trains on: its losses there are "
+        "measured on training documents" for setting in ("valid_path", "test_path")]
     rows = {row["step"]: row for row in metrics(tmp_path / "run")}
     assert [step for step, row in rows.items() if "test_loss" in row] == [4]  # once, at train.max_steps
     for name in ("prose", "shout"):

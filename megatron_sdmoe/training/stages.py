@@ -64,6 +64,21 @@ def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     return stages
 
 
+def evaluated_on_training_data(cfg: Config) -> list[str]:
+    """A note for each separate validation or test blend that holds a file its stage trains on
+    (whole, with a separate validation blend): its losses there are measured on training documents,
+    which may be meant (a check of overfitting) or a slip."""
+    notes = []
+    for name, path, valid_path, test_path, _steps in stage_blends(cfg):
+        trained = set(parse_blend(path)[0]) if path else set()
+        for setting, blend in (("valid_path", valid_path), ("test_path", test_path)):
+            shared = [prefix for prefix in parse_blend(blend)[0] if prefix in trained] if blend else []
+            if shared:
+                notes.append(f"note: the {setting} blend of stage {name} holds {', '.join(shared)}, which the stage "
+                             "trains on: its losses there are measured on training documents")
+    return notes
+
+
 def backward_transfer(rows: list[list[float]]) -> float | None:
     """BWT after the last row: mean over earlier stages j of L[n][j] - L[j][j]."""
     n = len(rows) - 1
