@@ -216,7 +216,7 @@ def import_config(hf, overrides: list[str], names: list[str]):
     headwise = getattr(hf, "headwise", None) is not None
     imported = [*adapter.config_overrides(hf, names), *(headwise_export.config_overrides(hf) if headwise else [])]
     cfg, own = load_config(None, [*imported, *overrides]), load_config(None, imported)
-    shaping = WEIGHT_SHAPES + HEADWISE_SHAPES * is_headwise(own)
+    shaping = WEIGHT_SHAPES + (HEADWISE_SHAPES if is_headwise(own) else [])
     changed = [f"{key}: {_setting(own, key)} -> {_setting(cfg, key)}" for key in shaping
                if _setting(cfg, key) != _setting(own, key)]
     if is_headwise(cfg) != is_headwise(own):  # head slices and per-head banks: other weights
