@@ -33,8 +33,8 @@ from pathlib import Path
 from megatron_sdmoe.config import load_config, save_config
 from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
-from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, latest_checkpoint, point_latest,
-                                                 read_meta)
+from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, latest_checkpoint, layout_words,
+                                                 point_latest, read_meta)
 from megatron_sdmoe.training.metrics import logged_step
 
 
@@ -71,11 +71,11 @@ def _size_gib(directory: Path) -> float:
 
 def describe(run_dir: Path) -> list[str]:
     checkpoints, latest, logged = complete_checkpoints(run_dir), latest_checkpoint(run_dir), _logged(run_dir)
-    lines = [f"{'step':>8}  {'layout':<26}  {'GiB':>7}  {'loss':>7}  {'val loss':>8}"]
+    lines = [f"{'step':>8}  {'layout':<29}  {'GiB':>7}  {'loss':>7}  {'val loss':>8}"]
     for path in checkpoints:
         layout = read_meta(path)["layout"]
         row = logged.get(_step(path), {})
-        lines.append(f"{_step(path):>8}  {_layout_words(layout):<26}  {_size_gib(path):>7.3f}  "
+        lines.append(f"{_step(path):>8}  {layout_words(layout):<29}  {_size_gib(path):>7.3f}  "
                      f"{_number(row.get('loss')):>7}  {_number(row.get('val_loss')):>8}"
                      + ("  <- latest" if path == latest else ""))
     for aside in sorted((checkpoint_root(run_dir) / ROLLED_BACK).glob("*")):
@@ -106,11 +106,6 @@ def _duration(seconds: float) -> str:
     if minutes < 1:
         return f"{seconds:.0f} s"
     return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
-
-
-def _layout_words(layout: dict) -> str:
-    return (f"world {layout['world_size']} TP {layout['tensor']} EP {layout['expert']} "
-            f"ETP {layout['expert_tensor']}")
 
 
 def _number(value) -> str:

@@ -108,7 +108,7 @@ class SDMoEConfig:
     rank: int = 8  # k: rank of the common basis; 0 reduces SD-MoE to the baseline exactly
     refresh_interval: int = 16  # T: optimizer steps between basis refreshes
     projections: list = field(default_factory=lambda: ["gate", "up", "down"])  # which are decoupled
-    common: str = "shared"  # shared (one C per layer) | per_expert (C_e and basis per expert)
+    common: str = "shared"  # shared (one C per router's experts: the layer's, or a head's) | per_expert (C_e each)
     common_lr_scale: float = 1.0  # LR of the common matrices relative to train.lr
     project_updates: bool = False  # keep each step's change of U_e in the complement (exact under Adam)
     power_iterations: int = 2  # randomized SVD

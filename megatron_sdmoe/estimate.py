@@ -27,7 +27,7 @@ from megatron_sdmoe.validation import validate
 GIB = 2**30
 # Dense bf16 / fp32 peak TFLOP/s (vendor datasheets) by device-name fragment, first match wins.
 PEAK_TFLOPS = {"H100 PCIe": (756.0, 51.0), "H100 NVL": (835.0, 60.0), "H100": (989.4, 66.9),
-               "H200": (989.4, 66.9), "GH200": (989.4, 66.9), "A100": (312.0, 19.5)}
+               "H200": (989.4, 66.9), "A100": (312.0, 19.5)}  # H200 matches GH200 too
 # DeepSpeed's default reduce and all-gather bucket sizes (elements), which this project keeps.
 DEEPSPEED_BUCKET_ELEMENTS = 2 * 500_000_000
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_sdmoe.checkpoints import checkpoint_of_step
 from megatron_sdmoe.config import Config, load_config
@@ -69,12 +70,19 @@ def run_config(run_dir: str, overrides: list[str]) -> Config:
 
 
 def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = None,
-             text: str | None = None) -> dict:
+             text: str | None = None, outputs: tuple[tuple[str, Path], ...] = ()) -> dict:
     """{"checkpoint", "step", val_loss (per source dataset too), test_loss (...), with data.stages
     stage_loss_<name> for every stage}: the keys the run's metrics.jsonl uses. `checkpoint`: by
     default run.dir's latest. `routes` ({"top", "min_count"}): also "routes", moe/routes.py's
-    report on the validation tokens; `text`: also "text_routes", the routes of its tokens."""
-    session = setup(cfg, evaluating=True, checkpoint=checkpoint)
+    report on the validation tokens; `text`: also "text_routes", the routes of its tokens.
+    `outputs` ((flag, path) pairs): the files the first rank writes afterwards, refused at start
+    if they could not be written."""
+    def check_outputs() -> None:
+        if dist.get_rank() == 0:  # the rank that writes them; under `agreed`, so every rank stops
+            for flag, path in outputs:
+                check_writable(flag, path)
+
+    session = setup(cfg, evaluating=True, checkpoint=checkpoint, caller_check=check_outputs)
     trainer, step = session.trainer, session.start_step
     stages = trainer.stages
     current = trainer.stage_at(min(step, cfg.train.max_steps) - 1)  # the data the checkpoint last saw (step >= 1)
@@ -90,7 +98,7 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, routes: dict | None = 
         losses["routes"] = recorder.report(current.domains, lambda token: decode([token]), **routes)
     if stages[-1].test is not None:
         losses.update(trainer.evaluate(stages[-1].test, stages[-1].test_domains, "test"))
-    if len(stages) > 1:
+    if cfg.data.stages:
         losses.update({f"stage_loss_{stage.name}": trainer.evaluate(stage.valid, stage.domains)["val_loss"]
                        for stage in stages})
     if text is not None:
@@ -156,15 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, world_size_from_env())
         if cfg.train.eval_samples == 0:  # (above 0, data.split must give validation documents)
             raise UserError("train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples")
-        outputs = [(flag, path) for flag, path in (("--json", args.json), ("--routes-plot", args.routes_plot)) if path]
-        if rank_from_env() == 0:  # the rank that writes them
-            for flag, path in outputs:
-                check_writable(flag, Path(path))
+        outputs = tuple((flag, Path(path)) for flag, path in (("--json", args.json), ("--routes-plot", args.routes_plot))
+                        if path)
         routes = ({"top": args.routes_top, "min_count": args.routes_min_count}
                   if args.routes or args.routes_plot else None)
         text = read_text(args.routes_text) if args.routes_text else None
         result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step),
-                          routes, text)
+                          routes, text, outputs)
     except UserError as e:
         exit_bad_input(e)
     except torch.OutOfMemoryError as e:

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -111,18 +112,24 @@ class Session:
 
 
 def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
-          lock: RunLock | None = None) -> Session:
+          lock: RunLock | None = None, caller_check: Callable[[], None] | None = None) -> Session:
     """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state from
     `checkpoint` (by default run.dir's latest). `evaluating` (sdmoe-eval): a checkpoint is required,
     and nothing is written into run.dir (no config.yaml, starts.jsonl, metrics or TensorBoard; the
     data index cache aside). `lock` (training): run.dir's lock, taken once the checks have passed,
-    before anything is written (the caller releases it)."""
+    before anything is written (the caller releases it). `caller_check`: the caller's own start-up
+    check (sdmoe-eval's output files), run before the file checks."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
     checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
     # Until the run directory is written, bad input that one rank alone sees (other nodes, other
     # files) is every rank's error: see runtime/agreement.py.
-    agreed(lambda: check_files(cfg, layout.world_size, checkpoint, need_checkpoint=evaluating))
+    def start_checks() -> None:
+        if caller_check:
+            caller_check()
+        check_files(cfg, layout.world_size, checkpoint, need_checkpoint=evaluating)
+
+    agreed(start_checks)
     if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
         if layout.is_main:
             ensure_sample_corpus()
@@ -166,8 +173,10 @@ def train(cfg: Config) -> None:
     """Train; exits with EXIT_REQUEUE after a checkpoint when a signal or the time budget stops it."""
     with RunLock(Path(cfg.run.dir)) as lock:  # released however training ends (kill -9 aside: run_lock.py)
         session = setup(cfg, lock=lock)
-        stopped = session.trainer.run(session.start_step)
-        session.trainer.metrics.close()
+        try:
+            stopped = session.trainer.run(session.start_step)
+        finally:  # also when training diverged
+            session.trainer.metrics.close()
     if session.layout.is_main:
         checkpoint, tr = latest_checkpoint(session.run_dir), cfg.train
         step = saved_step(checkpoint)

@@ -43,7 +43,7 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(single_process_gro
     grad = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
@@ -76,7 +76,7 @@ def test_document_mask_training_at_tp2_equals_one_process(tmp_path):
     """Sequence parallelism gathers the sequence before attention: the mask covers all of it."""
     for name, nproc, layout in (("one", 1, []), ("tp2", 2, ["parallel.tensor=2"])):
         launch(tmp_path / name, nproc, "data.document_mask=true", *layout)
-    for got, want in zip(metrics(tmp_path / "tp2"), metrics(tmp_path / "one")):
+    for got, want in zip(metrics(tmp_path / "tp2"), metrics(tmp_path / "one"), strict=True):
         assert got["loss"] == pytest.approx(want["loss"], abs=2e-5), got["step"]
         # the grad norm's round-off grows as in test_parallel_parity (1.2e-4 at step 4 here)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=5e-4), got["step"]

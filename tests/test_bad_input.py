@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import CONFIG, SMALL, launch
+from conftest import CONFIG, SMALL, launch, python_m
 from megatron_sdmoe.config import load_config
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.data.indexed import write_indexed
@@ -76,6 +76,16 @@ def test_data_missing(tmp_path):
     proc = train(tmp_path / "run", f"data.path=[{tmp_path / 'nope'}]", f"data.tokenizer={tmp_path}")
     assert_refused(proc, f"error: data.path prefix {tmp_path / 'nope'} has no {tmp_path / 'nope.bin'}")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_exit_destroys_the_process_group(tmp_path):
+    """Gloo's worker threads left to interpreter finalization can abort a process after its error
+    line (exit 134; pytorch PR 179291). In a fresh process: the forked test ranks end with
+    os._exit, which runs no exit handlers."""
+    proc = python_m("tests.workers.exit_state", CONFIG, f"run.dir={tmp_path / 'run'}", *SMALL,
+                    f"data.path=[{tmp_path / 'nope'}]", f"data.tokenizer={tmp_path}")
+    assert_refused(proc, f"error: data.path prefix {tmp_path / 'nope'} has no")
+    assert proc.stdout.splitlines()[-1] == "process group alive at exit: False"
 
 
 @pytest.mark.parametrize("damage", ["idx cut short", "no documents"])

@@ -40,7 +40,7 @@ def test_layouts_train_the_same_model_in_bf16(tmp_path):
         got = metrics(tmp_path / name)
         assert got[0]["loss"] == pytest.approx(want[0]["loss"], abs=1e-4), name
         assert got[0]["grad_norm"] == pytest.approx(want[0]["grad_norm"], rel=1e-3), name
-        for g, w in zip(got[1:], want[1:]):
+        for g, w in zip(got[1:], want[1:], strict=True):
             assert g["loss"] == pytest.approx(w["loss"], abs=3e-3), (name, g["step"])
 
 
@@ -54,5 +54,5 @@ def test_an_fp32_run_resumes_in_bf16(tmp_path):
     assert "resuming from step 2 (loaded in" in proc.stdout
     assert "with changed settings" in proc.stdout and "train.precision" in proc.stdout
     assert "_load_legacy_checkpoint" not in proc.stdout  # DeepSpeed's print, silenced
-    for got, want in zip(metrics(tmp_path / "switch")[2:], metrics(tmp_path / "fp32")[2:]):
+    for got, want in zip(metrics(tmp_path / "switch")[2:], metrics(tmp_path / "fp32")[2:], strict=True):
         assert got["loss"] == pytest.approx(want["loss"], abs=3e-3), got["step"]

@@ -26,7 +26,7 @@ YARN = ["model.rope_scaling=yarn", "model.yarn.factor=4", "model.yarn.original_m
 def test_fp32_on_gpu_matches_cpu(tmp_path, config, variant):
     launch(tmp_path / "gpu", 1, "train.precision=fp32", *variant, config=config)
     launch(tmp_path / "cpu", 1, *variant, env={"CUDA_VISIBLE_DEVICES": ""}, config=config)
-    for gpu, cpu in zip(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu")):
+    for gpu, cpu in zip(metrics(tmp_path / "gpu"), metrics(tmp_path / "cpu"), strict=True):
         assert gpu["loss"] == pytest.approx(cpu["loss"], abs=1e-3)
 
 
@@ -40,6 +40,6 @@ def test_recompute_on_gpu_same_losses_less_memory(tmp_path, variant):
     launch(tmp_path / "kept", 1, *sizes)
     launch(tmp_path / "recomputed", 1, *sizes, "train.recompute=full")
     kept, recomputed = metrics(tmp_path / "kept"), metrics(tmp_path / "recomputed")
-    for k, r in zip(kept, recomputed):
+    for k, r in zip(kept, recomputed, strict=True):
         assert r["loss"] == pytest.approx(k["loss"], rel=1e-5)
     assert recomputed[-1]["max_memory_gib"] < 0.85 * kept[-1]["max_memory_gib"]

@@ -26,7 +26,7 @@ def assert_equals_one_process(run: subprocess.CompletedProcess, tmp_path) -> Non
     launch(tmp_path / "one", 1)
     got, want = metrics(tmp_path / "ep2"), metrics(tmp_path / "one")
     assert [row["step"] for row in got] == [1, 2, 3, 4]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g["loss"] == pytest.approx(w["loss"], abs=2e-5)
 
 

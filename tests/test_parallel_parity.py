@@ -79,8 +79,8 @@ def test_same_losses_as_one_process(reference, layout, tmp_path):
         assert got["aux_loss"] == pytest.approx(want["aux_loss"], abs=2e-4), got["step"]
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
-        if "expert_overlap" in got:  # diagnostics gather bases over EP and gradients over expert DP: the
-            # same values as one process
+        if DIAGNOSTICS[0] in overrides and got["step"] % 2 == 0:  # diagnostics gather bases over EP and
+            # gradients over expert DP: the same values as one process
             for key in ("expert_overlap", "expert_overlap_right", "router_specificity", "grad_alignment"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4), key
             for shares, wanted in zip(got["expert_load"], want["expert_load"], strict=True):  # counted over all ranks

@@ -1,9 +1,10 @@
-"""Surviving preemption and crashes: SIGUSR1 / SIGTERM / SIGINT and the time budget stop after a step with a
-checkpoint and the requeue exit code; kill -9 at any step loses nothing but the steps since the
-last checkpoint (its lock taken over on restart); a save killed half-way leaves the previous
-checkpoint usable; retention keeps N; a second job in a running run.dir is refused;
-a save that one rank cannot write stops every rank with one line, as running out of GPU memory
-does the rank it happens on. Every resumed run reaches the uninterrupted run's losses exactly."""
+"""Surviving preemption and crashes: SIGUSR1 / SIGTERM / SIGINT and the time budget (room kept for a
+step and a save) stop after a step with a checkpoint and the requeue exit code; kill -9 at any step
+loses nothing but the steps since the last checkpoint (its lock taken over on restart); a save
+killed half-way leaves the previous checkpoint usable; retention keeps N; a second job in a running
+run.dir is refused; a save that one rank cannot write stops every rank with one line, as running out
+of GPU memory does the rank it happens on. Every resumed run reaches the uninterrupted run's losses
+exactly."""
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -122,6 +124,25 @@ def test_time_budget_and_retention(tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_00000011", "step_00000012"]
     assert json.loads((tmp_path / "checkpoints" / "step_00000012" / "meta.json").read_text())["step"] == 12
+
+
+def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_groups):
+    """The budget counts from start-up and stops once the longest step and the longest save seen
+    would no longer both fit."""
+    from megatron_sdmoe.runtime import preemption
+
+    handlers = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    try:
+        elapsed_minutes = (time.monotonic() - preemption.STARTED) / 60
+        stop = preemption.StopRequest(elapsed_minutes + 100 / 60, torch.device("cpu"))  # 100 s left
+        assert stop.after_step(60.0) is None
+        stop.saved(30.0)
+        assert stop.after_step(1.0) is None  # 60 + 30 s still fit
+        stop.saved(45.0)
+        assert stop.after_step(1.0) == "time budget"
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _model(run_dir, step):

@@ -121,7 +121,7 @@ def test_resume_at_another_model_parallel_layout(name, tmp_path):
     proc = launch(tmp_path / "resumed", resumed, *RUN, *resumed_layout, *model, **config)
     sizes = dict(item.split("=") for item in saved_layout)
     tp, ep, etp = (sizes.get(f"parallel.{key}", "1") for key in ("tensor", "expert", "expert_tensor"))
-    assert f"resuming from step 4 (saved in world {saved}, TP {tp}, EP {ep}, expert TP {etp}: re-cut in" in proc.stdout
+    assert f"resuming from step 4 (saved in world {saved}, TP {tp}, EP {ep}, ETP {etp}: re-cut in" in proc.stdout
     assert_continues(metrics(tmp_path / "resumed"), metrics(tmp_path / "straight"))
 
 

@@ -16,7 +16,7 @@ def test_capacity_z_loss_and_sigmoid_scores(tmp_path):
     assert all(0.5 <= dropped < 1 for row in one for dropped in row["expert_dropped_fraction"])
     assert all(row["z_loss"] > 0 for row in one)
     # EP2 runs the same micro-batches per rank, so capacity (per rank's tokens) drops the same ones.
-    for got, want in zip(ep2, one):
+    for got, want in zip(ep2, one, strict=True):
         for key in ("loss", "aux_loss", "z_loss", "grad_norm", "expert_dropped_fraction"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=2e-5), (key, got["step"])
     assert one[-1]["loss"] < one[0]["loss"]

@@ -60,7 +60,7 @@ def test_layouts_smooth_the_same_model(tmp_path):
     one = results["one"]
     assert [row["smoothed_steps"] for row in one] == [0, 1, 2, 3]
     for name in ("TP2", "EP2"):
-        for a, b in zip(one, results[name]):
+        for a, b in zip(one, results[name], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], abs=2e-5), name
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), name
             assert b["smoothed_steps"] == a["smoothed_steps"]
@@ -76,7 +76,7 @@ def test_deepseek_at_tp2_smooths_the_same_model(tmp_path):
     config = REPO / "configs" / "tiny-deepseek.yaml"
     one, tp2 = (spectra(launch(tmp_path / name, nproc, *EVERY_STEP, *layout, module=WORKER, config=config))
                 for name, nproc, layout in (("one", 1, []), ("TP2", 2, ["parallel.tensor=2"])))
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "TP2")):
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "TP2"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert metrics(tmp_path / "TP2")[-1]["smoothed_steps"] == 3

@@ -96,8 +96,7 @@ def check_token_ids(prefix: str, vocab: int, head: int = 2 ** 20) -> None:
     """Refuse a corpus whose first `head` tokens hold an id the model has no embedding row for: it
     was tokenized with another tokenizer (training would fail at the embedding, on a GPU as a
     device-side assert). The head alone is read, so that a huge corpus costs nothing at start-up."""
-    dtype = IndexedDataset(prefix).index.dtype
-    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")[:head]
+    tokens = np.memmap(prefix + ".bin", dtype=_read_index(prefix).dtype, mode="r")[:head]
     largest = int(tokens.max()) if len(tokens) else 0
     if largest >= vocab:
         raise UserError(f"{prefix}.bin holds token id {largest}, but the model's vocabulary (data.tokenizer's, or "

@@ -36,6 +36,7 @@ from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import running_job
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
+CPUS_PER_GPU = 8  # a profile's cpus_per_gpu overrides it
 SCRIPT = Template("""#!/bin/bash
 #SBATCH --job-name=$job_name
 #SBATCH --nodes=$nodes
@@ -92,7 +93,7 @@ def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, 
     srun_flags = f"--container-image={shlex.quote(profile['container'])} --container-workdir={workdir}" \
         if profile.get("container") else ""
     args = shlex.join([str(Path(config).resolve()), *overrides, f"run.dir={run_dir}"])
-    threads = profile.get("cpus_per_gpu", 8)
+    threads = profile.get("cpus_per_gpu", CPUS_PER_GPU)
     launch = (PER_NODE if per_node else PER_GPU).substitute(srun_flags=srun_flags, python=shlex.quote(python),
                                                             gpus=gpus, args=args)
     script = SCRIPT.substitute(
@@ -125,7 +126,7 @@ def load_profile(path: str | None) -> dict:
             raise UserError(f"cluster profile {path}: {key} is {profile[key]!r}, not text: quote it")
     if "time" in profile:
         slurm_time(profile["time"], f"cluster profile {path}: time")
-    cpus = profile.get("cpus_per_gpu", 1)
+    cpus = profile.get("cpus_per_gpu", CPUS_PER_GPU)
     if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
         raise UserError(f"cluster profile {path}: cpus_per_gpu={cpus!r} must be a whole number of at least 1")
     env = profile.get("env") or {}

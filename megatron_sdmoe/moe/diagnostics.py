@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.experts import GroupedExperts, by_projection
 from megatron_sdmoe.moe.sdmoe import PROJECTIONS, SDMoEExperts
 
 
@@ -41,11 +41,6 @@ def router_specificity(router_weight: torch.Tensor, right_bases: torch.Tensor) -
     n = scores.shape[0]
     others = (scores.sum(1) - scores.diagonal()) / (n - 1)
     return scores.diagonal() / others
-
-
-def _projections(fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
-    ffn = fc2.shape[-1]
-    return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
 
 
 def singular_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +67,8 @@ def _gathered_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 class Diagnostics:
-    def __init__(self, model: torch.nn.Module, rank: int):
-        self.rank = rank
+    def __init__(self, model: torch.nn.Module, k: int):
+        self.k = k  # the subspaces' dimension (moe.diag_rank)
         self.layers = [(m.router, m.experts) for m in model.modules()
                        if isinstance(m, MoELayer) and isinstance(m.experts, GroupedExperts)]
 
@@ -88,22 +83,20 @@ class Diagnostics:
             "expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity", "unique_overlap")}
         matrices = []
         for router, experts in self.layers:
-            weights = _projections(*experts.weights())
+            weights = by_projection(*experts.weights())
             grads = experts.weight_grads or {}
             for grad in grads.values():  # each expert-data-parallel rank saw its own tokens
                 dist.all_reduce(grad, group=ps.get_expert_data_parallel_group())
-            for grad in grads.values():  # each expert-data-parallel rank saw its own tokens
-                dist.all_reduce(grad, group=ps.get_expert_data_parallel_group())
-            grads = _projections(grads["fc1"], grads["fc2"]) if grads else {}
+            grads = by_projection(grads["fc1"], grads["fc2"]) if grads else {}
             left_overlaps, right_overlaps, grad_overlaps = [], [], []
             for proj in PROJECTIONS:
-                left, right = _gathered_bases(weights[proj], self.rank)
+                left, right = _gathered_bases(weights[proj], self.k)
                 left_overlaps.append(subspace_overlap(left))
                 right_overlaps.append(mean_off_diagonal(subspace_overlap(right)))
                 if proj == "gate":
                     specificity = router_specificity(router.weight.float(), right).mean().item()
                 if grads:
-                    grad_overlaps.append(mean_off_diagonal(subspace_overlap(_gathered_bases(grads[proj], self.rank)[0])))
+                    grad_overlaps.append(mean_off_diagonal(subspace_overlap(_gathered_bases(grads[proj], self.k)[0])))
             overlap = torch.stack(left_overlaps).mean(0)
             matrices.append(overlap.cpu())
             scalars["expert_overlap"].append(mean_off_diagonal(overlap))
@@ -112,7 +105,7 @@ class Diagnostics:
             if grad_overlaps:
                 scalars["grad_alignment"].append(sum(grad_overlaps) / len(grad_overlaps))
             if isinstance(experts, SDMoEExperts):
-                unique = [mean_off_diagonal(subspace_overlap(_gathered_bases(u, self.rank)[0]))
+                unique = [mean_off_diagonal(subspace_overlap(_gathered_bases(u, self.k)[0]))
                           for u in experts.uniques().values()]
                 scalars["unique_overlap"].append(sum(unique) / len(unique))
         return {k: v for k, v in scalars.items() if v}, matrices

@@ -29,6 +29,13 @@ def expert_param(tensor: torch.Tensor, config: TransformerConfig, partition_dim:
     return param
 
 
+def by_projection(fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{gate, up, down}: views of stacked fc1-shaped [E, 2f, h] and fc2-shaped [E, h, f] tensors
+    (weights or their gradients; this rank's shards)."""
+    ffn = fc2.shape[-1]
+    return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
+
+
 def grouped_swiglu(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, tokens_per_expert: torch.Tensor,
                    probs: torch.Tensor) -> torch.Tensor:
     """x [T, h] sorted by expert; fc1 [E, 2f, h]; fc2 [E, h, f] -> [T, h] (probs applied before fc2)."""

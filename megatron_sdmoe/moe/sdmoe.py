@@ -14,8 +14,9 @@ Either way the experts a common matrix serves are consecutive, `group_size` of t
 Under expert tensor parallelism (ETP > 1) C is sharded like U (gate/up by rows, down by columns);
 the basis vectors of the sharded side are sharded the same way, and the gradient routing sums its
 one small cross-shard product over the expert-TP group. Bases are computed from C gathered whole,
-so every layout computes the same basis. A projection left out of `sdmoe.projections`, or rank 0, has C = 0 and an empty basis:
-the layer is then exactly the baseline MoE.
+so every layout computes the same basis. A projection left out of `sdmoe.projections` keeps C = 0
+and a zero basis (its whole gradient goes to U), and rank 0 an empty basis: a layer with no
+projection decoupled is exactly the baseline MoE.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sdmoe.config import SDMoEConfig
-from megatron_sdmoe.moe.experts import GroupedExperts
+from megatron_sdmoe.moe.experts import GroupedExperts, by_projection
 
 PROJECTIONS = ("gate", "up", "down")
 # Where each projection lives: its stacked weight and row block in it (fc1 = [gate; up], fc2 = down).
@@ -272,16 +273,11 @@ class SDMoEExperts(GroupedExperts):
         return fc1, fc2
 
     # -- the common matrices per projection --------------------------------------------------
-    def by_projection(self, fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{gate, up, down}: views of stacked fc1-shaped and fc2-shaped tensors."""
-        ffn = self.linear_fc2.shape[-1]
-        return {"gate": fc1[:, :ffn], "up": fc1[:, ffn:], "down": fc2}
-
     def commons(self, groups: slice | None = None) -> dict[str, torch.Tensor]:
         """Common matrices per projection, [groups, m, n] (this rank's shards): the local groups'
         by default."""
         groups = self.local_groups if groups is None else groups
-        return self.by_projection(self.common_fc1[groups], self.common_fc2[groups])
+        return by_projection(self.common_fc1[groups], self.common_fc2[groups])
 
     def basis(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Q, V of `proj` for the local groups (views), [groups, m, k] and [groups, n, k]."""
@@ -295,7 +291,7 @@ class SDMoEExperts(GroupedExperts):
         return q.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
 
     def uniques(self) -> dict[str, torch.Tensor]:
-        return self.by_projection(self.linear_fc1, self.linear_fc2)
+        return by_projection(self.linear_fc1, self.linear_fc2)
 
     def _seed(self, proj: str, step: int, group: int) -> int:
         key = zlib.crc32(f"{self.layer_key}.{proj}".encode())
@@ -402,8 +398,8 @@ class UpdateProjector:
     def project(self) -> None:
         for layer, (old_fc1, old_fc2) in zip(self.layers, self.before):
             new_fc1, new_fc2 = safe_get_full_fp32_param(layer.linear_fc1), safe_get_full_fp32_param(layer.linear_fc2)
-            old, new = layer.by_projection(old_fc1, old_fc2), layer.by_projection(new_fc1, new_fc2)
-            for proj in PROJECTIONS:  # in place: views of new_fc1, new_fc2
+            old, new = by_projection(old_fc1, old_fc2), by_projection(new_fc1, new_fc2)
+            for proj in layer.decoupled:  # in place: views of new_fc1, new_fc2 (the others' basis is 0)
                 q, v = (basis.float() for basis in layer.expert_basis(proj))
                 new[proj].copy_(old[proj] + complement(new[proj] - old[proj], q, v, layer.shards[proj]))
             for param, full in ((layer.linear_fc1, new_fc1), (layer.linear_fc2, new_fc2)):

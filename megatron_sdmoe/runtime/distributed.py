@@ -6,6 +6,7 @@ CUDA, gloo without (then the CPU compatibility layer is applied first).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import socket
@@ -65,6 +66,8 @@ def init_distributed(tensor: int, expert: int, expert_tensor: int) -> Layout:
         torch.set_num_threads(cores_per_local_rank())
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30), device_id=device)
+        if not cuda:
+            atexit.register(_destroy_gloo_groups)
 
     from megatron.core import parallel_state as ps
 
@@ -99,6 +102,15 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _destroy_gloo_groups() -> None:
+    """At exit without shutdown() (an error): gloo's worker threads, if left to interpreter
+    finalization, can abort the process (SIGABRT, exit 134, after the error line: pytorch PR
+    179291). NCCL groups are left alone: destroying them while other ranks wait in a collective
+    can hang."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

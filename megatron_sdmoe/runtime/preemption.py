@@ -14,15 +14,16 @@ import torch.distributed as dist
 
 EXIT_REQUEUE = 3  # "saved, stopped early: requeue me" (launch scripts act on it)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+STARTED = time.monotonic()  # the time budget counts from start-up: loading a checkpoint takes part of it
 
 
 class StopRequest:
     """Set by a signal on any rank or by the time budget; every rank learns it at the same step."""
 
     def __init__(self, budget_minutes: float, device: torch.device):
-        self.deadline = time.monotonic() + budget_minutes * 60 if budget_minutes > 0 else None
+        self.deadline = STARTED + budget_minutes * 60 if budget_minutes > 0 else None
         self.device, self.reason = device, None
-        self.longest_step = 0.0
+        self.longest_step = self.longest_save = 0.0
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -36,10 +37,16 @@ class StopRequest:
 
     def after_step(self, step_seconds: float) -> str | None:
         """Called by every rank after every step (a collective): why to stop now, or None.
-        The budget keeps room for one more step of the longest length seen so far."""
+        The budget keeps room for one more step and the checkpoint after it, each of the longest
+        length seen so far."""
         self.longest_step = max(self.longest_step, step_seconds)
-        if self.reason is None and self.deadline is not None and time.monotonic() + self.longest_step > self.deadline:
+        if (self.reason is None and self.deadline is not None
+                and time.monotonic() + self.longest_step + self.longest_save > self.deadline):
             self.reason = "time budget"
         flag = torch.tensor([self.reason is not None], dtype=torch.float32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return (self.reason or "a stop request on another rank") if flag.item() else None
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint took `seconds` to write: the budget keeps room for one as long."""
+        self.longest_save = max(self.longest_save, seconds)

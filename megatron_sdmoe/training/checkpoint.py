@@ -334,8 +334,12 @@ def relaid_from(path: Path | None, layout: Layout) -> str | None:
     saved = read_meta(path)["layout"] if path is not None else None
     if saved is None or saved == _layout_of(layout):
         return None
-    return (f"world {saved['world_size']}, TP {saved['tensor']}, EP {saved['expert']}, "
-            f"expert TP {saved['expert_tensor']}")
+    return layout_words(saved)
+
+
+def layout_words(saved: dict) -> str:
+    """A checkpoint's layout (its meta.json's) in words."""
+    return f"world {saved['world_size']}, TP {saved['tensor']}, EP {saved['expert']}, ETP {saved['expert_tensor']}"
 
 
 def saved_step(path: Path | None) -> int:

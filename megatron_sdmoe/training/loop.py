@@ -121,7 +121,7 @@ class Trainer:
             self.engine.set_gradient_accumulation_boundary(last)
             loss = self._loss(stage.train, first_sample, micro)
             self.engine.backward(loss)
-            self.engine.step()  # the optimizer steps on the last micro-batch
+            self.engine.step()
             losses.append(loss.detach())
         update_expert_bias(self.model_config, self.engine.module)
         if self.update_projector:
@@ -189,8 +189,9 @@ class Trainer:
         if composition:
             composition.recording, composition.fixed_label = False, None
             per_layer["stage_route_neff"] = composition.compute()
-        bwt = self.stage_matrix.add(index, row)
-        self.metrics.log_figure(stage.last_step, "stages", self.stage_matrix.figure(bwt))
+        bwt, figure = self.stage_matrix.add(index, row)
+        if figure:
+            self.metrics.log_figure(stage.last_step, "stages", figure)
         result = {f"stage_loss_{seen.name}": loss for seen, loss in zip(self.stages, row)}
         return (result if bwt is None else {**result, "bwt": bwt}), per_layer
 
@@ -285,8 +286,10 @@ class Trainer:
         exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
         if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
                 or exiting or stopped or diverged):
+            started = time.perf_counter()
             save_checkpoint(self.run_dir, done, self.engine, self.layout, self.batches.first_sample(done),
                             tr.keep_checkpoints, {"smoothing": self.smoother.state()} if self.smoother else {})
+            stop.saved(time.perf_counter() - started)
         if diverged:
             raise Diverged(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and "
                            f"were skipped (steps {done - self.skipped_in_a_row + 1}-{done}); the checkpoint of step "

@@ -90,16 +90,19 @@ class StageMatrix:
         self.path, self.names, self.enabled = run_dir / "stages.json", names, enabled
         self.rows: list[list[float]] = json.loads(self.path.read_text())["loss"] if self.path.exists() else []
 
-    def add(self, stage: int, row: list[float]) -> float | None:
-        """Record L[stage][0..stage]; returns the BWT so far."""
+    def add(self, stage: int, row: list[float]):
+        """Record L[stage][0..stage]; returns the BWT so far and, on the rank that writes the
+        matrix, its figure (else None)."""
         self.rows = self.rows[:stage] + [row]
         bwt = backward_transfer(self.rows)
-        if self.enabled:
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"stages": self.names, "loss": self.rows, "bwt": bwt}, indent=1))
-            os.replace(tmp, self.path)  # atomic: a crash leaves the previous matrix
-            self.figure(bwt).savefig(self.path.with_suffix(".png"), dpi=100)
-        return bwt
+        if not self.enabled:
+            return bwt, None
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"stages": self.names, "loss": self.rows, "bwt": bwt}, indent=1))
+        os.replace(tmp, self.path)  # atomic: a crash leaves the previous matrix
+        figure = self.figure(bwt)
+        figure.savefig(self.path.with_suffix(".png"), dpi=100)
+        return bwt, figure
 
     def figure(self, bwt: float | None):
         import matplotlib

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from megatron_sdmoe.config import load_config
+from megatron_sdmoe.moe.experts import by_projection
 from megatron_sdmoe.moe.sdmoe import complement, sdmoe_modules
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import world_size_from_env
@@ -41,7 +42,7 @@ def main() -> None:
 
 
 def master_uniques(layer) -> dict[str, torch.Tensor]:
-    return layer.by_projection(safe_get_full_fp32_param(layer.linear_fc1), safe_get_full_fp32_param(layer.linear_fc2))
+    return by_projection(safe_get_full_fp32_param(layer.linear_fc1), safe_get_full_fp32_param(layer.linear_fc2))
 
 
 if __name__ == "__main__":
