@@ -1,5 +1,5 @@
 """Continual training through four text domains: does head-wise routing forget less than a flat
-MoE of the same budget? (methods.md sections 2-4)
+MoE of the same budget? (docs/methods.md sections 2-4)
 
 The stages, in order, all built from what this machine has installed and tokenized with the
 sample corpus' tokenizer: the standard library's docstrings (English technical prose), its Python

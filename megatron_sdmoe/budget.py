@@ -1,4 +1,4 @@
-"""`sdmoe-budget CONFIG`: head-wise routing settings (MH-MoE, methods.md section 2) that match the
+"""`sdmoe-budget CONFIG`: head-wise routing settings (MH-MoE, docs/methods.md section 2) that match the
 routed-expert budget of a config's flat MoE.
 
     sdmoe-budget configs/tiny-qwen3-moe.yaml --heads 2,4 --top 3

@@ -8,7 +8,7 @@ run from one.
     sdmoe-checkpoints branch RUN_DIR STEP NEW_DIR    a new run directory that resumes from step STEP
 
 After a loss spike: roll back to a checkpoint before it, then start again with the batches that
-led to it left out, e.g. `sdmoe-train CONFIG run.dir=RUN_DIR train.skip_batches=[1201-1260]`.
+led to it left out, e.g. `sdmoe-train RUN_DIR/config.yaml train.skip_batches=[1201-1260]`.
 A rollback points checkpoints/latest at step STEP and moves the later checkpoints into
 checkpoints/rolled_back/<time>/ (delete that when it is no longer needed); the next start moves
 the metrics logged past STEP to metrics_replaced.jsonl. It is refused while a training job runs in
@@ -16,10 +16,10 @@ RUN_DIR (its run.lock).
 
 A branch starts another run from a checkpoint and leaves RUN_DIR as it is: a warmup-stable-decay
 run's decay from a step of its stable phase, or an ablation from a shared start, e.g.
-`sdmoe-train CONFIG run.dir=NEW_DIR train.max_steps=6000 train.decay_fraction=0.1667`. NEW_DIR
+`sdmoe-train NEW_DIR/config.yaml train.max_steps=6000 train.decay_fraction=0.1667`. NEW_DIR
 gets the checkpoint (its files hard-linked where the filesystem allows: checkpoints are never
-changed in place, so neither run can alter the other's), the config it was saved with, the
-metrics lines and TensorBoard events up to STEP and the stage matrix.
+changed in place, so neither run can alter the other's), the config it was saved with (its run.dir
+NEW_DIR), the metrics lines and TensorBoard events up to STEP and the stage matrix.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     return (f"{new_dir} resumes from step {step} of {run_dir} ({source.name}; {len(rows)} metrics lines and the "
             "TensorBoard events up to it): "
-            f"sdmoe-train CONFIG run.dir={new_dir} [key=value ...]")
+            f"sdmoe-train {new_dir / 'config.yaml'} [key=value ...]")
 
 
 def _copy_tensorboard(source: Path, target: Path, step: int) -> None:

@@ -96,7 +96,7 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # tokens an expert takes, relative to an even share; empty: dropless
     token_drop_policy: str = "probs"  # over capacity, drop the lowest-probability (probs) or latest (position)
     router_dtype: str = "fp32"  # fp32 | fp64 | none (the model dtype)
-    diag_interval: int = 0  # steps between specialisation diagnostics (0: off); see methods.md section 3
+    diag_interval: int = 0  # steps between specialisation diagnostics (0: off); see docs/methods.md section 3
     diag_rank: int = 8  # k of the singular subspaces the diagnostics compare
     diag_position_buckets: int = 1  # route composition labels: source dataset x this many position buckets
 
@@ -131,7 +131,7 @@ class HeadwiseConfig:
 
 @dataclass
 class SmoothingConfig:
-    """Parametric singularity smoothing (methods.md section 5, arXiv 2602.01308); see docs/smoothing.md."""
+    """Parametric singularity smoothing (docs/methods.md section 5, arXiv 2602.01308); see docs/smoothing.md."""
 
     enabled: bool = False  # on a gradient-norm spike, clip every weight matrix's top singular values
     threshold: float = 2.5  # tau: a spike is a global gradient norm above tau x its running mean
@@ -187,7 +187,7 @@ class TrainConfig:
 
 @dataclass
 class StageConfig:
-    """One stage of continual training (methods.md section 4)."""
+    """One stage of continual training (docs/methods.md section 4)."""
 
     path: list = field(default_factory=list)  # the stage's blend, as data.path
     valid_path: list = field(default_factory=list)  # its validation blend, as data.valid_path

@@ -2,13 +2,16 @@
 earlier one), as its training measures them, in any layout and on the run's own data or other data
 (`data.*` overrides). Nothing in the run directory changes (megatron's data index cache aside).
 With --routes, also which tokens each expert takes on the validation data, and with --routes-text
-which experts each token of a text goes to (moe/routes.py).
+which experts each token of a text goes to (moe/routes.py). A run on the built-in sample corpus (the
+demo) takes other data as data.path, tokenized with that corpus's tokenizer (SAMPLE_TOKENIZER:
+~/.cache/megatron_sdmoe/sample-corpus-v1-py<version>/tokenizer, README Quickstart).
 
     sdmoe-eval runs/demo
     sdmoe-eval runs/demo --step 100
     sdmoe-eval runs/demo --routes --routes-plot routes.png
     sdmoe-eval runs/demo --routes-text sample.txt
-    sdmoe-eval runs/demo "data.valid_path=[/data/wiki]" "data.test_path=[/data/books]" train.eval_samples=256
+    sdmoe-eval runs/wiki "data.valid_path=[/data/wiki-held-out]" "data.test_path=[/data/books]" train.eval_samples=256
+    sdmoe-eval runs/demo "data.path=[/data/wiki]" data.tokenizer=SAMPLE_TOKENIZER
     torchrun --nproc-per-node 2 -m megatron_sdmoe.evaluate runs/demo parallel.expert=2 --json eval.json
 """
 from __future__ import annotations

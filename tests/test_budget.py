@@ -35,7 +35,7 @@ def test_top_proposal_holds_the_flat_budget_in_the_built_model(single_process_gr
 
 
 def test_paper_routing_paths():
-    """methods.md section 2: 8 heads x 4 experts top-1 against a flat 26 experts top-5."""
+    """docs/methods.md section 2: 8 heads x 4 experts top-1 against a flat 26 experts top-5."""
     headwise = ["moe.variant=headwise", "headwise.heads=8", "headwise.experts_per_head=4", "headwise.topk=1"]
     assert routing_paths(load_config(CONFIG, headwise)) == 4**8 == 65_536
     assert routing_paths(load_config(CONFIG, ["moe.num_experts=26", "moe.topk=5"])) == 65_780

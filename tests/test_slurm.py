@@ -131,3 +131,8 @@ def test_a_chain_of_jobs_each_after_the_one_before(tmp_path):
         f"--parsable --dependency=afterany:{after} {script}" for after in (77, 100, 101)]
     assert proc.stdout.splitlines() == [f"submitted job {job}, to start once job {after} has ended: {script}"
                                         for job, after in ((100, 77), (101, 100), (102, 101))]
+    dry = submit(tmp_path / "dry", "--chain", "2", "--after", "77")  # the same sbatch commands, printed
+    assert dry.stdout.splitlines()[-3:] == [
+        f"# would run: sbatch --parsable {dependency} {tmp_path / 'dry' / 'slurm' / 'job.sbatch'}  (job {job})"
+        for job, dependency in ((1, "--dependency=afterany:77"), (2, "'--dependency=afterany:<job 1>'"),
+                                (3, "'--dependency=afterany:<job 2>'"))]

@@ -17,7 +17,7 @@ WORKER = "tests.workers.smoothing_masters"
 
 
 def reference(matrix: np.ndarray) -> np.ndarray:
-    """methods.md section 5 in numpy: the top k = floor(SR) singular values clipped to the (k+1)-th."""
+    """docs/methods.md section 5 in numpy: the top k = floor(SR) singular values clipped to the (k+1)-th."""
     u, s, vh = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
     k = int(np.floor((s ** 2).sum() / s[0] ** 2))
     return (u * np.minimum(s, s[k])) @ vh

@@ -284,7 +284,11 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
     read = [f"{dense} upcycled: {cfg.moe.num_experts} experts, top-{cfg.moe.topk}" if upcycled
             else hf.architectures[0], f"{m.num_layers} layers"] + [f"{m.mtp_layers} MTP"] * bool(m.mtp_layers) + \
         ["YaRN"] * (m.rope_scaling == "yarn") + ([f"FP8 dequantised to {source.dtype}"] if block else [])
-    print(f"wrote {out} ({', '.join(read)}): continue pretraining with sdmoe-train {out / 'config.yaml'} run.dir=...")
+    # a tokenizer of its own needs a corpus tokenized with it (the built-in corpus has its own)
+    data = "" if cfg.data.path or cfg.data.stages or not has_tokenizer else " data.path=[CORPUS]"
+    print(f"wrote {out} ({', '.join(read)}): continue pretraining with sdmoe-train {out / 'config.yaml'} "
+          f"run.dir=...{data}" + (f" (CORPUS: .bin/.idx prefixes tokenized with {out / 'tokenizer'}, "
+                                  "sdmoe-preprocess)" if data else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """`sdmoe-submit CONFIG --nodes N --gpus-per-node G [...]`: write a SLURM batch script for the run
 into `<run.dir>/slurm/job.sbatch` and submit it with sbatch (or, with --dry-run, print it).
 
-    sdmoe-submit configs/qwen3-30b-a3b.yaml --nodes 4 --gpus-per-node 8 --time 48:00:00 \
+    sdmoe-submit configs/qwen3-30b-a3b.yaml --nodes 4 --gpus-per-node 8 --time 48:00:00 \\
         --profile site.yaml run.dir=/scratch/runs/q30b
 
 Two launch modes. By default the job runs one task per GPU; each task takes its rank from SLURM
@@ -150,14 +150,16 @@ def slurm_time(value: str, what: str = "--time") -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="sdmoe-submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="the training config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as sdmoe-train's")
+    parser.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default 8)")
     parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the profile's, else 24:00:00)")
     parser.add_argument("--profile", help="cluster profile YAML with site defaults")
-    for key in ("partition", "account", "qos", "constraint", "container"):
-        parser.add_argument(f"--{key}")
+    for key in ("partition", "account", "qos", "constraint"):
+        parser.add_argument(f"--{key}", help=f"sbatch's --{key} (default: the profile's)")
+    parser.add_argument("--container", metavar="IMAGE", help="run the tasks in this container image (pyxis's "
+                        "srun --container-image; default: the profile's)")
     parser.add_argument("--per-node", action="store_true",
                         help="one task per node running torchrun instead of one task per GPU")
     parser.add_argument("--python", help="interpreter on the nodes (default: this one; with a container, the "
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chain", type=int, default=0, metavar="N",
                         help="also submit N more jobs of the script, each starting once the one before has ended")
     parser.add_argument("--after", metavar="JOBID", help="start the first job once this one has ended")
-    parser.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
+    parser.add_argument("--dry-run", action="store_true", help="write and print the script and the sbatch commands, "
+                        "do not submit")
     args = parser.parse_intermixed_args(argv)
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
@@ -196,16 +199,22 @@ def main(argv: list[str] | None = None) -> None:
               "runs (--after JOBID queues it behind)", file=sys.stderr)
     if args.dry_run:
         print(f"# {path}\n{script}")
+        for job in range(1 + args.chain):
+            after = args.after if job == 0 else f"<job {job}>"
+            print("# would run: " + shlex.join(sbatch_command(path, after)) + f"  (job {job + 1})")
         return
     sys.exit(submit(path, 1 + args.chain, args.after))
+
+
+def sbatch_command(path: Path, after: str | None) -> list[str]:
+    return ["sbatch", "--parsable", *([f"--dependency=afterany:{after}"] if after else []), str(path)]
 
 
 def submit(path: Path, jobs: int, after: str | None) -> int:
     """sbatch `path` `jobs` times, each job after the one before (the first after `after`, if
     given); sbatch's exit code, 0 when all were submitted."""
     for _ in range(jobs):
-        dependency = [f"--dependency=afterany:{after}"] if after else []
-        done = subprocess.run(["sbatch", "--parsable", *dependency, str(path)], capture_output=True, text=True)
+        done = subprocess.run(sbatch_command(path, after), capture_output=True, text=True)
         if done.returncode:
             print(done.stderr.strip(), file=sys.stderr)
             return done.returncode

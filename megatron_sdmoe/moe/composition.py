@@ -1,4 +1,4 @@
-"""Route-wise effective composition number (methods.md section 3).
+"""Route-wise effective composition number (docs/methods.md section 3).
 
 For each route r (the set of experts a token is sent to; under head-wise routing, the experts one
 head of the token is sent to, which identify the head) N_eff(r) = 1 / sum_c p(c|r)^2, where c

@@ -1,4 +1,4 @@
-"""Specialisation diagnostics (methods.md section 3), for the topk baseline and SD-MoE alike.
+"""Specialisation diagnostics (docs/methods.md section 3), for the topk baseline and SD-MoE alike.
 
 Every `moe.diag_interval` steps, per MoE layer and expert projection (gate, up, down):
 - expert weight overlap O(i, j) = ||A_i^T A_j||_F^2 / k, A_i the top-k left (and right) singular

@@ -1,4 +1,4 @@
-"""Head-wise routing (MH-MoE; methods.md section 2, arXiv 2602.12587) inside megatron-core's MoE layer.
+"""Head-wise routing (MH-MoE; docs/methods.md section 2, arXiv 2602.12587) inside megatron-core's MoE layer.
 
 The MoE input h [s, b, d] splits into H slices of width d/H, the sub-tokens. They travel through
 megatron-core's token dispatcher as tokens of their own: routing-map rows are sub-tokens in

@@ -1,4 +1,4 @@
-"""SD-MoE: spectral-decoupled experts (docs: methods.md section 1, arXiv 2602.12556).
+"""SD-MoE: spectral-decoupled experts (docs/methods.md section 1, arXiv 2602.12556).
 
 Every routed-expert projection (gate, up, down) of a layer has a common matrix C and a unique
 matrix U_e per expert; the forward pass uses W_e = C + U_e. The gradient G_e of W_e is routed:

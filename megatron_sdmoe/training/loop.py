@@ -4,6 +4,7 @@ checkpoints."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -152,7 +153,9 @@ class Trainer:
         """Step `step` without its batch: no forward, no update; the LR schedule moves on, so every
         later step has the LR and the data it would have had, and SD-MoE's bases refresh on time."""
         self._refresh_bases(step)
-        self.engine.lr_scheduler.step()
+        with warnings.catch_warnings():  # torch's warning of a schedule step without an optimizer step: meant here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.engine.lr_scheduler.step()
 
     @torch.no_grad()
     def evaluate(self, dataset, domains: list[str], name: str = "val") -> dict[str, float]:

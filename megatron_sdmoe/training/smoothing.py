@@ -1,4 +1,4 @@
-"""Parametric singularity smoothing (methods.md section 5, arXiv 2602.01308; docs/smoothing.md).
+"""Parametric singularity smoothing (docs/methods.md section 5, arXiv 2602.01308; docs/smoothing.md).
 
 A loss spike shows first as a spike of the gradient norm, and goes with weight matrices whose
 spectrum is dominated by a few singular values (a low stable rank SR(W) = ||W||_F^2 / sigma_1^2).

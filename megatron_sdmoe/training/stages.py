@@ -1,4 +1,4 @@
-"""Training data in stages (methods.md section 4) and the stage matrix of continual training.
+"""Training data in stages (docs/methods.md section 4) and the stage matrix of continual training.
 
 Without `data.stages` a run is one stage over `data.path`. With them, stage i trains on its own
 blend for its step budget; after it ends, every seen stage's validation data is evaluated:
