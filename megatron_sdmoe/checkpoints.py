@@ -127,7 +127,7 @@ def rollback(run_dir: Path, step: int) -> str:
     """Point `latest` at step `step` and move the later checkpoints aside; returns what was done."""
     checkpoints, latest = complete_checkpoints(run_dir), latest_checkpoint(run_dir)
     target = checkpoint_of_step(run_dir, step)
-    check_intact(target)  # not made `latest` or branched when a rank file is damaged
+    check_intact(target, contents=False)  # not made `latest` when a rank file is cut short (training reads the rest)
     check_free(run_dir, "roll back once it has ended (or stop it: it saves a checkpoint on SIGUSR1)")
     if target == latest:
         return f"{LATEST} already names {target.name}: nothing to do"
@@ -154,7 +154,7 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
     """A new run directory `new_dir` that resumes from step `step` of `run_dir`; returns what was done.
     It is made whole beside `new_dir`, then renamed into place: a failure leaves nothing."""
     source = checkpoint_of_step(run_dir, step)
-    check_intact(source)  # not made `latest` or branched when a rank file is damaged
+    check_intact(source, contents=False)  # not branched when a rank file is cut short (training reads the rest)
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise UserError(f"{new_dir} exists and is not an empty directory: branch into a new directory")
     if new_dir.resolve().is_relative_to(run_dir.resolve()):

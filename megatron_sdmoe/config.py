@@ -442,9 +442,9 @@ def skipped_batch_ranges(cfg: Config) -> list[tuple[int, int]]:
     """train.skip_batches as (first, last) 1-based step ranges, both included."""
     ranges = []
     for item in cfg.train.skip_batches:
-        first, _, last = str(item).partition("-")
+        first, dash, last = str(item).partition("-")
         try:
-            ranges.append((int(first), int(last or first)))
+            ranges.append((int(first), int(last if dash else first)))
         except ValueError:
             raise UserError(f"train.skip_batches has {item!r}: give steps as FIRST-LAST or STEP, e.g. "
                             "[1201-1260, 1300]") from None

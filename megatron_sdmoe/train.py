@@ -33,11 +33,12 @@ from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_en
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.runtime.run_lock import RunLock
-from megatron_sdmoe.training.checkpoint import (changed_settings, check_vocabulary, latest_checkpoint,
+from megatron_sdmoe.training.checkpoint import (ORDER_SETTINGS, changed_settings, check_vocabulary, latest_checkpoint,
                                                 load_checkpoint, relaid_from, saved_step, saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
 from megatron_sdmoe.training.metrics import MetricsLogger
+from megatron_sdmoe.training.schedule import schedule_notes
 from megatron_sdmoe.training.stages import build_stages, evaluated_on_training_data, stage_blends
 from megatron_sdmoe.validation import validate
 
@@ -138,7 +139,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
     run_dir = prepare_run_dir(cfg, layout.is_main, lock=lock)
     stages = build_stages(cfg, tokenizer)
     if layout.is_main and not evaluating:
-        for note in evaluated_on_training_data(cfg):
+        for note in evaluated_on_training_data(cfg) + schedule_notes(cfg):
             print(note, flush=True)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())
@@ -165,6 +166,10 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
               + ((f" (saved in {relaid}: re-cut in {load_seconds:.1f} s)" if relaid
                   else f" (loaded in {load_seconds:.1f} s)") if start_step else "")
               + (f" with changed settings: {', '.join(sorted(changed))}" if changed else ""), flush=True)
+        reordered = [key for key in ORDER_SETTINGS if any(change.startswith(f"{key}:") for change in changed)]
+        if reordered:
+            print(f"note: {' and '.join(reordered)} changed: the samples come in another order from here on, so "
+                  "the steps to come may repeat or skip samples the run has seen", flush=True)
     trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics, saved_trainer_state(checkpoint))
     return Session(cfg, layout, run_dir, engine, trainer, tokenizer, checkpoint, start_step)
 

@@ -55,8 +55,9 @@ def validate(cfg: Config, world_size: int) -> None:
         need(moe.expert_impl == "grouped", f"moe.variant={moe.variant} needs moe.expert_impl=grouped")
         need(sd.rank >= 0, f"sdmoe.rank={sd.rank} must not be negative")
         need(sd.refresh_interval >= 1, f"sdmoe.refresh_interval={sd.refresh_interval} must be at least 1")
-        need(set(sd.projections) <= {"gate", "up", "down"},
-             f"sdmoe.projections={sd.projections}: choose from gate, up, down")
+        need(set(sd.projections) <= {"gate", "up", "down"} and sd.projections != [],
+             f"sdmoe.projections={sd.projections}: choose from gate, up, down (none would train the topk baseline: "
+             "set moe.variant=topk for that)")
         need(sd.common in ("shared", "per_expert"), f"sdmoe.common={sd.common!r}: use shared or per_expert")
         need(sd.common_lr_scale > 0, f"sdmoe.common_lr_scale={sd.common_lr_scale} must be positive")
         need(sd.rank <= min(expert_input, ffn),
@@ -166,6 +167,12 @@ def validate(cfg: Config, world_size: int) -> None:
         need(not any(first <= end <= last for end in stage_ends),
              f"train.skip_batches has {first}-{last}, which holds the last step of a stage of data.stages (its "
              "evaluation runs there): end the range before it")
+    if tr.profile_steps:
+        first, last = tr.profile_steps
+        skipped = {step for start, end in skipped_batch_ranges(cfg) for step in range(start, end + 1)}
+        need(not set(range(first, last + 1)) <= skipped,
+             f"train.profile_steps={tr.profile_steps} lie in train.skip_batches, where no step trains: profile "
+             "steps that train")
     need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
     need(cfg.smoothing.threshold > 0, f"smoothing.threshold={cfg.smoothing.threshold} must be positive (paper: 2.5)")
     need(0 < cfg.smoothing.ema_decay < 1, f"smoothing.ema_decay={cfg.smoothing.ema_decay} must lie in (0, 1)")

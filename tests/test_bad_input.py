@@ -228,11 +228,12 @@ def test_checkpoint_of_an_older_version_at_another_layout(resumed):
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("damage", ["cut short", "missing"])
+@pytest.mark.parametrize("damage", ["cut short", "missing", "bytes changed"])
 def test_a_rank_file_cut_short_or_missing(damage, tmp_path):
-    """As a copy that stopped leaves it: refused by the rank that checks that file (each checks its
-    share), in the saved layout and in another, and by conversion, instead of one rank failing
-    while the others wait."""
+    """As a copy that stopped leaves it, or a disk that flipped bytes in a tensor (which torch.load
+    would read silently): refused by the rank that checks that file (each checks its share), in
+    the saved layout and in another, and by conversion, instead of one rank failing while the
+    others wait."""
     from conftest import run_command
 
     run_dir, layout = tmp_path / "run", "parallel.expert=2"
@@ -240,8 +241,12 @@ def test_a_rank_file_cut_short_or_missing(damage, tmp_path):
     file = run_dir / "checkpoints" / "step_00000002" / "rank_00001.pt"
     if damage == "missing":
         file.unlink()
-    else:
+    elif damage == "cut short":
         os.truncate(file, file.stat().st_size // 2)
+    else:
+        with open(file, "r+b") as f:  # in the middle: the tensors' data
+            f.seek(file.stat().st_size // 2)
+            f.write(b"\xff" * 64)
     before = snapshot(run_dir)
     problem = f"error: checkpoint {file.parent}: rank_00001.pt is {'missing' if damage == 'missing' else 'damaged'} ("
     line = assert_refused(train(run_dir, "train.max_steps=4", layout, world=2), problem)

@@ -1,5 +1,5 @@
 """What benchmark runs rely on: train.profile_steps records exactly the chosen optimizer steps on
-every rank, and train.final_checkpoint=false writes no checkpoint (a 3.7B model's would be 50 GB)."""
+every rank (those that train, when batches are skipped), and train.final_checkpoint=false writes no checkpoint (a 3.7B model's would be 50 GB)."""
 import json
 
 from conftest import launch
@@ -25,3 +25,12 @@ def test_profile_of_the_chosen_steps_and_no_final_checkpoint(tmp_path):
         assert "sdmoe_refresh_bases: 1 calls" in table  # step 3 (index 2) refreshes the bases
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert not (run / "checkpoints").exists() and "checkpoint: none" in proc.stdout
+
+
+def test_profile_starts_at_the_first_step_that_trains(tmp_path):
+    """Step 2's batch skipped: the profile holds step 3 alone (it had started at step 2 only)."""
+    launch(tmp_path, 1, "train.profile_steps=[2, 3]", "train.skip_batches=[2]")
+    names = [event.get("name") for event in
+             json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]]
+    # one step: 4 micro-batches (global batch 8 of 2) x 2 layers x (2 grouped GEMMs forward, 4 backward)
+    assert names.count("aten::_grouped_mm") == 4 * 2 * 6

@@ -140,6 +140,12 @@ def test_load_errors(override, message):
     (["train.max_steps=4", "train.profile_steps=[5, 10]"], 1,
      "train.profile_steps=[5, 10] must be [first, last] with 1 <= first <= last <= train.max_steps=4, or empty"),
     (["train.profile_steps=[true, true]"], 1, "train.profile_steps=[True, True] must be [first, last]"),
+    (["train.profile_steps=[2, 3]", "train.skip_batches=[1-3]"], 1,
+     "train.profile_steps=[2, 3] lie in train.skip_batches, where no step trains: profile steps that train"),
+    # "3-" was read as step 3
+    (["train.skip_batches=[3-]"], 1, "train.skip_batches has '3-': give steps as FIRST-LAST or STEP"),
+    # no projection decoupled trained the topk baseline under the sdmoe name
+    (["moe.variant=sdmoe", "sdmoe.projections=[]"], 1, "sdmoe.projections=[]: choose from gate, up, down (none"),
     # YAML 1.1 reads an unquoted 98:2:0 as the number 352920, which would have trained on every document
     (["data.split=98:2:0"], 1, "data.split='98:2:0' is not of the form train,validation,test"),
 ])

@@ -135,6 +135,7 @@ def test_changed_schedule_takes_effect_on_resume(tmp_path):
     assert "resuming from step 4 (loaded in" in proc.stdout
     assert ("s) with changed settings: data.seq_length: 64 -> 32, smoothing.enabled: False -> True, "
             "train.exit_interval: 4 -> 0, train.lr: 0.01 -> 0.004, train.max_steps: 8 -> 12") in proc.stdout
+    assert "note: data.seq_length changed: the samples come in another order from here on" in proc.stdout
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.004)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12 - 1, eta_min=0.004 * 0.1)
     want = []

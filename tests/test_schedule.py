@@ -1,7 +1,8 @@
 """The LR schedules equal torch's own schedulers composed the same way: linear warmup (LinearLR),
 then CosineAnnealingLR (cosine), ConstantLR (constant), or ConstantLR and a LinearLR decay over
 the last decay_fraction of the steps (wsd), chained by SequentialLR. In tokens under a batch
-warmup they equal megatron-core's sample-based OptimizerParamScheduler."""
+warmup they equal megatron-core's sample-based OptimizerParamScheduler. A warmup the run does not
+finish, or a decay no step reaches, is noted at start."""
 import dataclasses
 import warnings
 
@@ -12,7 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_sdmoe.config import LR_SCHEDULE_UNITS, LR_SCHEDULES, Config, TrainConfig
 from megatron_sdmoe.training.batches import BatchSchedule
-from megatron_sdmoe.training.schedule import lr_schedule
+from megatron_sdmoe.training.schedule import lr_schedule, schedule_notes
 
 L = torch.optim.lr_scheduler
 
@@ -87,3 +88,18 @@ def test_in_tokens_under_a_batch_warmup_it_is_megatron_cores_sample_schedule(kin
         reference.num_steps = after if after <= warmup else max(before, warmup)
         assert lr == pytest.approx(reference.get_lr({}), rel=1e-12), step
     assert [batches.size(step) for step in (4, 5, 7, 8)] == [4, 8, 8, 16] and total == 396
+
+
+@pytest.mark.parametrize("train, note", [
+    (dict(warmup_steps=20, max_steps=10),
+     "note: train.warmup_steps=20 outlasts the run (train.max_steps=10): the LR peaks at 0.5 x train.lr"),
+    # 4% of 10 steps rounds to no decay; a warmup into the decay window leaves it one step, at LR 1
+    (dict(lr_schedule="wsd", warmup_steps=2, max_steps=10, decay_fraction=0.04),
+     "note: no step decays the LR (train.lr_schedule=wsd, warmup_steps=2, decay_fraction=0.04, max_steps=10)"),
+    (dict(lr_schedule="wsd", warmup_steps=9, max_steps=10, decay_fraction=0.5), "note: no step decays the LR"),
+    (dict(warmup_steps=9, max_steps=10), "note: no step decays the LR (train.lr_schedule=cosine"),
+    (dict(lr_schedule="wsd", warmup_steps=2, max_steps=10, decay_fraction=0.2), None),
+    (dict(warmup_steps=3, max_steps=20), None), (dict(lr_schedule="constant", warmup_steps=3, max_steps=20), None)])
+def test_a_schedule_that_would_surprise_is_noted(train, note):
+    notes = schedule_notes(with_train(**train))
+    assert notes == [] if note is None else len(notes) == 1 and notes[0].startswith(note), notes

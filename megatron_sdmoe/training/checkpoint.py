@@ -55,6 +55,9 @@ RESUMABLE_CHANGES = {"model.init_method_std", "model.init_from", "model.mtp_loss
 
 # Training settings a resumed run keeps: a step's samples follow from the batches before it.
 BATCH_SETTINGS = ("global_batch_size", "batch_size_schedule")
+# Settings that draw the samples in another order (the shuffle's seed, the samples' cut): a resumed
+# run may change them, and is told that it may then repeat or skip samples of the run so far.
+ORDER_SETTINGS = ("train.seed", "data.seq_length", "data.split")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -299,21 +302,27 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def check_intact(path: Path) -> None:
-    """Refuse a checkpoint with a rank file missing or cut short (a copy that stopped, a disk that
-    filled while copying), which would otherwise fail on one rank while the others wait. Under
-    torch.distributed each rank checks its share of the files, else this process all of them:
-    opening a file as the zip archive torch.save writes reads its directory, at the end, not its data."""
+def check_intact(path: Path, contents: bool = True) -> None:
+    """Refuse a checkpoint with a rank file missing, cut short (a copy that stopped, a disk that
+    filled while copying) or with damaged contents, which would otherwise fail on one rank while the
+    others wait, or load silently (torch.load checks no checksum). Under torch.distributed each rank
+    checks its share of the files, else this process all of them. `contents`: every member of the
+    zip archive torch.save writes is read against its CRC-32 (one read pass); else only the
+    archive's directory, at its end."""
     saved = read_meta(path)["layout"]["world_size"]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for index in range(rank, saved, world):
         file = path / f"rank_{index:05d}.pt"
         try:
-            zipfile.ZipFile(file).close()
+            with zipfile.ZipFile(file) as archive:
+                failed = archive.testzip() if contents else None  # the first member whose CRC-32 fails
+            problem = failed and f"{failed} fails its checksum"
         except (OSError, zipfile.BadZipFile) as e:
+            problem = getattr(e, "strerror", None) or str(e)
+        if problem:
             raise UserError(f"checkpoint {path}: {file.name} is {'damaged' if file.exists() else 'missing'} "
-                            f"({getattr(e, 'strerror', None) or e}): copy the checkpoint again, or resume from an "
-                            f"earlier one (sdmoe-checkpoints list / rollback {path.parent.parent})") from None
+                            f"({problem}): copy the checkpoint again, or resume from an earlier one "
+                            f"(sdmoe-checkpoints list / rollback {path.parent.parent})")
 
 
 def check_vocabulary(path: Path | None, rows: int) -> None:

@@ -21,7 +21,11 @@ class StepProfiler:
         self.active: profile | None = None
 
     def before_step(self, step: int) -> None:
-        if step == self.first:
+        """Called before each step that trains: the profile starts at the window's first such step
+        (skipped batches, or a resume inside the window, may leave out its first steps)."""
+        if self.active is not None and step > self.last:  # the window's last steps were skipped
+            self.close()
+        if self.active is None and self.first <= step <= self.last:
             activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])]
             self.active = profile(activities=activities)
             self.active.start()

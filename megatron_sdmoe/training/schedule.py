@@ -44,6 +44,21 @@ class LRMultiplier:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 
 
+def schedule_notes(cfg: Config) -> list[str]:
+    """Notes at start for a schedule that would surprise: a warmup the run does not finish (short
+    benchmark runs of real configs are meant so), or a decay that no step of the run reaches."""
+    tr, multiplier = cfg.train, LRMultiplier(cfg)
+    last = multiplier(tr.max_steps - 1)
+    if multiplier.clock(tr.max_steps) < tr.warmup_steps:
+        return [f"note: train.warmup_steps={tr.warmup_steps} outlasts the run (train.max_steps={tr.max_steps}): "
+                f"the LR peaks at {last:.3g} x train.lr"]
+    if tr.lr_schedule != "constant" and tr.min_lr_ratio < 1 and last == 1.0:
+        return [f"note: no step decays the LR (train.lr_schedule={tr.lr_schedule}, warmup_steps={tr.warmup_steps}, "
+                f"decay_fraction={tr.decay_fraction}, max_steps={tr.max_steps}): for a decay, raise "
+                "train.decay_fraction (wsd) or train.max_steps, or lower train.warmup_steps"]
+    return []
+
+
 def lr_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRMultiplier(cfg))
 
