@@ -415,6 +415,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     shutil.copytree(hf, mixtral)
     (mixtral / "config.json").write_text((hf / "config.json").read_text().replace(
         '"Qwen3MoeForCausalLM"', '"MixtralForCausalLM"').replace('"qwen3_moe"', '"mixtral"'))
+    layers, heads = tmp_path / "layers", tmp_path / "heads"  # another model's config.json beside the weights
+    for directory, old, new in ((layers, '"num_hidden_layers": 1', '"num_hidden_layers": 2'),
+                                (heads, '"num_key_value_heads": 1', '"num_key_value_heads": 2')):
+        shutil.copytree(hf, directory)
+        assert old in (hf / "config.json").read_text()
+        (directory / "config.json").write_text((hf / "config.json").read_text().replace(old, new))
     (tmp_path / "exists").mkdir()
     out = tmp_path / "out"
     cases = {"no checkpoint": (("to-hf", tmp_path / "no-such-run", out), "not a complete checkpoint"),
@@ -428,7 +434,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
                                   "overrides would describe another model than the weights (moe.num_experts: 2 -> 4)"),
              "head-wise": (("from-hf", hf, out, "moe.variant=headwise"),
                            "overrides would describe another model than the weights (moe.variant: topk -> headwise)"),
-             "unknown tensor": (("from-hf", extra, out), "weight_scale_inv has no counterpart")}
+             "unknown tensor": (("from-hf", extra, out), "weight_scale_inv has no counterpart"),
+             "layers of another config": (("from-hf", layers, out), f"{layers / 'config.json'} describes 2 layers, "
+                                          "but the weights hold 1 (numbered 0 to 0): restore the model's own"),
+             "heads of another config": (("from-hf", heads, out), f"{heads / 'config.json'} does not describe the "
+                                         "weights beside it (model.layers.0: ")}
     for case, (args, message) in cases.items():
         proc = convert(*args, check=False, process=case == "unknown tensor")
         assert proc.returncode == 2, (case, proc.stderr[-2000:])

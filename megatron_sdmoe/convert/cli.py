@@ -151,6 +151,18 @@ def convert(groups: list[tuple[str, dict[str, str]]], read, transform, writer: S
     writer.close()
 
 
+def check_layers(cfg: Config, names: list[str], hf_dir: str) -> None:
+    """Refuse a config.json with another number of layers than the weights hold: the layers past the
+    weights' would be drawn fresh, and the weights' past the config's taken for MTP layers."""
+    held = sorted({layer_index(match.group(1)) for match in map(HF_LAYER.match, names) if match})
+    m = cfg.model
+    if held != list(range(m.num_layers + m.mtp_layers)):
+        mtp = f" and {m.mtp_layers} MTP" * bool(m.mtp_layers)
+        raise UserError(f"{Path(hf_dir) / 'config.json'} describes {m.num_layers} layers{mtp}, but the weights hold "
+                        f"{len(held)} (numbered {held[0] if held else '-'} to {held[-1] if held else '-'}): restore "
+                        "the model's own config.json")
+
+
 def refuse_unused(groups: list[tuple[str, dict[str, str]]], placeholder, transform) -> None:
     """A dry run on data-less tensors: a tensor the adapter does not use (one the other side has
     no place for) is refused before anything is written, never dropped."""
@@ -268,10 +280,15 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
     adapter, cfg = import_config(hf, [f"model.init_from={out / 'weights'}",
                                       *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides],
                                  source.names())
+    check_layers(cfg, source.names(), hf_dir)
     groups = conversion_groups(imported_names(cfg, source.names()), HF_LAYER)
 
     def transform(group, tensors):
-        return adapter.from_hf(cfg, group, tensors)
+        try:
+            return adapter.from_hf(cfg, group, tensors)
+        except RuntimeError as e:  # a reshape to the sizes config.json gives, of weights of other sizes
+            raise UserError(f"{Path(hf_dir) / 'config.json'} does not describe the weights beside it ({group}: "
+                            f"{str(e).splitlines()[0]}): restore the model's own config.json") from None
 
     refuse_unused(groups, source.placeholder, transform)
     with staged(out) as tmp:

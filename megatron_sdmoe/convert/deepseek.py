@@ -94,13 +94,13 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype):
 
 def config_overrides(hf, names: list[str]) -> list[str]:
     """The inverse of `hf_config`; a field this adapter cannot represent is refused by name. The
-    MTP layers are those the weights (`names`) hold: transformers saves none, whatever its config's
-    `num_nextn_predict_layers` says."""
+    MTP layers are those the weights (`names`) hold, each with its `eh_proj`: transformers saves
+    none, whatever its config's `num_nextn_predict_layers` says."""
     from transformers import DeepseekV2Config
 
     v2 = isinstance(hf, DeepseekV2Config)
-    layers = {mapping.layer_index(name) for name in names if name.startswith("model.layers.")}
-    mtp = 0 if v2 else len([i for i in layers if i >= hf.num_hidden_layers])
+    mtp = 0 if v2 else len({mapping.layer_index(name) for name in names
+                            if name.startswith("model.layers.") and ".eh_proj." in name})
     grouped = (hf.n_group or 1) > 1 and not (v2 and hf.topk_method == "greedy")  # V2's greedy ignores groups
     flat = getattr(hf, "headwise", None) is None  # head-wise exports route as megatron-core does (headwise_modeling.py)
     per_group = EXPERTS_PER_GROUP["softmax" if v2 else "sigmoid"]
