@@ -146,8 +146,10 @@ def test_released_configs_import_as_the_real_scale_configs(config, tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(RELEASED[config]))
     hf = read_hf_config(tmp_path)
-    layers = hf.num_hidden_layers + (hf.model_type == "deepseek_v3")  # V3's weights hold its MTP layer
-    _, imported = import_config(hf, [], [f"model.layers.{i}.input_layernorm.weight" for i in range(layers)])
+    names = [f"model.layers.{i}.input_layernorm.weight" for i in range(hf.num_hidden_layers)]
+    if hf.model_type == "deepseek_v3":  # V3's weights hold its MTP layer, with the projection that makes it one
+        names += [f"model.layers.{hf.num_hidden_layers}.{name}.weight" for name in ("input_layernorm", "eh_proj")]
+    _, imported = import_config(hf, [], names)
     ours = load_config(REPO / "configs" / config)
     defining = [key for key in config_keys(type(ours)) if key.split(".")[0] == "model" and key not in (
         "model.max_position_embeddings", "model.rope_scaling", "model.mtp_loss_coeff", "model.init_from",
