@@ -132,19 +132,23 @@ def read_text(path: str) -> str:
 
 
 def check_writable(flag: str, path: Path) -> None:
-    """Refuse, before the evaluation, an output file that could not be written after it."""
+    """Refuse, before the evaluation, an output file that could not be written after it (on the
+    rank that writes it)."""
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise UserError(f"{flag} {path}: directory {path.parent} does not exist or is not writable: create it "
                         "or write elsewhere")
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory: give a file name")
-    if flag == "--routes-plot":
-        from matplotlib.figure import Figure
 
-        formats = Figure().canvas.get_supported_filetypes()
-        if path.suffix.lstrip(".").lower() not in formats:
-            raise UserError(f"--routes-plot {path}: matplotlib writes no {path.suffix or 'extension-less'} images: "
-                            "end the name in .png (or .pdf, .svg)")
+
+def check_image_format(path: Path) -> None:
+    """Refuse a --routes-plot name that matplotlib writes no image format for (a matter of the
+    name alone: every rank sees it before the processes meet)."""
+    from matplotlib.figure import Figure
+
+    if path.suffix.lstrip(".").lower() not in Figure().canvas.get_supported_filetypes():
+        raise UserError(f"--routes-plot {path}: matplotlib writes no {path.suffix or 'extension-less'} images: "
+                        "end the name in .png (or .pdf, .svg)")
 
 
 def write_outputs(args: argparse.Namespace, result: dict) -> None:
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, world_size_from_env())
         if cfg.train.eval_samples == 0:  # (above 0, data.split must give validation documents)
             raise UserError("train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples")
+        if args.routes_plot:
+            check_image_format(Path(args.routes_plot))
         outputs = tuple((flag, Path(path)) for flag, path in (("--json", args.json), ("--routes-plot", args.routes_plot))
                         if path)
         routes = ({"top": args.routes_top, "min_count": args.routes_min_count}
