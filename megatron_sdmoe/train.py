@@ -110,6 +110,7 @@ class Session:
     tokenizer: Tokenizer
     checkpoint: Path | None  # the one it started from
     start_step: int
+    load_seconds: float  # the checkpoint's load (0 without one)
 
 
 def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
@@ -171,7 +172,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
             print(f"note: {' and '.join(reordered)} changed: the samples come in another order from here on, so "
                   "the steps to come may repeat or skip samples the run has seen", flush=True)
     trainer = Trainer(cfg, layout, engine, stages, run_dir, metrics, saved_trainer_state(checkpoint))
-    return Session(cfg, layout, run_dir, engine, trainer, tokenizer, checkpoint, start_step)
+    return Session(cfg, layout, run_dir, engine, trainer, tokenizer, checkpoint, start_step, load_seconds)
 
 
 def train(cfg: Config) -> None:
@@ -179,7 +180,7 @@ def train(cfg: Config) -> None:
     with RunLock(Path(cfg.run.dir)) as lock:  # released however training ends (kill -9 aside: run_lock.py)
         session = setup(cfg, lock=lock)
         try:
-            stopped = session.trainer.run(session.start_step)
+            stopped = session.trainer.run(session.start_step, session.load_seconds)
         finally:  # also when training diverged
             session.trainer.metrics.close()
     if session.layout.is_main:

@@ -128,7 +128,7 @@ def test_time_budget_and_retention(tmp_path):
 
 def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_groups):
     """The budget counts from start-up and stops once the longest step and the longest save seen
-    would no longer both fit."""
+    (before the first: the checkpoint's load) would no longer both fit."""
     from megatron_sdmoe.runtime import preemption
 
     handlers = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
@@ -140,6 +140,9 @@ def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_group
         assert stop.after_step(1.0) is None  # 60 + 30 s still fit
         stop.saved(45.0)
         assert stop.after_step(1.0) == "time budget"
+        # before the first save, a resumed run's checkpoint load stands in for one
+        elapsed_minutes = (time.monotonic() - preemption.STARTED) / 60
+        assert preemption.StopRequest(elapsed_minutes + 100 / 60, torch.device("cpu"), 45.0).after_step(60.0)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -20,10 +20,12 @@ STARTED = time.monotonic()  # the time budget counts from start-up: loading a ch
 class StopRequest:
     """Set by a signal on any rank or by the time budget; every rank learns it at the same step."""
 
-    def __init__(self, budget_minutes: float, device: torch.device):
+    def __init__(self, budget_minutes: float, device: torch.device, save_seconds: float = 0.0):
+        """`save_seconds`: how long a save may take before one has been timed (a resumed run's
+        checkpoint load: the same bytes)."""
         self.deadline = STARTED + budget_minutes * 60 if budget_minutes > 0 else None
         self.device, self.reason = device, None
-        self.longest_step = self.longest_save = 0.0
+        self.longest_step, self.longest_save = 0.0, save_seconds
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 

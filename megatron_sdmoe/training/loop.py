@@ -198,14 +198,14 @@ class Trainer:
         result = {f"stage_loss_{seen.name}": loss for seen, loss in zip(self.stages, row)}
         return (result if bwt is None else {**result, "bwt": bwt}), per_layer
 
-    def run(self, start_step: int) -> str | None:
+    def run(self, start_step: int, load_seconds: float = 0.0) -> str | None:
         """Train to train.max_steps; returns why it stopped early with a checkpoint (a signal, the
-        time budget) or None."""
+        time budget) or None. `load_seconds`: how long the checkpoint it resumed from took to load."""
         tr = self.cfg.train
         bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step",
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
-        stop = StopRequest(tr.time_budget_minutes, self.layout.device)
+        stop = StopRequest(tr.time_budget_minutes, self.layout.device, load_seconds)
         self.skipped_in_a_row, self.start_step = 0, start_step
         try:  # the bar ends its line before an error is printed
             for step in range(start_step, tr.max_steps):
