@@ -48,7 +48,7 @@ def _step(path: Path) -> int:
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete step_* directories (meta.json is written last), by step."""
     root = checkpoint_root(run_dir)
-    if not (root / LATEST).exists():
+    if latest_checkpoint(run_dir) is None:
         raise UserError(f"{run_dir} holds no checkpoint ({root / LATEST} does not exist): give the run.dir of a run "
                         "that has saved one")
     return sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())
@@ -157,9 +157,12 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
     check_intact(source, contents=False)  # not branched when a rank file is cut short (training reads the rest)
     if new_dir.exists() and (not new_dir.is_dir() or any(new_dir.iterdir())):
         raise UserError(f"{new_dir} exists and is not an empty directory: branch into a new directory")
-    if new_dir.resolve().is_relative_to(run_dir.resolve()):
-        raise UserError(f"{new_dir} lies inside {run_dir}, whose checkpoints and rollbacks would replace its files: "
-                        "branch into a directory outside it")
+    # inside this run or another one: its checkpoints and rollbacks would replace the branch's files
+    host = next((d for d in [new_dir.resolve(), *new_dir.resolve().parents]
+                 if d == run_dir.resolve() or (d / "config.yaml").is_file() and checkpoint_root(d).is_dir()), None)
+    if host is not None:
+        raise UserError(f"{new_dir} lies inside the run directory {host}, whose checkpoints and rollbacks would "
+                        "replace its files: branch into a directory outside it")
     tmp = new_dir.with_name(f".{new_dir.name}.tmp")
     rows = [row for row in _rows(run_dir / "metrics.jsonl") if row["step"] <= step]
     try:

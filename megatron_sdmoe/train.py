@@ -8,6 +8,7 @@ Starting again in the same run.dir resumes from its checkpoints/latest.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -62,14 +63,24 @@ def prepare_run_dir(cfg: Config, is_main: bool, lock: RunLock | None = None) -> 
     """run.dir (and data.cache_dir), each checked to be one directory on every rank; rank 0 takes
     `lock`, if given, before anything is written there (the data index cache)."""
     run_dir = Path(cfg.run.dir)
+    if cfg.data.cache_dir:  # rank 0 writes the dataset index cache, the other ranks read it; first, so
+        cache_dir = Path(cfg.data.cache_dir)  # that a bad one leaves no run.dir behind
+        agreed(lambda: writable_directory(cache_dir, "data.cache_dir") if is_main else None)
+        check_shared_directory(cache_dir, "data.cache_dir")
     check_shared_directory(run_dir, "run.dir")
-    if cfg.data.cache_dir:  # rank 0 writes the dataset index cache, the other ranks read it
-        check_shared_directory(Path(cfg.data.cache_dir), "data.cache_dir")
     if lock:
         taken_over = agreed(lambda: lock.acquire() if is_main else None)
         if taken_over:
             print(taken_over, flush=True)
     return run_dir
+
+
+def writable_directory(directory: Path, setting: str) -> None:
+    """`directory` (the value of `setting`) made if need be, refused if it cannot be written."""
+    with writing_into(directory, setting):
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
 
 def write_config(cfg: Config, run_dir: Path, is_main: bool) -> None:

@@ -8,7 +8,7 @@ import math
 from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
                                    expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
                                    routed_topk, router_bank_size, sdmoe_group_size, skipped_batch_ranges,
-                                   stage_name)
+                                   stage_name, YarnConfig)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import schedule_entries
 
@@ -79,6 +79,9 @@ def validate(cfg: Config, world_size: int) -> None:
          f"moe.capacity_factor={moe.capacity_factor} must be positive (leave it empty for dropless routing)")
     need(moe.token_drop_policy in ("probs", "position"),
          f"moe.token_drop_policy={moe.token_drop_policy!r}: use probs or position")
+    need(moe.token_drop_policy == "probs" or moe.capacity_factor is not None,
+         f"moe.token_drop_policy={moe.token_drop_policy} chooses the tokens an expert over capacity drops, but "
+         "routing is dropless: set moe.capacity_factor too, or drop moe.token_drop_policy")
     need((moe.num_groups == 0) == (moe.group_topk == 0),
          "group-limited routing needs both moe.num_groups and moe.group_topk (or neither)")
     if moe.num_groups:
@@ -106,6 +109,9 @@ def validate(cfg: Config, world_size: int) -> None:
         need(head % 2 == 0, f"each attention head is {head} wide (model.kv_channels, by default model.hidden_size / "
              "model.num_attention_heads), but RoPE rotates pairs of dimensions: make it even")
     need(m.rope_scaling in ("none", "yarn"), f"model.rope_scaling={m.rope_scaling!r}: use none or yarn")
+    need(m.rope_scaling == "yarn" or m.yarn == YarnConfig(),
+         "model.yarn.* is set, but model.rope_scaling is none, so RoPE is not scaled: set model.rope_scaling=yarn, "
+         "or drop the model.yarn settings")
     if m.rope_scaling == "yarn":
         y = m.yarn
         need(y.factor >= 1, f"model.yarn.factor={y.factor} must be at least 1")
@@ -185,8 +191,11 @@ def validate(cfg: Config, world_size: int) -> None:
     need(m.num_attention_heads % m.num_query_groups == 0,
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
          f"{m.num_query_groups}: change one of them")
-    need(data.valid_path == [] or data.path != [], "data.valid_path needs data.path (the sample corpus has its "
-         "own split): set data.path or drop data.valid_path")
+    need(data.valid_path == [] or data.path != [] or data.stages != [], "data.valid_path needs data.path (the "
+         "sample corpus has its own split): set data.path or drop data.valid_path")
+    need(data.stages == [] or (data.valid_path == [] and data.test_path == []),
+         "data.valid_path and data.test_path apply to data.path: with data.stages give each stage its own "
+         "(data.stages[i].valid_path, and the last stage's test_path)")
     for key, blends in [("data", data), *((f"data.stages[{i}]", stage) for i, stage in enumerate(data.stages))]:
         need(blends.test_path == [] or blends.valid_path != [],
              f"{key}.test_path needs {key}.valid_path (megatron-core reads either data.split's three splits or "
@@ -199,6 +208,9 @@ def validate(cfg: Config, world_size: int) -> None:
         for i, stage in enumerate(data.stages):
             need(stage.path != [] and stage.steps >= 1,
                  f"data.stages[{i}] needs a path (a blend, as data.path) and steps >= 1")
+            need(stage.test_path == [] or i == len(data.stages) - 1,
+                 f"data.stages[{i}].test_path: the test set is evaluated once, at the end of the run, on the last "
+                 "stage's: move it to the last stage")
         total = sum(stage.steps for stage in data.stages)
         need(total == tr.max_steps,
              f"data.stages add up to {total} steps but train.max_steps={tr.max_steps}: set train.max_steps={total}")

@@ -257,6 +257,15 @@ def test_a_rank_file_cut_short_or_missing(damage, tmp_path):
     assert snapshot(run_dir) == before and not (tmp_path / "hf").exists()
 
 
+def test_a_missing_latest_resumes_from_the_newest_complete_checkpoint(resumed):
+    """A crash between a first save's rename and `latest`, or a `latest` deleted: the checkpoint is
+    resumed, not overwritten by a run from step 0."""
+    run_dir, _ = resumed
+    (run_dir / "checkpoints" / "latest").unlink()
+    proc = launch(run_dir, 1, "train.max_steps=4")
+    assert "resuming from step 2" in proc.stdout
+
+
 def test_latest_names_a_missing_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000009")
@@ -276,6 +285,14 @@ def test_unwritable_run_dir(how, tmp_path):
         run_dir = tmp_path / "ro" / "run"
     assert_refused(train(run_dir), f"error: run.dir {run_dir} is not writable (")
     assert not run_dir.exists()
+
+
+def test_a_cache_dir_that_cannot_be_made_leaves_no_run_dir(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = train(tmp_path / "run", f"data.cache_dir={tmp_path / 'file' / 'cache'}")
+    assert_refused(proc, f"error: data.cache_dir {tmp_path / 'file' / 'cache'} is not writable (Not a directory): "
+                         "choose another data.cache_dir")
+    assert not (tmp_path / "run").exists()
 
 
 def test_vocabulary_larger_than_the_model(tmp_path):

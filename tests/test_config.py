@@ -146,6 +146,14 @@ def test_load_errors(override, message):
     (["train.skip_batches=[3-]"], 1, "train.skip_batches has '3-': give steps as FIRST-LAST or STEP"),
     # no projection decoupled trained the topk baseline under the sdmoe name
     (["moe.variant=sdmoe", "sdmoe.projections=[]"], 1, "sdmoe.projections=[]: choose from gate, up, down (none"),
+    # settings that did nothing: YaRN fields without YaRN, a drop policy without dropping
+    (["model.yarn.factor=4"], 1, "model.yarn.* is set, but model.rope_scaling is none, so RoPE is not scaled"),
+    (["moe.token_drop_policy=position"], 1, "moe.token_drop_policy=position chooses the tokens an expert over "
+                                            "capacity drops, but routing is dropless"),
+    (["data.tokenizer=/t", "data.stages=[{name: a, path: [/a], steps: 100, test_path: [/b], valid_path: [/b]}, "
+      "{name: b, path: [/b], steps: 100}]"], 1, "data.stages[0].test_path: the test set is evaluated once"),
+    (["data.tokenizer=/t", "data.stages=[{name: a, path: [/a], steps: 200}]", "data.valid_path=[/b]"], 1,
+     "data.valid_path and data.test_path apply to data.path: with data.stages give each stage its own"),
     # YAML 1.1 reads an unquoted 98:2:0 as the number 352920, which would have trained on every document
     (["data.split=98:2:0"], 1, "data.split='98:2:0' is not of the form train,validation,test"),
 ])

@@ -256,6 +256,7 @@ def test_parse_blend(tmp_path):
     ([0, "{a}"], "weight 0"),
     ([1, "{a}", 1, "{missing}"], "missing.bin"),
     (["{a}.bin"], "without the extension"),
+    ([1, "{a}", 2, "{a}"], "appears twice in a blend: give it once, with its weights summed"),  # drew samples twice
 ])
 def test_parse_blend_errors(tmp_path, entries, message):
     a = _corpus(tmp_path / "a", 0, 100, 0, seed=1)

@@ -243,12 +243,16 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
         write_jsonl(corpus, good)
         return (["--input", corpus, "--tokenizer", tokenizer, "--partitions", 700],
                 "error: --partitions 700 exceeds the input's 600 records: give at most 600")
+    elif case == "a partition of records without text":  # counted as records, they give no documents
+        write_jsonl(corpus, [{"text": "one two"}, {"text": ""}, {"text": "three four"}])
+        return (["--input", corpus, "--tokenizer", tokenizer, "--partitions", 3],
+                "error: --partitions 3 leaves ")
     return ["--input", corpus, "--tokenizer", tokenizer], message
 
 
 BAD_INPUTS = ["malformed", "missing field", "not text", "only empty documents", "missing tokenizer",
               "tokenizer is a file", "broken tokenizer", "id overflows dtype", "missing input", "unsupported input",
-              "missing column", "more partitions than records"]
+              "missing column", "more partitions than records", "a partition of records without text"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -139,11 +139,13 @@ def test_branch_continues_the_run_it_came_from_and_leaves_it_alone(runs, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
     refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, branch)
     assert refused.returncode == 2 and f"{branch} exists and is not an empty directory" in refused.stderr
-    inside = straight / "checkpoints" / "step_00000005"  # the next save of step 5 would replace it
-    refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, inside)
-    assert refused.returncode == 2 and refused.stderr == (
-        f"error: {inside} lies inside {straight}, whose checkpoints and rollbacks would replace its files: branch "
-        "into a directory outside it\n")
+    # the next save of step 5 would replace the first; a rollback of the branch would move the second aside
+    for inside, host in ((straight / "checkpoints" / "step_00000005", straight),
+                         (branch / "checkpoints" / "step_00000099", branch)):
+        refused = run_command("megatron_sdmoe.checkpoints", "branch", straight, 4, inside)
+        assert refused.returncode == 2 and refused.stderr == (
+            f"error: {inside} lies inside the run directory {host}, whose checkpoints and rollbacks would replace "
+            "its files: branch into a directory outside it\n")
     assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
 
 

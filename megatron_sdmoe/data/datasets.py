@@ -46,6 +46,9 @@ def parse_blend(path_list: list) -> tuple[list[str], list[float] | None]:
         if weight is not None:
             weights.append(_weight(weight, prefix))
         prefixes.append(_prefix(prefix))
+    twice = next((prefix for i, prefix in enumerate(prefixes) if prefix in prefixes[:i]), None)
+    if twice:  # megatron would draw the same samples from each copy, in the same order
+        raise UserError(f"{twice} appears twice in a blend: give it once, with its weights summed")
     return prefixes, (weights if weights else None)
 
 
@@ -113,7 +116,8 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
         for name, bounds in zip(names, split_matrix):
             if bounds is None:
                 raise UserError(f"data.split={cfg.data.split!r} gives the {name} set no documents: give it a weight "
-                                "(e.g. 98,2,0) or set train.eval_interval=0")
+                                "(e.g. 98,2,0)" + (", or set train.eval_samples=0 (no evaluation)"
+                                                   if name == "validation" and not cfg.data.stages else ""))
         if num_eval_samples and split_matrix[2] is not None:
             names.append("test")
         parts = [(name, prefix, bounds) for prefix in blend[0] for name, bounds in zip(names, split_matrix)]

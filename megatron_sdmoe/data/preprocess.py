@@ -380,13 +380,15 @@ def preprocess(args: argparse.Namespace) -> str:
     prefixes = [prefix for key in keys for prefix in outputs[key]]
     check_outputs(prefixes, args.overwrite)
     partition_of = partitioner(sources, args.partitions)
-    stats, record, start = Stats(), 0, time.perf_counter()
+    stats, record, start, filled = Stats(), 0, time.perf_counter(), set()
     with staged(prefixes, encoder.dtype) as builders, tqdm(unit="doc", disable=None) as progress:
         for encoded in encode_all(encoder, read_batches(sources, keys), args.workers):
             for key, docs in encoded.docs.items():
                 for offset, doc in enumerate(docs):
                     if doc is not None:
-                        builders[outputs[key][partition_of(record + offset)]].add_document(doc.tokens, doc.lengths)
+                        prefix = outputs[key][partition_of(record + offset)]
+                        builders[prefix].add_document(doc.tokens, doc.lengths)
+                        filled.add(prefix)
             record += encoded.records
             documents = stats.add(encoded)
             progress.set_postfix_str(f"{stats.tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
@@ -394,6 +396,10 @@ def preprocess(args: argparse.Namespace) -> str:
         if not stats.documents:
             raise UserError(f"no document has text in {', '.join(map(repr, keys))} ({stats.empty:,} empty, "
                             f"{stats.malformed:,} malformed lines): check --input and --json-keys")
+        empty = [prefix for prefix in prefixes if prefix not in filled]  # records without text fell there
+        if empty:
+            raise UserError(f"--partitions {args.partitions} leaves {empty[0]} without documents (its records hold no "
+                            "text: blank, empty or malformed lines): give fewer partitions")
     return stats.summary(time.perf_counter() - start, prefixes)
 
 

@@ -65,9 +65,14 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The step_* directory `latest` names in a run directory, or None before the first save."""
+    """The step_* directory `latest` names in a run directory; without `latest` (a crash between a
+    first save's rename and `latest`, or a `latest` deleted) the newest complete one, so that it is
+    resumed, not overwritten; None before the first save."""
     root = checkpoint_root(run_dir)
-    return root / (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    if (root / LATEST).exists():
+        return root / (root / LATEST).read_text().strip()
+    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())  # zero-padded: by step
+    return complete[-1] if complete else None
 
 
 def _position() -> dict[str, int]:
