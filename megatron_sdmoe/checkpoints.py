@@ -129,12 +129,12 @@ def rollback(run_dir: Path, step: int) -> str:
     target = checkpoint_of_step(run_dir, step)
     check_intact(target, contents=False)  # not made `latest` when a rank file is cut short (training reads the rest)
     check_free(run_dir, "roll back once it has ended (or stop it: it saves a checkpoint on SIGUSR1)")
-    if target == latest:
+    root = checkpoint_root(run_dir)
+    if target == latest and (root / LATEST).exists():
         return f"{LATEST} already names {target.name}: nothing to do"
     if latest in checkpoints and _step(latest) < step:
         raise UserError(f"step {step} is later than the latest checkpoint ({latest.name}): a rollback goes back to an "
                         "earlier step; point checkpoints/latest at it by hand if that is meant")
-    root = checkpoint_root(run_dir)
     later = [p for p in root.glob("step_*") if _step(p) > step]
     # `latest` first, atomically: if the moves below are cut short, the run still resumes from `step`
     # (and a save does not count the later checkpoints left in place: save_checkpoint's retention).

@@ -260,7 +260,12 @@ def test_a_rank_file_cut_short_or_missing(damage, tmp_path):
 def test_a_missing_latest_resumes_from_the_newest_complete_checkpoint(resumed):
     """A crash between a first save's rename and `latest`, or a `latest` deleted: the checkpoint is
     resumed, not overwritten by a run from step 0."""
+    from conftest import run_command
+
     run_dir, _ = resumed
+    (run_dir / "checkpoints" / "latest").unlink()
+    rolled = run_command("megatron_sdmoe.checkpoints", "rollback", run_dir, 2)  # writes the missing `latest`
+    assert rolled.returncode == 0 and (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     (run_dir / "checkpoints" / "latest").unlink()
     proc = launch(run_dir, 1, "train.max_steps=4")
     assert "resuming from step 2" in proc.stdout
