@@ -33,8 +33,8 @@ from pathlib import Path
 from megatron_sdmoe.config import load_config, save_config
 from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
-from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, latest_checkpoint, layout_words,
-                                                 point_latest, read_meta)
+from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, complete_checkpoints,
+                                                 latest_checkpoint, layout_words, point_latest, read_meta)
 from megatron_sdmoe.training.metrics import logged_step
 
 
@@ -45,13 +45,12 @@ def _step(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete step_* directories (meta.json is written last), by step."""
-    root = checkpoint_root(run_dir)
+def saved_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, by step; refused when it has none."""
     if latest_checkpoint(run_dir) is None:
-        raise UserError(f"{run_dir} holds no checkpoint ({root / LATEST} does not exist): give the run.dir of a run "
-                        "that has saved one")
-    return sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())
+        raise UserError(f"{run_dir} holds no checkpoint ({checkpoint_root(run_dir) / LATEST} does not exist): give "
+                        "the run.dir of a run that has saved one")
+    return complete_checkpoints(run_dir)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -70,7 +69,7 @@ def _size_gib(directory: Path) -> float:
 
 
 def describe(run_dir: Path) -> list[str]:
-    checkpoints, latest, logged = complete_checkpoints(run_dir), latest_checkpoint(run_dir), _logged(run_dir)
+    checkpoints, latest, logged = saved_checkpoints(run_dir), latest_checkpoint(run_dir), _logged(run_dir)
     lines = [f"{'step':>8}  {'layout':<29}  {'GiB':>7}  {'loss':>7}  {'val loss':>8}"]
     for path in checkpoints:
         layout = read_meta(path)["layout"]
@@ -114,7 +113,7 @@ def _number(value) -> str:
 
 def checkpoint_of_step(run_dir: Path, step: int) -> Path:
     """The complete checkpoint of step `step` in `run_dir` (its meta.json read)."""
-    checkpoints = complete_checkpoints(run_dir)
+    checkpoints = saved_checkpoints(run_dir)
     found = next((p for p in checkpoints if _step(p) == step), None)
     if found is None:
         raise UserError(f"{run_dir} has no complete checkpoint of step {step}: choose one of "
@@ -125,7 +124,7 @@ def checkpoint_of_step(run_dir: Path, step: int) -> Path:
 
 def rollback(run_dir: Path, step: int) -> str:
     """Point `latest` at step `step` and move the later checkpoints aside; returns what was done."""
-    checkpoints, latest = complete_checkpoints(run_dir), latest_checkpoint(run_dir)
+    checkpoints, latest = saved_checkpoints(run_dir), latest_checkpoint(run_dir)
     target = checkpoint_of_step(run_dir, step)
     check_intact(target, contents=False)  # not made `latest` when a rank file is cut short (training reads the rest)
     check_free(run_dir, "roll back once it has ended (or stop it: it saves a checkpoint on SIGUSR1)")

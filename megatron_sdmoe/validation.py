@@ -6,9 +6,9 @@ import dataclasses
 import math
 
 from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
-                                   expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe, routed_experts,
-                                   routed_topk, router_bank_size, sdmoe_group_size, skipped_batch_ranges,
-                                   stage_name, YarnConfig)
+                                   YarnConfig, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
+                                   routed_experts, routed_topk, router_bank_size, sdmoe_group_size,
+                                   skipped_batch_ranges, stage_name)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import schedule_entries
 

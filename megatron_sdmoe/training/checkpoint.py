@@ -71,8 +71,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_root(run_dir)
     if (root / LATEST).exists():
         return root / (root / LATEST).read_text().strip()
-    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").exists())  # zero-padded: by step
+    complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete step_* directories (meta.json is written last), by step (zero-padded names)."""
+    return sorted(p for p in checkpoint_root(run_dir).glob("step_*") if (p / "meta.json").exists())
 
 
 def _position() -> dict[str, int]:
