@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -315,17 +316,20 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--gpus", type=int, help="GPUs in the job (default: the smallest the layout allows)")
+    parser.add_argument("--gpus", type=int, help="GPUs in the job (default: the fewest the parallel layout needs)")
     parser.add_argument("--gpu-memory-gib", type=positive_number, default=80.0, help="memory of one GPU (default 80)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         par = cfg.parallel
-        gpus = max(par.tensor, par.expert * par.expert_tensor) if args.gpus is None else args.gpus
+        gpus = math.lcm(par.tensor, par.expert * par.expert_tensor) if args.gpus is None else args.gpus
         if gpus < 1:
             raise UserError(f"--gpus={gpus} must be at least 1")
-        validate(cfg, gpus)
+        try:
+            validate(cfg, gpus)
+        except UserError as e:  # validate speaks of the processes of a launch: these are --gpus
+            raise UserError(f"with --gpus {gpus}: {e}") from e
         result, blocks = estimate(cfg, gpus, args.gpu_memory_gib)
     except UserError as e:
         exit_bad_input(e)

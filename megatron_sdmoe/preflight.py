@@ -43,8 +43,8 @@ def check_files(cfg: Config, world_size: int, checkpoint: Path | None = None, ne
                             "earlier step")
         check_finished_stages(checkpoint, cfg)
     check_batches(cfg, world_size, step)
-    for _name, blend, valid_blend, test_blend, _steps in stage_blends(cfg):
-        if blend:  # empty: the built-in sample corpus, checked where it is built
-            checked_blends(cfg, blend, valid_blend, test_blend, cfg.train.eval_samples)
+    for stage in stage_blends(cfg):
+        if stage.path:  # empty: the built-in sample corpus, checked where it is built
+            checked_blends(cfg, stage.path, stage.valid_path, stage.test_path, cfg.train.eval_samples, stage.section)
     if cfg.model.init_from and checkpoint is None:  # a resumed run reads its checkpoint
         WeightDirectory(cfg.model.init_from)  # the index and every shard it names

@@ -103,7 +103,8 @@ def checked_tokenizer(cfg: Config, checkpoint: Path | None) -> tuple[Tokenizer, 
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "
                         "raise it or leave it empty")
     check_vocabulary(checkpoint, padded_vocab_size(vocab, cfg))
-    for _name, *blends, _steps in stage_blends(cfg):
+    for stage in stage_blends(cfg):
+        blends = (stage.path, stage.valid_path, stage.test_path)
         for prefix in {prefix for blend in blends if blend for prefix in parse_blend(blend)[0]}:
             check_token_ids(prefix, vocab)
     return tokenizer, vocab

@@ -72,9 +72,17 @@ def test_data_too_small_for_one_sample(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_data_missing(tmp_path):
-    proc = train(tmp_path / "run", f"data.path=[{tmp_path / 'nope'}]", f"data.tokenizer={tmp_path}")
-    assert_refused(proc, f"error: data.path prefix {tmp_path / 'nope'} has no {tmp_path / 'nope.bin'}")
+@pytest.mark.parametrize("setting", ["data.path", "data.stages[1].valid_path"])
+def test_data_missing(setting, tmp_path):
+    nope = tmp_path / "nope"
+    if setting == "data.path":
+        data = [f"data.path=[{nope}]"]
+    else:  # the error names the setting that holds the missing prefix
+        big = corpus(tmp_path / "big", 100, 20)
+        stages = f"{{path: [{big}], valid_path: [{big}], steps: 1}}, {{path: [{big}], valid_path: [{nope}], steps: 1}}"
+        data = [f"data.stages=[{stages}]", "train.eval_samples=2", "train.max_steps=2"]
+    proc = train(tmp_path / "run", *data, f"data.tokenizer={tmp_path}")
+    assert_refused(proc, f"error: {setting} prefix {nope} has no {nope}.bin")
     assert not (tmp_path / "run").exists()
 
 

@@ -256,14 +256,14 @@ def test_parse_blend(tmp_path):
     ([0, "{a}"], "weight 0"),
     ([1, "{a}", 1, "{missing}"], "missing.bin"),
     (["{a}.bin"], "without the extension"),
-    ([1, "{a}", 2, "{a}"], "appears twice in a blend: give it once, with its weights summed"),  # drew samples twice
+    ([1, "{a}", 2, "{a}"], "appears twice in data.stages.0..path: give it once, with its weights summed"),  # drew samples twice
 ])
 def test_parse_blend_errors(tmp_path, entries, message):
     a = _corpus(tmp_path / "a", 0, 100, 0, seed=1)
     entries = [e.format(a=a, missing=tmp_path / "missing") if isinstance(e, str) else e for e in entries]
     with pytest.raises(UserError, match=message) as info:
-        parse_blend(entries)
-    assert "\n" not in str(info.value)
+        parse_blend(entries, "data.stages[0].path")
+    assert "\n" not in str(info.value) and "data.stages[0].path" in str(info.value)
 
 
 def test_load_tokenizer_errors(tmp_path):

@@ -181,6 +181,10 @@ def test_cli_verdicts_and_bad_input():
     too_big = run("--gpus", "8", "parallel.expert=1", "parallel.tensor=1")
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
     bad = run("--gpus", "12", process=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: world size 12")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: with --gpus 12: world size 12")
+    # The default is the fewest GPUs the layout needs: tensor 2 and expert 3 need 6.
+    uneven = run("parallel.tensor=2", "parallel.expert=3", "moe.num_experts=96", "train.global_batch_size=510",
+                 "train.eval_samples=255", "--json")
+    assert json.loads(uneven.stdout)["gpus"] == 6, uneven.stderr
     none = run("--gpus", "0")  # not the default layout's count
     assert none.returncode == 2 and none.stderr.strip() == "error: --gpus=0 must be at least 1"

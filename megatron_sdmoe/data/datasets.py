@@ -32,47 +32,48 @@ BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch
                 "position_ids": torch.int64}
 
 
-def parse_blend(path_list: list) -> tuple[list[str], list[float] | None]:
-    """data.path -> (prefixes, weights): [prefix] or [w1, prefix1, w2, prefix2, ...]."""
+def parse_blend(path_list: list, setting: str = "data.path") -> tuple[list[str], list[float] | None]:
+    """A blend -> (prefixes, weights): [prefix] or [w1, prefix1, w2, prefix2, ...]; errors name it
+    as `setting`."""
     if len(path_list) == 1:
         pairs = [(None, path_list[0])]
     elif len(path_list) % 2 == 0 and path_list:
         pairs = list(zip(path_list[0::2], path_list[1::2]))
     else:
-        raise UserError(f"data.path has {len(path_list)} entries: give one prefix, or weight/prefix pairs "
+        raise UserError(f"{setting} has {len(path_list)} entries: give one prefix, or weight/prefix pairs "
                         "[w1, prefix1, w2, prefix2, ...]")
     prefixes, weights = [], []
     for weight, prefix in pairs:
         if weight is not None:
-            weights.append(_weight(weight, prefix))
-        prefixes.append(_prefix(prefix))
+            weights.append(_weight(weight, prefix, setting))
+        prefixes.append(_prefix(prefix, setting))
     twice = next((prefix for i, prefix in enumerate(prefixes) if prefix in prefixes[:i]), None)
     if twice:  # megatron would draw the same samples from each copy, in the same order
-        raise UserError(f"{twice} appears twice in a blend: give it once, with its weights summed")
+        raise UserError(f"{twice} appears twice in {setting}: give it once, with its weights summed")
     return prefixes, (weights if weights else None)
 
 
-def _weight(weight: object, prefix: object) -> float:
+def _weight(weight: object, prefix: object, setting: str) -> float:
     try:
         w = float(weight) if not isinstance(weight, bool) else math.nan
     except (TypeError, ValueError):
         w = math.nan
     if not math.isfinite(w) or w <= 0:
-        raise UserError(f"data.path weight {weight!r} (for {prefix!r}) is not a positive number: "
-                        "write data.path as [w1, prefix1, w2, prefix2, ...] with weights > 0")
+        raise UserError(f"{setting} weight {weight!r} (for {prefix!r}) is not a positive number: "
+                        f"write {setting} as [w1, prefix1, w2, prefix2, ...] with weights > 0")
     return w
 
 
-def _prefix(prefix: object) -> str:
+def _prefix(prefix: object, setting: str) -> str:
     if not isinstance(prefix, str) or not prefix:
-        raise UserError(f"data.path entry {prefix!r} is not a path prefix: write data.path as [prefix] or "
+        raise UserError(f"{setting} entry {prefix!r} is not a path prefix: write {setting} as [prefix] or "
                         "[w1, prefix1, w2, prefix2, ...]")
     path = os.path.expanduser(prefix)
     missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(path + ext)]
     if missing:
         hint = (" (give the prefix without the extension)" if path.endswith((".bin", ".idx"))
                 else " (tokenize the corpus into Megatron .bin/.idx files first)")
-        raise UserError(f"data.path prefix {prefix} has no {' or '.join(path + m for m in missing)}: "
+        raise UserError(f"{setting} prefix {prefix} has no {' or '.join(path + m for m in missing)}: "
                         f"give the prefix of an existing .bin/.idx pair{hint}")
     return path
 
@@ -95,17 +96,19 @@ def _single_process_is_fine():
         yield
 
 
-def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list,
-                   num_eval_samples: int) -> tuple[tuple, tuple | None, tuple | None]:
+def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, num_eval_samples: int,
+                   section: str = "data") -> tuple[tuple, tuple | None, tuple | None]:
     """The blend `path` and the validation and test blends `valid_path` and `test_path` (None if
-    empty) parsed, refused when their files cannot give whole samples: each split that is read
+    empty) of the config section `section` (data, or data.stages[i]) parsed, refused when their files cannot give whole samples: each split that is read
     (with separate blends, each prefix) must hold at least one sequence + 1 tokens, or megatron
     fills every sample by repeating those few tokens (and, with none at all, loops forever adding
     epochs). The validation and test sets are read when `num_eval_samples` > 0, data.split's test
     set when it has a weight; and refused when a .bin does not hold the tokens its .idx lists (a
     copy cut short). Reads only the .idx files (and the size of each .bin)."""
     check_split(cfg.data.split)
-    blend, valid_blend, test_blend = (parse_blend(p) if p else None for p in (path, valid_path, test_path))
+    blend, valid_blend, test_blend = (parse_blend(p, f"{section}.{key}") if p else None
+                                      for p, key in ((path, "path"), (valid_path, "valid_path"),
+                                                     (test_path, "test_path")))
     if valid_blend:
         parts = [("train", prefix, (0.0, 1.0)) for prefix in blend[0]]
         separate = [("validation", valid_blend), ("test", test_blend)] if num_eval_samples else []
@@ -146,12 +149,14 @@ class Splits(NamedTuple):
 
 
 def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_eval_samples: int,
-                   path: list | None = None, valid_path: list | None = None, test_path: list | None = None) -> Splits:
+                   path: list | None = None, valid_path: list | None = None, test_path: list | None = None,
+                   section: str = "data") -> Splits:
     """Train, validation and test datasets of exactly the requested lengths (validation and test:
     `num_eval_samples` each, None if 0; test also None without a weight or a blend) from the blend
     `path` (default data.path; empty: the sample corpus), split by data.split, or, when the
     separate blend `valid_path` (default data.valid_path) is given, trained on whole and validated
     and tested on `valid_path` and `test_path` (default data.test_path; empty: no test set).
+    Errors name the blends as settings of the config section `section`.
 
     Must be called on every rank. Under torch.distributed, megatron's builder already builds each
     dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
@@ -168,7 +173,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
                             f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
                             "data.tokenizer")
         path = [corpus.prefix]
-    blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_eval_samples)
+    blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_eval_samples, section)
     cache = _cache_dir(cfg, [blend, valid_blend, test_blend])
     with _single_process_is_fine():
         config = GPTDatasetConfig(

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from torch.utils.data import Dataset
 
@@ -45,19 +46,30 @@ def domain_names(path: list) -> list[str]:
     return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
 
 
-def stage_blends(cfg: Config) -> list[tuple[str, list, list, list, int]]:
-    """(name, blend, validation blend, test blend, steps) of each stage; without data.stages, one
-    over data.path."""
-    return ([(stage_name(cfg, i), s.path, s.valid_path, s.test_path, s.steps) for i, s in enumerate(cfg.data.stages)]
-            or [("main", cfg.data.path, cfg.data.valid_path, cfg.data.test_path, cfg.train.max_steps)])
+class StageBlends(NamedTuple):
+    name: str
+    section: str  # the config section the blends are set in: data, or data.stages[i]
+    path: list
+    valid_path: list
+    test_path: list
+    steps: int
+
+
+def stage_blends(cfg: Config) -> list[StageBlends]:
+    """The blends of each stage; without data.stages, one stage over data.path."""
+    return ([StageBlends(stage_name(cfg, i), f"data.stages[{i}]", s.path, s.valid_path, s.test_path, s.steps)
+             for i, s in enumerate(cfg.data.stages)]
+            or [StageBlends("main", "data", cfg.data.path, cfg.data.valid_path, cfg.data.test_path,
+                            cfg.train.max_steps)])
 
 
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     batches = BatchSchedule(cfg)
     stages, first = [], 0
-    for name, path, valid_path, test_path, steps in stage_blends(cfg):
+    for name, section, path, valid_path, test_path, steps in stage_blends(cfg):
         samples = batches.first_sample(first + steps) - batches.first_sample(first)
-        splits = build_datasets(cfg, tokenizer, samples, cfg.train.eval_samples, path, valid_path, test_path)
+        splits = build_datasets(cfg, tokenizer, samples, cfg.train.eval_samples, path, valid_path, test_path,
+                                section)
         stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path),
                             domain_names(test_path or path)))
         first += steps
@@ -69,7 +81,7 @@ def evaluated_on_training_data(cfg: Config) -> list[str]:
     (whole, with a separate validation blend): its losses there are measured on training documents,
     which may be meant (a check of overfitting) or a slip."""
     notes = []
-    for name, path, valid_path, test_path, _steps in stage_blends(cfg):
+    for name, _section, path, valid_path, test_path, _steps in stage_blends(cfg):
         trained = set(parse_blend(path)[0]) if path else set()
         for setting, blend in (("valid_path", valid_path), ("test_path", test_path)):
             shared = [prefix for prefix in parse_blend(blend)[0] if prefix in trained] if blend else []
