@@ -1,10 +1,15 @@
-"""Diagnostics on hand-made subspaces and routes with known answers."""
+"""Diagnostics on hand-made subspaces and routes with known answers, also through a model's MoE
+layers (what `Diagnostics.compute` reads from experts, gradients and routers)."""
 
 import pytest
 import torch
 
+from conftest import CONFIG, SMALL
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.models import build_model
 from megatron_sdmoe.moe.composition import effective_composition, route_ids
-from megatron_sdmoe.moe.diagnostics import mean_off_diagonal, router_specificity, singular_bases, subspace_overlap
+from megatron_sdmoe.moe.diagnostics import (Diagnostics, mean_off_diagonal, router_specificity, singular_bases,
+                                            subspace_overlap)
 
 
 def test_overlap_of_identical_orthogonal_and_half_shared_subspaces():
@@ -65,3 +70,68 @@ def test_route_composition_known_answers():
 def counts(tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """{(route word, label): tokens} as composition.py counts them."""
     return torch.tensor(list(tokens)), torch.tensor(list(tokens.values()))
+
+
+def rank_two(experts: int, rows: int, cols: int, sharing: list[int]) -> torch.Tensor:
+    """[experts, rows, cols]: expert e's matrix has singular values 2, 1 with right singular vectors
+    e_2e, e_2e+1 and left ones e_2l, e_2l+1, where l = e except for the experts in `sharing`,
+    which all take the left vectors of its first."""
+    matrices = torch.zeros(experts, rows, cols)
+    for e in range(experts):
+        left = sharing[0] if e in sharing else e
+        matrices[e, 2 * left, 2 * e], matrices[e, 2 * left + 1, 2 * e + 1] = 2.0, 1.0
+    return matrices
+
+
+def test_compute_reads_weights_gradients_and_routers(single_process_groups):
+    """Each layer's experts share left subspaces as designed (weights: experts 0, 1; gradients:
+    2, 3, 4), no right subspaces, and router row i leans to expert i's gate input subspace (and a
+    quarter as much to expert i + 1's): the known overlaps, alignment and specificity."""
+    model = build_model(load_config(CONFIG, SMALL), 512, torch.float32)
+    diagnostics = Diagnostics(model, k=2)
+    for router, experts in diagnostics.layers:
+        n, two_ffn, hidden = experts.linear_fc1.shape
+        ffn = two_ffn // 2
+
+        def fc1_fc2(sharing):  # gate and up stacked as fc1 [E, 2f, h], down [E, h, f]
+            return {"fc1": torch.cat([rank_two(n, ffn, hidden, sharing)] * 2, dim=1),
+                    "fc2": rank_two(n, hidden, ffn, sharing)}
+
+        with torch.no_grad():
+            weights = fc1_fc2([0, 1])
+            experts.linear_fc1.copy_(weights["fc1"])
+            experts.linear_fc2.copy_(weights["fc2"])
+            eye = torch.eye(hidden)
+            router.weight.copy_(torch.stack([eye[2 * i] + 0.5 * eye[2 * ((i + 1) % n)] for i in range(n)]))
+        experts.weight_grads = fc1_fc2([2, 3, 4])
+    scalars, matrices = diagnostics.compute()
+    pairs = n * (n - 1)
+    layers = len(diagnostics.layers)
+    assert layers == 2 and scalars["expert_overlap"] == pytest.approx([2 / pairs] * layers)
+    assert scalars["expert_overlap_right"] == [0.0] * layers
+    assert scalars["grad_alignment"] == pytest.approx([6 / pairs] * layers)
+    # S(i, i) = 1 / 1.25, S(i, i + 1) = 0.25 / 1.25, other S(i, j) 0
+    assert scalars["router_specificity"] == pytest.approx([0.8 / (0.2 / (n - 1))] * layers)
+    expected = torch.eye(n)
+    expected[0, 1] = expected[1, 0] = 1.0
+    for matrix in matrices:
+        torch.testing.assert_close(matrix, expected)
+
+
+def test_captured_gradients_are_the_weights_gradients(single_process_groups):
+    """What the diagnostics collect in a step (hooks on the effective weights) is autograd's dL/dW."""
+    model = build_model(load_config(CONFIG, SMALL), 512, torch.float32)
+    diagnostics = Diagnostics(model, k=2)
+    diagnostics.capture_gradients(True)
+    experts = diagnostics.layers[0][1]
+    n, _, hidden = experts.linear_fc1.shape
+    gen = torch.Generator().manual_seed(0)
+    tokens_per_expert = torch.tensor([3, 0, 5, 1] + [2] * (n - 4))
+    for _ in range(2):  # summed over a step's micro-batches
+        tokens = int(tokens_per_expert.sum())
+        out, _ = experts(torch.randn(tokens, hidden, generator=gen), tokens_per_expert, torch.rand(tokens, generator=gen))
+        (out ** 2).sum().backward()
+    torch.testing.assert_close(experts.weight_grads["fc1"], experts.linear_fc1.grad)
+    torch.testing.assert_close(experts.weight_grads["fc2"], experts.linear_fc2.grad)
+    diagnostics.capture_gradients(False)
+    assert experts.weight_grads is None

@@ -108,3 +108,22 @@ def test_resume_is_exact(run, stop, check, tmp_path):
     for a, b in zip(straight[stop:], metrics(tmp_path / "resumed")[stop:], strict=True):
         assert (b["loss"], b["grad_norm"], b["smoothed_steps"], b["grad_norm_mean"]) == \
             (a["loss"], a["grad_norm"], a["smoothed_steps"], a["grad_norm_mean"])
+
+
+def test_spike_rule_against_the_logged_norms(tmp_path):
+    """docs/methods.md section 5 recomputed from the run's own gradient norms: a spike is a norm
+    above threshold x the bias-corrected EMA of the earlier norms that were not spikes."""
+    threshold, decay = 2.0, 0.5  # spikes among 8 steps, and a mean that moves
+    launch(tmp_path, 1, "smoothing.enabled=true", f"smoothing.threshold={threshold}", f"smoothing.ema_decay={decay}",
+           "train.max_steps=8")
+    rows = metrics(tmp_path)
+    ema, steps, smoothed = 0.0, 0, 0
+    for row in rows:
+        mean = ema / (1 - decay ** steps) if steps else float("nan")
+        if row["grad_norm"] > threshold * mean:
+            smoothed += 1
+        else:
+            ema, steps = decay * ema + (1 - decay) * row["grad_norm"], steps + 1
+        assert row["smoothed_steps"] == smoothed
+        assert row["grad_norm_mean"] == pytest.approx(ema / (1 - decay ** steps), rel=1e-12)
+    assert 0 < smoothed < len(rows) - 1, [row["grad_norm"] for row in rows]  # both branches taken

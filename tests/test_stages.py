@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import launch, metrics
 
 from megatron_sdmoe.data import load_tokenizer
+from megatron_sdmoe.training.stages import backward_transfer
 
 
 def test_blend_reports_domains_and_route_composition(domains, tmp_path):
@@ -107,3 +108,10 @@ def test_separate_test_blend(domains, tmp_path):
     for name in ("prose", "shout"):
         assert rows[4][f"test_loss_{name}"] == pytest.approx(rows[4][f"val_loss_{name}"], rel=1e-6), name
     assert abs(rows[4]["test_loss_prose"] - rows[4]["test_loss_shout"]) > 0.01
+
+
+def test_backward_transfer_of_three_stages():
+    """docs/methods.md section 4: BWT = mean over j < n of L[n][j] - L[j][j], here n = 2."""
+    rows = [[2.0], [2.5, 1.5], [3.0, 2.25, 1.0]]  # row i: losses on stages 0..i after stage i
+    assert backward_transfer(rows) == ((3.0 - 2.0) + (2.25 - 1.5)) / 2
+    assert backward_transfer(rows[:1]) is None  # nothing learnt before the first stage
