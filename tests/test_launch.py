@@ -1,6 +1,7 @@
 """sdmoe-launch: N processes on this machine through torchrun (gloo on the CPU). Two processes at
-EP2 equal one process (also under DeepSpeed's launcher); SIGUSR1 to the launcher reaches the workers, which save and stop, and the
-launcher exits with their requeue code 3 (plain torchrun would exit 1); bad input is refused with
+EP2 equal one process (also under DeepSpeed's launcher); SIGUSR1 or SIGTERM to the launcher reaches
+the workers, which save and stop, and the launcher exits with their requeue code 3 (plain torchrun
+would exit 1, and on SIGTERM end the workers itself, with a traceback); bad input is refused with
 one line and exit code 2 before any process starts."""
 import signal
 import subprocess
@@ -50,17 +51,18 @@ def test_deepspeed_launcher(tmp_path):
     assert_equals_one_process(run, tmp_path)
 
 
-def test_sigusr1_reaches_the_workers(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_the_stop_signals_reach_the_workers(signum, tmp_path):
     run_dir = tmp_path / "run"
     with open(log_path(run_dir), "w") as log:
         proc = subprocess.Popen(command(run_dir, "train.max_steps=200"), cwd=REPO, env=run_env(), stdout=log,
                                 stderr=subprocess.STDOUT)
     wait_for_step(proc, run_dir, 2)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     proc.wait(timeout=300)
     output = log_path(run_dir).read_text()
     assert proc.returncode == EXIT_REQUEUE, output[-3000:]
-    assert "stopped early (SIGUSR1)" in output
+    assert f"stopped early ({signal.Signals(signum).name})" in output
     assert (run_dir / "checkpoints" / "latest").exists()
 
 

@@ -5,8 +5,8 @@
 A thin wrapper around `torchrun --standalone --nproc-per-node N -m megatron_sdmoe.train CONFIG ...`:
 one process per GPU (without GPUs, N gloo processes on the CPU). Bad input is refused with one line
 and exit code 2 before any process starts, and the training's exit code is kept (3: stopped early
-with a checkpoint, start again to resume; 4: diverged), which plain torchrun turns into 1. SIGUSR1
-and SIGTERM stop training after the current step with a checkpoint, as with sdmoe-train.
+with a checkpoint, start again to resume; 4: diverged), which plain torchrun turns into 1. SIGUSR1,
+SIGTERM and Ctrl-C stop training after the current step with a checkpoint, as with sdmoe-train.
 """
 from __future__ import annotations
 

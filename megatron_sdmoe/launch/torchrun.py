@@ -2,12 +2,14 @@
 
     python -m megatron_sdmoe.launch.torchrun [torchrun options] -m megatron_sdmoe.train CONFIG ...
 
-Plain torchrun exits with 1 whenever a worker fails, and SIGUSR1 kills it. The launchers need
-both: exit code 3 means "saved, stopped early: requeue me" (2: bad input, 4: diverged), and SIGUSR1
-is SLURM's warning before the time limit, on which every worker saves and stops. So this runs
-torchrun in this process, sends SIGUSR1 on to its workers (they run in sessions of their own, out of
-reach of a signal to this process group), and exits with the exit code of the first worker that
-failed. SIGTERM is torchrun's own: it passes it on to the workers.
+Plain torchrun exits with 1 whenever a worker fails, SIGUSR1 kills it, and on SIGTERM or SIGINT
+it ends its workers itself (the signal, then SIGKILL after 30 s, however far a checkpoint has got)
+and exits with a traceback. The launchers need otherwise: exit code 3 means "saved, stopped early:
+requeue me" (2: bad input, 4: diverged), and SIGUSR1 (SLURM's warning before the time limit),
+SIGTERM and SIGINT ask every worker to save and stop. So this runs torchrun in this process, sends
+those signals on to its workers (they run in sessions of their own, out of reach of a signal to this
+process group), lets torchrun wait for them as for any ending, and exits with the exit code of the
+first worker that failed.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import psutil
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args
 from torch.distributed.run import run as torchrun
+
+PASSED_ON = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def _forward_to_workers(signum: int, _frame) -> None:
@@ -31,9 +35,10 @@ def _forward_to_workers(signum: int, _frame) -> None:
 def run(argv: list[str]) -> int:
     """torchrun with `argv`; returns the first failed worker's exit code (shell style, 128 + N for
     signal N), or 0."""
-    signal.signal(signal.SIGUSR1, _forward_to_workers)
-    try:
-        torchrun(parse_args(argv))
+    for signum in PASSED_ON:
+        signal.signal(signum, _forward_to_workers)
+    try:  # torchrun installs its own handlers, when it starts the workers, for the signals not passed on
+        torchrun(parse_args(["--signals-to-handle=SIGHUP,SIGQUIT", *argv]))
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return code if code >= 0 else 128 - code
