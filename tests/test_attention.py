@@ -1,7 +1,7 @@
 """Core attention: torch's fused kernel (models/attention.py) equals megatron-core's local
 DotProductAttention in outputs and gradients, causal and within documents (data.document_mask);
-with the document mask a packed document's logits are those of the document alone, and training
-does not depend on the layout."""
+with the document mask a packed document's logits are those of the document alone, so are the
+per-token losses training takes on a packed micro-batch, and training does not depend on the layout."""
 import pytest
 import torch
 
@@ -80,3 +80,22 @@ def test_document_mask_training_at_tp2_equals_one_process(tmp_path):
         assert got["loss"] == pytest.approx(want["loss"], abs=2e-5), got["step"]
         # the grad norm's round-off grows as in test_parallel_parity (1.2e-4 at step 4 here)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=5e-4), got["step"]
+
+
+def test_training_losses_of_a_packed_micro_batch_are_its_documents_alone(tmp_path):
+    """The per-token losses training takes (Trainer._forward on the real setup's engine) with
+    data.document_mask, against a reference that needs no mask: the same model on each document of
+    the micro-batch alone, with the position ids training gives it (megatron-core's
+    inter_document_masking restarts them at each document, whatever reset_position_ids says)."""
+    launch(tmp_path / "run", 1, "data.document_mask=true", "train.micro_batch_size=4", "train.precision=fp32",
+           str(tmp_path / "losses.pt"), module="tests.workers.document_mask")
+    got = torch.load(tmp_path / "losses.pt")
+    packed, cu_seqlens, positions = got["packed"], got["cu_seqlens"], torch.arange(64).expand(4, 64)
+    starts = cu_seqlens.gather(1, torch.searchsorted(cu_seqlens, positions.contiguous(), right=True) - 1)
+    assert torch.equal(got["position_ids"], positions - starts)
+    torch.testing.assert_close(packed, got["alone"], rtol=1e-5, atol=1e-5)
+    later = positions >= cu_seqlens[:, 1:2]  # the tokens after each sample's first document
+    assert later.sum() >= 64  # the samples hold several documents
+    # without the mask most of them see the documents before theirs; the first is causal either way
+    assert ((packed - got["unmasked"]).abs() > 1e-2)[later].float().mean() > 0.5
+    torch.testing.assert_close(packed[~later], got["unmasked"][~later], rtol=1e-5, atol=1e-5)

@@ -183,7 +183,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
                {"blend": blend, "split": cfg.data.split}),
             path_to_cache=str(cache),
             tokenizer=tokenizer,
-            reset_position_ids=False,
+            reset_position_ids=False,  # with inter_document_masking megatron resets them all the same
             reset_attention_mask=False,
             eod_mask_loss=cfg.data.eod_mask_loss,  # loss_mask 0 where the input token is EOD
             create_attention_mask=False,  # attention kernels build the causal mask themselves
