@@ -1,4 +1,5 @@
 """Data pipeline: sample corpus, .bin/.idx writer, tokenizer loading, blends and GPT datasets."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,14 @@ def test_sample_corpus_is_reused(corpus):
     before = Path(corpus.prefix + ".bin").stat().st_mtime_ns
     assert ensure_sample_corpus() == corpus
     assert Path(corpus.prefix + ".bin").stat().st_mtime_ns == before
+
+
+def test_sdmoe_cache_holds_the_corpus(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDMOE_CACHE", str(tmp_path))
+    built = Path(corpus.prefix).parent
+    shutil.copytree(built, tmp_path / built.name)  # as if built there (a build takes a minute)
+    moved = ensure_sample_corpus()
+    assert Path(moved.prefix).parent == tmp_path / built.name and Path(moved.tokenizer_dir).parent == tmp_path / built.name
 
 
 def test_sample_corpus_lost_race_keeps_winner(tmp_path, monkeypatch):
