@@ -118,10 +118,13 @@ def optimizer_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     for name, param in model.named_parameters():
         lr_scale = cfg.sdmoe.common_lr_scale if name.endswith(("common_fc1", "common_fc2")) else 1.0
         groups.setdefault((param.dim() > 1, lr_scale), []).append(param)
-    return split_params_into_different_moe_groups_for_optimizer([
+    split = split_params_into_different_moe_groups_for_optimizer([
         {"name": f"{'decay' if decay else 'no_decay'}_lr{scale:g}", "params": params,
          "weight_decay": cfg.train.weight_decay if decay else 0.0, "lr": cfg.train.lr * scale}
         for (decay, scale), params in groups.items()])
+    # A group of expert parameters only (per-expert common matrices) leaves an empty dense group
+    # behind, which deepspeed.initialize drops after the LR schedule has taken one LR per group.
+    return [group for group in split if group["params"]]
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accumulation_steps: int,
