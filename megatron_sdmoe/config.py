@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,8 +238,10 @@ class Config:
 
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently),
-    and reading `98:2:0` or `24:00:00` as the text they are written as: YAML 1.1, which PyYAML
-    follows, reads them as base-60 numbers (352920, 86400), YAML 1.2 and people as text."""
+    and reading whole numbers that are not plain decimals as the text they are written as: YAML 1.1,
+    which PyYAML follows, reads `98:2:0` and `24:00:00` as base-60 numbers (352920, 86400), `0755` as
+    octal (493), `0x10` and `1_000` as 16 and 1000. So a text setting (run.dir=0755) keeps what was
+    written, and a number setting refuses it rather than taking another number."""
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
@@ -247,14 +250,15 @@ class _ConfigLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} appears twice", node.start_mark)
         return super().construct_mapping(node, deep)
 
-    def construct_base_60(self, node):
-        if ":" in node.value:
-            return self.construct_scalar(node)
-        return (super().construct_yaml_int if node.tag.endswith(":int") else super().construct_yaml_float)(node)
+    def construct_number(self, node):
+        if node.tag.endswith(":int"):
+            return super().construct_yaml_int(node) if _DECIMAL.fullmatch(node.value) else self.construct_scalar(node)
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_float(node)
 
 
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
-    _ConfigLoader.add_constructor(_tag, _ConfigLoader.construct_base_60)
+    _ConfigLoader.add_constructor(_tag, _ConfigLoader.construct_number)
 
 
 def load_yaml(text: str):
@@ -283,6 +287,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config file {path} must hold a mapping of sections (run:, model:, ...)")
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()  # a stray space, e.g. from a line continuation
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form dotted.key=value (e.g. train.lr=1e-3)")
         try:
@@ -383,7 +388,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise UserError(f"{key} must be a {_type_name(base)}, got {value!r}")
+        # YAML 1.1 reads on/off/yes/no as booleans and 2024-01-05 as a date; see also _ConfigLoader
+        fix = (": quote it" if base is str else
+               ": write it as a plain decimal" if base is int and isinstance(value, str) and value[:1].isdigit() else "")
+        raise UserError(f"{key} must be a {_type_name(base)}, got {value!r}{fix}")
     return value
 
 

@@ -20,6 +20,15 @@ def test_yaml_and_dotted_overrides():
     assert cfg.moe.num_experts == 8 and cfg.model.preset == "qwen3_moe"  # from the YAML
 
 
+def test_text_settings_keep_what_was_written(monkeypatch, tmp_path):
+    """Whole numbers YAML 1.1 would read as octal, hex or with digit separators stay text."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIG, ["run.dir=0755", " data.tokenizer=0x10", "data.stages=[{name: 007, path: [a], steps: 1}]",
+                               "data.split=100"])
+    assert (cfg.run.dir, cfg.data.tokenizer, cfg.data.stages[0].name, cfg.data.split) == \
+        (f"{tmp_path}/0755", f"{tmp_path}/0x10", "007", "100")
+
+
 def test_paths_are_absolute_and_home_expanded(monkeypatch, tmp_path):
     """config.yaml then names the same files from any working directory, and ~/runs is no folder named ~."""
     monkeypatch.chdir(tmp_path)
@@ -40,6 +49,11 @@ def test_paths_are_absolute_and_home_expanded(monkeypatch, tmp_path):
     ("train.max_steps=true", "train.max_steps must be a whole number"),
     ("train.lr", "is not of the form dotted.key=value"),
     ("data.stages=[{path: [a], step: 200}]", "unknown config key data.stages[0].step; did you mean data.stages[0].steps?"),
+    # YAML 1.1 reads 010 as octal 8, 1_000 as 1000, off as false and 2024-01-05 as a date
+    ("train.max_steps=010", "train.max_steps must be a whole number, got '010': write it as a plain decimal"),
+    ("train.max_steps=1_000", "got '1_000': write it as a plain decimal"),
+    ("train.recompute=off", "train.recompute must be a string, got False: quote it"),
+    ("run.dir=2024-01-05", "run.dir must be a string, got datetime.date(2024, 1, 5): quote it"),
 ])
 def test_load_errors(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
