@@ -168,6 +168,14 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
     raise AssertionError(f"no step {step} within {timeout} s: {log_path(run_dir).read_text()[-2000:]}")
 
 
+def sample_tokenizer() -> str:
+    """The override that gives a model imported without a tokenizer of its own (a transformers-
+    initialised one, of the built-in corpus's vocabulary size) the built-in corpus's tokenizer."""
+    from megatron_sdmoe.data import ensure_sample_corpus
+
+    return f"data.tokenizer={ensure_sample_corpus().tokenizer_dir}"
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, launch, metrics, run_command
+from conftest import REPO, launch, metrics, run_command, sample_tokenizer
 
 from megatron_sdmoe.config import is_headwise, load_config
 
@@ -20,18 +20,21 @@ V2_ROUTING = ["moe.score_function=softmax", "moe.expert_bias_update_rate=0", "mo
 YARN = ["model.rope_scaling=yarn", "model.yarn.factor=4", "model.yarn.original_max_position_embeddings=32"]
 CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe.yaml", []),
          "qwen3_moe with SD-MoE": ("tiny-qwen3-moe.yaml", ["moe.variant=sdmoe", "sdmoe.rank=4"]),
+         # a norm epsilon that moves the logits (transformers' rms_norm_eps; MLA's latent norms keep 1e-6)
          "qwen2_moe with a dense first layer": ("tiny-qwen2-moe.yaml", ["model.dense_layers=1",
-                                                                      "model.dense_ffn_hidden_size=96"]),
+                                                                      "model.dense_ffn_hidden_size=96",
+                                                                      "model.norm_epsilon=0.1"]),
          # MLA (RoPE reordered), a dense first layer, shared experts, sigmoid group-limited routing with a bias
          "deepseek": ("tiny-deepseek.yaml", []),
-         "deepseek without a query latent (V2-Lite's MLA)": ("tiny-deepseek.yaml", ["model.mla.q_lora_rank=null"]),
+         "deepseek without a query latent (V2-Lite's MLA)": ("tiny-deepseek.yaml", ["model.mla.q_lora_rank=null",
+                                                                                      "model.norm_epsilon=0.1"]),
          # YaRN with a partial ramp (frequencies kept, divided and in between) over the 48 tokens;
          # cos/sin scaled by m(1) (GQA); by m(mscale) / m(mscale_all_dim) and the softmax by m(mscale_all_dim)^2 (MLA)
          "qwen3_moe with YaRN": ("tiny-qwen3-moe.yaml", [*YARN, "model.rotary_base=10000"]),
          "deepseek with YaRN": ("tiny-deepseek.yaml", [*YARN, "model.rotary_base=10000", "model.yarn.mscale=1.5",
                                                       "model.yarn.mscale_all_dim=2"]),
          # softmax routing: DeepseekV2ForCausalLM, group-limited (a group's best expert) and scaled
-         "deepseek routed as V2": ("tiny-deepseek.yaml", V2_ROUTING),
+         "deepseek routed as V2": ("tiny-deepseek.yaml", [*V2_ROUTING, "model.norm_epsilon=0.1"]),
          # ... V2-Lite's: no groups, no query latent, YaRN with its mscale
          "deepseek as V2-Lite": ("tiny-deepseek.yaml", [*V2_ROUTING, "moe.num_groups=0", "moe.group_topk=0",
                                                         "model.mla.q_lora_rank=null", *YARN, "model.yarn.mscale=0.707",
@@ -234,7 +237,7 @@ def imported_model(tmp_path, family: str):
     DeepSeek's bias update runs at any learning rate: at a rate of 1e-12, below the routing bias'
     float32 resolution, the bias holds still too."""
     save_hf_model(hf_model_config(family, vocab_size=4096), tmp_path / "hf")
-    convert("from-hf", tmp_path / "hf", tmp_path / "imported", "data.seq_length=64",
+    convert("from-hf", tmp_path / "hf", tmp_path / "imported", "data.seq_length=64", sample_tokenizer(),
             *["moe.expert_bias_update_rate=1e-12"] * (family == "deepseek"))
     return tmp_path / "hf", tmp_path / "imported" / "config.yaml"
 
@@ -415,15 +418,28 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     shutil.copytree(hf, mixtral)
     (mixtral / "config.json").write_text((hf / "config.json").read_text().replace(
         '"Qwen3MoeForCausalLM"', '"MixtralForCausalLM"').replace('"qwen3_moe"', '"mixtral"'))
-    layers, heads = tmp_path / "layers", tmp_path / "heads"  # another model's config.json beside the weights
-    for directory, old, new in ((layers, '"num_hidden_layers": 1', '"num_hidden_layers": 2'),
-                                (heads, '"num_key_value_heads": 1', '"num_key_value_heads": 2')):
-        shutil.copytree(hf, directory)
-        assert old in (hf / "config.json").read_text()
-        (directory / "config.json").write_text((hf / "config.json").read_text().replace(old, new))
+    deepseek = tmp_path / "deepseek"
+    save_hf_model(hf_model_config("deepseek", vocab_size=256), deepseek)
+    # another model's config.json beside the weights, or a damaged one
+    edited = {"layers": (hf, '"num_hidden_layers": 1', '"num_hidden_layers": 2'),
+              "heads": (hf, '"num_key_value_heads": 1', '"num_key_value_heads": 2'),
+              "vocabulary": (hf, '"vocab_size": 256', '"vocab_size": 300'),
+              "rope": (hf, '"rope_theta": 10000.0', '"rope_theta": 10000.5'),  # megatron-core's RoPE base is whole
+              "typed": (hf, '"rms_norm_eps": 1e-06', '"rms_norm_eps": 0'),  # transformers' fields are typed
+              "dense": (hf, '"Qwen3MoeForCausalLM"', '"Qwen3ForCausalLM"'),
+              "latent": (deepseek, '"q_lora_rank": 32', '"q_lora_rank": null')}
+    for name, (source, old, new) in edited.items():
+        shutil.copytree(source, tmp_path / name)
+        assert old in (source / "config.json").read_text()
+        (tmp_path / name / "config.json").write_text((source / "config.json").read_text().replace(old, new))
+    layers, heads = tmp_path / "layers", tmp_path / "heads"
+    index = tmp_path / "index"
+    shutil.copytree(missing, index)
+    (index / "model.safetensors.index.json").write_text("{")
+    tokenizer = f"data.tokenizer={tmp_path}"  # past the check of the tokenizer, to the cases' own
     (tmp_path / "exists").mkdir()
     out = tmp_path / "out"
-    cases = {"no checkpoint": (("to-hf", tmp_path / "no-such-run", out), "not a complete checkpoint"),
+    cases = {"no checkpoint": (("to-hf", tmp_path / "no-such-run", out), "no-such-run does not exist"),
              "no model": (("from-hf", tmp_path / "no-such-model", out), "no readable Hugging Face config"),
              "existing output": (("from-hf", hf, tmp_path / "exists"), "exists"),
              "truncated shard": (("from-hf", truncated, out), "truncated"),
@@ -438,8 +454,25 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
              "layers of another config": (("from-hf", layers, out), f"{layers / 'config.json'} describes 2 layers, "
                                           "but the weights hold 1 (numbered 0 to 0): restore the model's own"),
              "heads of another config": (("from-hf", heads, out), f"{heads / 'config.json'} does not describe the "
-                                         "weights beside it (model.layers.0: ")}
+                                         "weights beside it (model.layers.0: "),
+             "no tokenizer": (("from-hf", hf, out), f"{hf} holds no tokenizer (tokenizer_config.json), and the "
+                              f"built-in corpus's ids mean other tokens: copy the model's tokenizer files into {hf}, "
+                              "or pass data.tokenizer=DIR"),
+             "vocabulary of another config": (("from-hf", tmp_path / "vocabulary", out),
+                                              "has vocab_size=300, but model.embed_tokens.weight holds 256 rows"),
+             "fractional rope_theta": (("from-hf", tmp_path / "rope", out), "rope_theta=10000.5 is not a whole number"),
+             "mistyped field": (("from-hf", tmp_path / "typed", out),
+                                f"{tmp_path / 'typed' / 'config.json'}: Validation error for field 'rms_norm_eps': "
+                                "TypeError: Field 'rms_norm_eps' expected float, got int (value: 0): restore"),
+             "damaged index": (("from-hf", index, out), f"{index / 'model.safetensors.index.json'} is not a "
+                               "readable index (JSONDecodeError: "),
+             "dense model": (("from-hf", tmp_path / "dense", out), "a dense Qwen3ForCausalLM becomes an MoE with "
+                             "sdmoe-convert upcycle"),
+             "query latent of another config": (("from-hf", tmp_path / "latent", out),
+                                                "q_lora_rank=None, but the weights hold a query latent (q_a_proj)")}
     for case, (args, message) in cases.items():
+        if args[0] == "from-hf" and case != "no tokenizer":
+            args = (*args, tokenizer)
         proc = convert(*args, check=False, process=case == "unknown tensor")
         assert proc.returncode == 2, (case, proc.stderr[-2000:])
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), (case, proc.stderr)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO
+from conftest import REPO, sample_tokenizer
 from test_convert import VOCAB, convert, export
 
 from megatron_sdmoe.config import load_config
@@ -55,7 +55,7 @@ def test_fp8_checkpoint_imports_dequantised(single_process_groups, tmp_path):
                                      "weight_block_size": [8, 8]}
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
 
-    proc = convert("from-hf", tmp_path / "fp8", tmp_path / "imported")
+    proc = convert("from-hf", tmp_path / "fp8", tmp_path / "imported", sample_tokenizer())
     assert "(DeepseekV3ForCausalLM, 4 layers, 1 MTP, FP8 dequantised to torch.float32)" in proc.stdout, proc.stdout
     imported = load_config(tmp_path / "imported" / "config.yaml")
     assert imported.model.mtp_layers == 1

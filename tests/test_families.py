@@ -5,7 +5,9 @@ prediction included)."""
 import pytest
 import torch
 
-from conftest import REPO, launch, metrics
+from conftest import REPO, SMALL, launch, metrics
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.models import build_model
 
 FAMILIES = {name: REPO / "configs" / f"tiny-{name.replace('_', '-')}.yaml"
             for name in ("deepseek", "qwen2_moe", "qwen3_moe")}
@@ -73,3 +75,22 @@ def _expert_bias(run_dir):
     """Every router's expert bias from the run's final checkpoint (rank 0 holds the routers)."""
     state = torch.load(run_dir / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=False)["model"]
     return torch.stack([v for k, v in sorted(state.items()) if k.endswith("router.expert_bias")])
+
+
+def test_the_mtp_loss_coefficient_scales_the_mtp_gradients(single_process_groups):
+    """Only the multi-token-prediction loss reaches the MTP layer's weights (without balancing
+    losses): their gradients scale with model.mtp_loss_coeff."""
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for coeff in (0.1, 0.3):
+        cfg = load_config(FAMILIES["deepseek"], [*SMALL, *SHRINK["deepseek"], f"model.mtp_loss_coeff={coeff}",
+                                                 "moe.aux_loss_coeff=0"])
+        model = build_model(cfg, 512, torch.float32)
+        model(tokens, torch.arange(32).expand_as(tokens), None, labels=tokens.roll(-1, 1)).mean().backward()
+        grads[coeff] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    mtp = [name for name in grads[0.1] if name.startswith("mtp.")]
+    assert len(mtp) > 10
+    for name in mtp:
+        grad = grads[0.1][name]
+        torch.testing.assert_close(grads[0.3][name], 3 * grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
+                                   msg=name)

@@ -243,6 +243,9 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
         write_jsonl(corpus, good)
         return (["--input", corpus, "--tokenizer", tokenizer, "--partitions", 700],
                 "error: --partitions 700 exceeds the input's 600 records: give at most 600")
+    elif case == "a file given twice":  # also as one of a directory's: its documents would be written twice
+        write_jsonl(corpus, good)
+        return (["--input", inputs, corpus, "--tokenizer", tokenizer], f"error: {corpus} is given twice in --input")
     elif case == "a partition of records without text":  # counted as records, they give no documents
         write_jsonl(corpus, [{"text": "one two"}, {"text": ""}, {"text": "three four"}])
         return (["--input", corpus, "--tokenizer", tokenizer, "--partitions", 3],
@@ -252,7 +255,8 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
 
 BAD_INPUTS = ["malformed", "missing field", "not text", "only empty documents", "missing tokenizer",
               "tokenizer is a file", "broken tokenizer", "id overflows dtype", "missing input", "unsupported input",
-              "missing column", "more partitions than records", "a partition of records without text"]
+              "missing column", "more partitions than records", "a partition of records without text",
+              "a file given twice"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -370,4 +374,11 @@ def test_check_and_merge_refuse_a_mismatched_pair(good_prefix, cli, how):
     merged = good_prefix.parent / "merged"
     result = cli(PREPROCESS, "merge", "--inputs", good_prefix, "--output-prefix", merged)
     assert result.code == 2 and result.err.startswith("error: " + message), result.err
+    assert not list(good_prefix.parent.glob("merged*"))
+
+
+def test_merge_refuses_a_prefix_given_twice(good_prefix, cli):
+    merged = good_prefix.parent / "merged"
+    result = cli(PREPROCESS, "merge", "--inputs", good_prefix, good_prefix, "--output-prefix", merged)
+    assert (result.code, result.err) == (2, f"error: {good_prefix} is given twice in --inputs: give each once\n")
     assert not list(good_prefix.parent.glob("merged*"))

@@ -50,15 +50,17 @@ def torch_reference(tr: TrainConfig) -> list[float]:
 
 
 def with_train(**train) -> Config:
-    return dataclasses.replace(Config(), train=dataclasses.replace(TrainConfig(), lr=0.01, min_lr_ratio=0.1, **train))
+    return dataclasses.replace(Config(), train=dataclasses.replace(TrainConfig(), **{"lr": 0.01, "min_lr_ratio": 0.1,
+                                                                                      **train}))
 
 
 @pytest.mark.parametrize("unit", LR_SCHEDULE_UNITS)  # without a batch warmup tokens and steps agree
 @pytest.mark.parametrize("kind", LR_SCHEDULES)
-@pytest.mark.parametrize("warmup_steps, max_steps, decay_fraction", [(3, 20, 0.25), (2, 37, 0.1), (5, 11, 0.5)])
-def test_schedule_equals_torch_schedulers(unit, kind, warmup_steps, max_steps, decay_fraction):
+@pytest.mark.parametrize("warmup_steps, max_steps, decay_fraction, min_lr_ratio",
+                         [(3, 20, 0.25, 0.1), (2, 37, 0.1, 0.0), (5, 11, 0.5, 0.3)])
+def test_schedule_equals_torch_schedulers(unit, kind, warmup_steps, max_steps, decay_fraction, min_lr_ratio):
     cfg = with_train(lr_schedule=kind, lr_schedule_unit=unit, warmup_steps=warmup_steps, max_steps=max_steps,
-                     decay_fraction=decay_fraction)
+                     decay_fraction=decay_fraction, min_lr_ratio=min_lr_ratio)
     optimizer = one_param_sgd(cfg.train.lr)
     got = lrs(optimizer, lr_schedule(optimizer, cfg), cfg.train.max_steps)
     assert got == pytest.approx(torch_reference(cfg.train), rel=1e-12, abs=1e-15)

@@ -5,7 +5,7 @@ its experts then train apart; bad input is one line and nothing written."""
 import pytest
 import torch
 
-from conftest import launch, metrics, run_command
+from conftest import launch, metrics, run_command, sample_tokenizer
 
 from megatron_sdmoe.convert.weights import WeightDirectory
 from test_convert import IMPORTED, hf_validation_loss, load_exported
@@ -30,7 +30,7 @@ def upcycled(tmp_path_factory):
     root = tmp_path_factory.mktemp("upcycle")
     dense_qwen3(root / "dense")
     proc = run_command(CONVERT, "upcycle", root / "dense", root / "moe", "moe.num_experts=4", "moe.topk=2",
-                       "data.seq_length=64")
+                       "data.seq_length=64", sample_tokenizer())
     assert proc.returncode == 0, proc.stderr
     assert "(Qwen3ForCausalLM upcycled: 4 experts, top-2, 2 layers)" in proc.stdout
     return root

@@ -21,8 +21,8 @@ def checkpoint_dir(path: str | Path) -> Path:
     """A step_* directory, or a run directory (its latest checkpoint)."""
     path = latest_checkpoint(Path(path)) or Path(path)
     if not (path / "meta.json").is_file():
-        raise UserError(f"{path} is not a complete checkpoint: give a run directory or a checkpoints/step_* "
-                        "directory with meta.json")
+        what = "is not a complete checkpoint" if path.exists() else "does not exist"
+        raise UserError(f"{path} {what}: give a run directory or a checkpoints/step_* directory with meta.json")
     return path
 
 

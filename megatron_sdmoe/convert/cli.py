@@ -151,16 +151,27 @@ def convert(groups: list[tuple[str, dict[str, str]]], read, transform, writer: S
     writer.close()
 
 
-def check_layers(cfg: Config, names: list[str], hf_dir: str) -> None:
-    """Refuse a config.json with another number of layers than the weights hold: the layers past the
-    weights' would be drawn fresh, and the weights' past the config's taken for MTP layers."""
+def check_sizes(cfg: Config, source, hf_dir: str) -> None:
+    """Refuse a config.json with another number of layers, another vocabulary or another query
+    projection than the weights hold: layers past the weights' would be drawn fresh, the weights'
+    past the config's taken for MTP layers, a query latent left out or drawn fresh, and a vocabulary
+    of another size refused only when training starts."""
+    names, m = source.names(), cfg.model
+    config = Path(hf_dir) / "config.json"
     held = sorted({layer_index(match.group(1)) for match in map(HF_LAYER.match, names) if match})
-    m = cfg.model
     if held != list(range(m.num_layers + m.mtp_layers)):
         mtp = f" and {m.mtp_layers} MTP" * bool(m.mtp_layers)
-        raise UserError(f"{Path(hf_dir) / 'config.json'} describes {m.num_layers} layers{mtp}, but the weights hold "
-                        f"{len(held)} (numbered {held[0] if held else '-'} to {held[-1] if held else '-'}): restore "
-                        "the model's own config.json")
+        raise UserError(f"{config} describes {m.num_layers} layers{mtp}, but the weights hold {len(held)} (numbered "
+                        f"{held[0] if held else '-'} to {held[-1] if held else '-'}): restore the model's own config.json")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = source.placeholder(name).shape[0] if name in names else m.vocab_size
+        if rows != m.vocab_size:
+            raise UserError(f"{config} has vocab_size={m.vocab_size}, but {name} holds {rows} rows: restore the "
+                            "model's own config.json")
+    latent = any(".q_a_proj." in name for name in names)
+    if m.attention == "mla" and latent != bool(m.mla.q_lora_rank):
+        raise UserError(f"{config} has q_lora_rank={m.mla.q_lora_rank}, but the weights hold {'a' if latent else 'no'} "
+                        "query latent (q_a_proj): restore the model's own config.json")
 
 
 def refuse_unused(groups: list[tuple[str, dict[str, str]]], placeholder, transform) -> None:
@@ -203,6 +214,7 @@ def to_hf(checkpoint: str, out: Path) -> None:
 
 def read_hf_config(hf_dir: str):
     """transformers' config of `hf_dir`; a head-wise export's through this package's own class."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
@@ -215,6 +227,9 @@ def read_hf_config(hf_dir: str):
     except (OSError, ValueError) as e:
         raise UserError(f"{hf_dir} holds no readable Hugging Face config ({str(e).splitlines()[0]}): give a model "
                         "directory with config.json")
+    except StrictDataclassError as e:  # transformers' typed config: a setting of the wrong type
+        raise UserError(f"{Path(hf_dir) / 'config.json'}: {' '.join(str(e).split())}: restore the model's own "
+                        "config.json") from None
 
 
 def import_config(hf, overrides: list[str], names: list[str]):
@@ -223,8 +238,10 @@ def import_config(hf, overrides: list[str], names: list[str]):
     architectures = {arch: adapter for adapter in set(ADAPTERS.values()) for arch in adapter.ARCHITECTURES.values()}
     adapter = architectures.get(headwise_export.family_architecture((hf.architectures or [None])[0]))
     if adapter is None:
+        dense = (f"; a dense {upcycle.DENSE_ARCHITECTURE} becomes an MoE with sdmoe-convert upcycle"
+                 if hf.architectures == [upcycle.DENSE_ARCHITECTURE] else "")
         raise UserError(f"architectures={hf.architectures} cannot be imported: this system imports "
-                        f"{', '.join(sorted(architectures))} and their head-wise exports")
+                        f"{', '.join(sorted(architectures))} and their head-wise exports{dense}")
     headwise = getattr(hf, "headwise", None) is not None
     imported = [*adapter.config_overrides(hf, names), *(headwise_export.config_overrides(hf) if headwise else [])]
     cfg, own = load_config(None, [*imported, *overrides]), load_config(None, imported)
@@ -280,7 +297,11 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
     adapter, cfg = import_config(hf, [f"model.init_from={out / 'weights'}",
                                       *[f"data.tokenizer={out / 'tokenizer'}"] * has_tokenizer, *overrides],
                                  source.names())
-    check_layers(cfg, source.names(), hf_dir)
+    check_sizes(cfg, source, hf_dir)
+    if not has_tokenizer and cfg.data.tokenizer is None:  # training would read the built-in corpus's
+        raise UserError(f"{hf_dir} holds no tokenizer (tokenizer_config.json), and the built-in corpus's ids mean "
+                        f"other tokens: copy the model's tokenizer files into {hf_dir}, or pass data.tokenizer=DIR "
+                        "(the tokenizer your corpus is tokenized with)")
     groups = conversion_groups(imported_names(cfg, source.names()), HF_LAYER)
 
     def transform(group, tensors):

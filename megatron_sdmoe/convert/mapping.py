@@ -165,10 +165,20 @@ def shared_overrides(hf) -> dict[str, object]:
     return {"model.num_layers": hf.num_hidden_layers, "model.hidden_size": hf.hidden_size,
             "model.num_attention_heads": hf.num_attention_heads,
             "model.max_position_embeddings": hf.max_position_embeddings, "model.norm_epsilon": hf.rms_norm_eps,
-            "model.rotary_base": int(hf.rope_parameters["rope_theta"]), "model.vocab_size": hf.vocab_size,
+            "model.rotary_base": _rope_theta(hf), "model.vocab_size": hf.vocab_size,
             # padding to a multiple that divides the vocabulary keeps its size (up to 128)
             "model.make_vocab_size_divisible_by": math.gcd(hf.vocab_size, 128), "moe.variant": "topk",
             "moe.topk": hf.num_experts_per_tok, **_rope_overrides(hf)}
+
+
+def _rope_theta(hf) -> int:
+    """rope_theta, a whole number as megatron-core's rotary_base (int) takes it: cut to one, another
+    RoPE would train than the one imported."""
+    theta = hf.rope_parameters.get("rope_theta")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta != int(theta):
+        raise UserError(f"config.json's rope_theta={theta!r} is not a whole number, which this system's RoPE base "
+                        "needs: convert a model whose rope_theta is one")
+    return int(theta)
 
 
 def _rope_overrides(hf) -> dict[str, object]:

@@ -67,7 +67,13 @@ class WeightDirectory:
             raise UserError(f"weights directory {self.dir} not found: give a directory of safetensors weights "
                             "(sdmoe-convert from-hf writes one)")
         if (self.dir / INDEX).is_file():
-            self.weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            try:
+                self.weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+                if not isinstance(self.weight_map, dict):
+                    raise TypeError("its weight_map is no mapping of names to files")
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{self.dir / INDEX} is not a readable index ({type(e).__name__}: {e}): copy the "
+                                "model directory again") from None
         elif (self.dir / SINGLE).is_file():
             self.weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
         else:

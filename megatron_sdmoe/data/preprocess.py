@@ -134,7 +134,17 @@ def find_sources(paths: list[str]) -> list[JsonlFile | TableFile]:
             sources += [source(f) for f in files]
         else:
             sources.append(source(path))
+    given_once([s.path for s in sources], "--input")
     return sources
+
+
+def given_once(paths: list[str], flag: str) -> None:
+    """Refuse a file given twice (also as one of a directory's): its documents would be written twice."""
+    seen = set()
+    for path in paths:
+        if os.path.realpath(path) in seen:
+            raise UserError(f"{path} is given twice in {flag}: give each once")
+        seen.add(os.path.realpath(path))
 
 
 def source(path: str) -> JsonlFile | TableFile:
@@ -405,6 +415,7 @@ def preprocess(args: argparse.Namespace) -> str:
 
 def merge(args: argparse.Namespace) -> str:
     """Concatenate the input pairs, in order, into one; returns the summary line."""
+    given_once(args.inputs, "--inputs")
     pairs = [open_checked(prefix) for prefix in args.inputs]
     dtypes = list(dict.fromkeys(pair.index.dtype for pair in pairs))
     if len(dtypes) > 1:

@@ -18,6 +18,9 @@ Without a query latent (`model.mla.q_lora_rank` empty, DeepSeek-V2-Lite) megatro
 takes the query projection from Transformer Engine's fused norm + linear, which carries the layer's
 input norm, and fails to build without Transformer Engine. The local layer spec has the input norm
 as a module of its own, so here the query projection is the spec's plain column-parallel one.
+
+The latent norms take RMSNorm's default epsilon, 1e-6, whatever `model.norm_epsilon` is: DeepSeek's
+own modelling code and transformers' build them so; megatron-core gives them the layers' epsilon.
 """
 from __future__ import annotations
 
@@ -27,7 +30,16 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 
+LATENT_NORM_EPS = 1e-6
+
+
 class TensorParallelMLASelfAttention(MLASelfAttention):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for norm in (getattr(self, "q_layernorm", None), self.kv_layernorm):  # no query latent: no q_layernorm
+            if norm is not None:
+                norm.eps = LATENT_NORM_EPS
+
     def _resolve_qk_norm_config(self, submodules) -> dict:
         if self.config.q_lora_rank is not None:
             return super()._resolve_qk_norm_config(submodules)
