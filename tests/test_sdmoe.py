@@ -45,6 +45,20 @@ def test_rank_zero_routes_everything_to_the_unique_part():
     assert torch.equal(complement(grad, empty_q, empty_v), grad)
 
 
+@pytest.mark.parametrize("power_iterations, oversample", [(0, 2), (2, 8), (4, 0)])
+def test_randomized_basis_is_torchs_svd_lowrank(power_iterations, oversample):
+    """sdmoe.power_iterations and sdmoe.oversample are svd_lowrank's niter and q - rank, its
+    Gaussian draw the one the seed gives (a flat spectrum: each setting changes the basis)."""
+    matrix = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    left, right = top_singular_vectors(matrix[None], 4, seeds=[7], power_iterations=power_iterations,
+                                       oversample=oversample)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        u, _, v = torch.svd_lowrank(matrix, q=4 + oversample, niter=power_iterations)
+    torch.testing.assert_close(left[0], u[:, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(right[0], v[:, :4], atol=1e-5, rtol=0)
+
+
 def test_randomized_basis_matches_exact_svd():
     gen = torch.Generator().manual_seed(1)
     u, v = orthonormal(40, 8, gen), orthonormal(30, 8, gen)

@@ -50,8 +50,10 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool
 
     from megatron_sdmoe.models.common import decoder_specs, shared_transformer_kwargs
     from megatron_sdmoe.models.init import init_weights, poison_weights
-    from megatron_sdmoe.moe import sdmoe
+    from megatron_sdmoe.moe import sdmoe, token_dropping
     from megatron_sdmoe.runtime.agreement import agreed
+
+    token_dropping.use_in_megatron_router()  # moe.token_drop_policy=position keeps the earliest tokens
 
     family = PRESETS[cfg.model.preset]
     with warnings.catch_warnings():  # megatron-core's own default CUDA-graph scope is deprecated

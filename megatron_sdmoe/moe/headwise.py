@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import (
-    apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     get_tokens_per_expert_and_token_count,
     router_gating_linear,
@@ -35,6 +34,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_sdmoe.config import HeadwiseConfig
+from megatron_sdmoe.moe.token_dropping import apply_router_token_dropping
 
 # megatron-core's aux-loss types -> the names its metrics tracker logs them under
 _BALANCING_LOSSES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
