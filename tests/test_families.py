@@ -94,3 +94,25 @@ def test_the_mtp_loss_coefficient_scales_the_mtp_gradients(single_process_groups
         grad = grads[0.1][name]
         torch.testing.assert_close(grads[0.3][name], 3 * grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
                                    msg=name)
+
+
+def test_the_expert_bias_moves_against_the_load_at_the_configured_rate(single_process_groups):
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after a global batch each router's expert bias
+    moves by moe.expert_bias_update_rate x sign(mean load - expert's load), and the count restarts."""
+    from megatron_sdmoe.training.router_state import update_expert_bias
+
+    rate = 0.037
+    model = build_model(load_config(FAMILIES["deepseek"], [*SMALL, *SHRINK["deepseek"],
+                                                            f"moe.expert_bias_update_rate={rate}"]), 512, torch.float32)
+    routers = [m for m in model.modules() if getattr(m, "expert_bias", None) is not None]
+    assert routers
+    loads, before = {}, {}
+    for i, router in enumerate(routers):
+        experts = router.expert_bias.numel()
+        loads[i] = torch.arange(experts, dtype=torch.float32) * (i + 1)  # expert e took e x (i + 1) tokens
+        router.local_tokens_per_expert.copy_(loads[i])
+        before[i] = router.expert_bias.clone()
+    update_expert_bias(model.config, model)
+    for i, router in enumerate(routers):
+        torch.testing.assert_close(router.expert_bias, before[i] + rate * torch.sign(loads[i].mean() - loads[i]))
+        assert torch.all(router.local_tokens_per_expert == 0)
