@@ -257,6 +257,7 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_NUMBER_LIKE = re.compile(r"[-+]?[0-9]")
 for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
     _ConfigLoader.add_constructor(_tag, _ConfigLoader.construct_number)
 
@@ -390,7 +391,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         # YAML 1.1 reads on/off/yes/no as booleans and 2024-01-05 as a date; see also _ConfigLoader
         fix = (": quote it" if base is str else
-               ": write it as a plain decimal" if base is int and isinstance(value, str) and value[:1].isdigit() else "")
+               ": write it as a plain decimal" if base is int and isinstance(value, str) and _NUMBER_LIKE.match(value)
+               else "")
         raise UserError(f"{key} must be a {_type_name(base)}, got {value!r}{fix}")
     return value
 

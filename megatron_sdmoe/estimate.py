@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             validate(cfg, gpus)
         except UserError as e:  # validate speaks of the processes of a launch: these are --gpus
-            raise UserError(f"with --gpus {gpus}: {e}") from e
+            given = "" if args.gpus else " (the default: the fewest the layout needs)"
+            raise UserError(f"with --gpus {gpus}{given}: {e}") from e
         result, blocks = estimate(cfg, gpus, args.gpu_memory_gib)
     except UserError as e:
         exit_bad_input(e)

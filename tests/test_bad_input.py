@@ -293,6 +293,8 @@ def test_unwritable_run_dir(how, tmp_path):
         (tmp_path / "file").write_text("")
         run_dir = tmp_path / "file" / "run"
     elif os.geteuid() == 0:  # root writes into read-only directories, but not into sysfs
+        if not os.path.ismount("/sys"):
+            pytest.skip("run as root without sysfs at /sys: nothing here is unwritable to root")
         run_dir = Path("/sys/sdmoe-run")
     else:
         (tmp_path / "ro").mkdir(mode=0o555)

@@ -6,6 +6,7 @@ one line and exit code 2 before any process starts."""
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,24 @@ def test_the_stop_signals_reach_the_workers(signum, tmp_path):
     assert proc.returncode == EXIT_REQUEUE, output[-3000:]
     assert f"stopped early ({signal.Signals(signum).name})" in output
     assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_a_second_sigterm_ends_the_launch(tmp_path):
+    """Asked again (a worker hung while saving), the launcher ends its workers as torchrun does."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    with open(log_path(run_dir), "w") as log:
+        proc = subprocess.Popen(command(run_dir, "train.max_steps=200"), cwd=REPO, env=run_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+    wait_for_step(proc, run_dir, 2)
+    workers = psutil.Process(proc.pid).children()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # two signals at once reach a Python handler once
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, log_path(run_dir).read_text()[-3000:]
+    assert workers and not any(worker.is_running() for worker in workers)
 
 
 def test_bad_input_before_any_process(tmp_path):

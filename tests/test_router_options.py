@@ -65,14 +65,11 @@ def unit_aux_loss_scale():
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     before = MoEAuxLossAutoScaler.main_loss_backward_scale
-    saved = None if before is None else before.clone()
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
     get_moe_metrics_tracker().clear()
     yield get_moe_metrics_tracker()
     get_moe_metrics_tracker().clear()
     MoEAuxLossAutoScaler.main_loss_backward_scale = before
-    if before is not None:
-        before.copy_(saved)
 
 
 def _router_loss_gradient(router, x):

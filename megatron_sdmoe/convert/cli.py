@@ -214,7 +214,7 @@ def to_hf(checkpoint: str, out: Path) -> None:
 
 def read_hf_config(hf_dir: str):
     """transformers' config of `hf_dir`; a head-wise export's through this package's own class."""
-    from huggingface_hub.errors import StrictDataclassError
+    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
     from transformers import AutoConfig
 
     try:
@@ -227,7 +227,7 @@ def read_hf_config(hf_dir: str):
     except (OSError, ValueError) as e:
         raise UserError(f"{hf_dir} holds no readable Hugging Face config ({str(e).splitlines()[0]}): give a model "
                         "directory with config.json")
-    except StrictDataclassError as e:  # transformers' typed config: a setting of the wrong type
+    except (StrictDataclassFieldValidationError, StrictDataclassClassValidationError) as e:  # a mistyped setting
         raise UserError(f"{Path(hf_dir) / 'config.json'}: {' '.join(str(e).split())}: restore the model's own "
                         "config.json") from None
 

@@ -7,9 +7,9 @@ into `<run.dir>/slurm/job.sbatch` and submit it with sbatch (or, with --dry-run,
 Two launch modes. By default the job runs one task per GPU; each task takes its rank from SLURM
 (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS) and meets the others at the first node of the
 allocation (torch's env:// rendezvous). With --per-node it runs one task per node, torchrun (through
-megatron_sdmoe.launch.torchrun, which keeps the exit code and passes SIGUSR1 on), starting the
-node's G processes; the nodes meet in torchrun's static rendezvous at the first node, each with
-SLURM's node id as its rank.
+megatron_sdmoe.launch.torchrun, which keeps the exit code and passes SIGUSR1, SIGTERM and SIGINT
+on), starting the node's G processes; the nodes meet in torchrun's static rendezvous at the first
+node, each with SLURM's node id as its rank.
 SLURM sends SIGUSR1 two minutes before the time limit (`--signal=USR1@120`); training then saves
 and exits with code 3, on which the script requeues the job (`--requeue`), and the requeued job
 resumes from `latest` in the same run directory. Where jobs may not requeue themselves, or to

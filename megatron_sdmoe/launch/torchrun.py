@@ -1,4 +1,4 @@
-"""torchrun that keeps the training's exit code and passes SLURM's warning signal on.
+"""torchrun that keeps the training's exit code and passes the stop signals on to its workers.
 
     python -m megatron_sdmoe.launch.torchrun [torchrun options] -m megatron_sdmoe.train CONFIG ...
 
@@ -9,7 +9,9 @@ requeue me" (2: bad input, 4: diverged), and SIGUSR1 (SLURM's warning before the
 SIGTERM and SIGINT ask every worker to save and stop. So this runs torchrun in this process, sends
 those signals on to its workers (they run in sessions of their own, out of reach of a signal to this
 process group), lets torchrun wait for them as for any ending, and exits with the exit code of the
-first worker that failed.
+first worker that failed. A SIGTERM or SIGINT with no worker to take it (during the rendezvous), or
+sent again (a worker hung while saving), ends the launch as torchrun would: the signal to the
+workers, SIGKILL 30 s later.
 """
 from __future__ import annotations
 
@@ -17,15 +19,23 @@ import signal
 import sys
 
 import psutil
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args
 from torch.distributed.run import run as torchrun
 
-PASSED_ON = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+from megatron_sdmoe.runtime.preemption import SIGNALS as PASSED_ON
+
+_passed_on: set[int] = set()
 
 
 def _forward_to_workers(signum: int, _frame) -> None:
-    for worker in psutil.Process().children():
+    workers = psutil.Process().children()
+    if signum != signal.SIGUSR1 and (not workers or signum in _passed_on):
+        # torchrun's own handling: its agent ends the workers, then this raises out of torchrun
+        raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+    _passed_on.add(signum)
+    for worker in workers:
         try:
             worker.send_signal(signum)
         except psutil.NoSuchProcess:  # ended meanwhile
@@ -42,6 +52,11 @@ def run(argv: list[str]) -> int:
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return code if code >= 0 else 128 - code
+    except SignalException as e:
+        return 128 + e.sigval
+    finally:  # a signal after torchrun has returned ends this process as usual
+        for signum in PASSED_ON:
+            signal.signal(signum, signal.SIG_DFL)
     return 0
 
 
