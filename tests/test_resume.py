@@ -103,6 +103,10 @@ RELAID = {
     # the bases of the step-3 refresh: at EP2 both ranks hold the layer's one group's, at ETP2 each its rows
     "sdmoe: TP2 ETP2 to EP2": (2, ["parallel.tensor=2", "parallel.expert_tensor=2"], 2, ["parallel.expert=2"],
                                ["moe.variant=sdmoe", "sdmoe.refresh_interval=3"]),
+    # per-expert common matrices at their own LR: dense parameters in one process, an expert group at EP2
+    "sdmoe per-expert C: EP1 to EP2": (1, [], 2, ["parallel.expert=2"],
+                                       ["moe.variant=sdmoe", "sdmoe.common=per_expert", "sdmoe.common_lr_scale=0.5",
+                                        "sdmoe.refresh_interval=3"]),
     # TP and expert TP stay: each rank reads only its own TP shard of every tensor
     "sdmoe: TP2 ETP2 to TP2 ETP2 EP2": (2, ["parallel.tensor=2", "parallel.expert_tensor=2"], 4,
                                         ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.expert=2"],
