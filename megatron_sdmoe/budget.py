@@ -74,7 +74,7 @@ def with_settings(cfg: Config, settings: dict) -> Config:
 def routed_per_layer(cfg: Config) -> tuple[int, int]:
     """Routed-expert parameters of one MoE layer: all of them, and those a token uses."""
     total = expert_parameters(cfg) * routed_experts(cfg)
-    return total, round(total * routed_active(cfg))
+    return total, round(total * min(routed_active(cfg), 1.0))  # a weight several sub-tokens use counts once
 
 
 def routing_paths(cfg: Config) -> int:

@@ -210,6 +210,9 @@ def to_hf(checkpoint: str, out: Path) -> None:
         tokenizer.hf.save_pretrained(tmp)
     note = "; load it with trust_remote_code=True (its modelling code is the export's own)" if is_headwise(cfg) else ""
     print(f"wrote {out} ({hf_config.architectures[0]}, step {reader.meta['step']} of {reader.dir}{note})")
+    if cfg.moe.capacity_factor is not None:  # transformers' classes have no expert capacity
+        print(f"note: trained with moe.capacity_factor={cfg.moe.capacity_factor:g}, which drops tokens over an "
+              "expert's capacity; the export routes every token (as training with moe.capacity_factor=null)")
 
 
 def read_hf_config(hf_dir: str):
