@@ -99,12 +99,13 @@ def _single_process_is_fine():
 def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, num_eval_samples: int,
                    section: str = "data") -> tuple[tuple, tuple | None, tuple | None]:
     """The blend `path` and the validation and test blends `valid_path` and `test_path` (None if
-    empty) of the config section `section` (data, or data.stages[i]) parsed, refused when their files cannot give whole samples: each split that is read
-    (with separate blends, each prefix) must hold at least one sequence + 1 tokens, or megatron
-    fills every sample by repeating those few tokens (and, with none at all, loops forever adding
-    epochs). The validation and test sets are read when `num_eval_samples` > 0, data.split's test
-    set when it has a weight; and refused when a .bin does not hold the tokens its .idx lists (a
-    copy cut short). Reads only the .idx files (and the size of each .bin)."""
+    empty) of the config section `section` (data, or data.stages[i]) parsed, refused when their
+    files cannot give whole samples: each split that is read (with separate blends, each prefix)
+    must hold at least one sequence + 1 tokens, or megatron fills every sample by repeating those
+    few tokens (and, with none at all, loops forever adding epochs). The validation and test sets
+    are read when `num_eval_samples` > 0, data.split's test set when it has a weight; and refused
+    when a .bin does not hold the tokens its .idx lists (a copy cut short). Reads only the .idx
+    files (and the size of each .bin)."""
     check_split(cfg.data.split)
     blend, valid_blend, test_blend = (parse_blend(p, f"{section}.{key}") if p else None
                                       for p, key in ((path, "path"), (valid_path, "valid_path"),
