@@ -142,9 +142,10 @@ def given_once(paths: list[str], flag: str) -> None:
     """Refuse a file given twice (also as one of a directory's): its documents would be written twice."""
     seen = set()
     for path in paths:
-        if os.path.realpath(path) in seen:
+        real = os.path.realpath(path)
+        if real in seen:
             raise UserError(f"{path} is given twice in {flag}: give each once")
-        seen.add(os.path.realpath(path))
+        seen.add(real)
 
 
 def source(path: str) -> JsonlFile | TableFile:
