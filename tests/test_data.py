@@ -1,4 +1,5 @@
 """Data pipeline: sample corpus, .bin/.idx writer, tokenizer loading, blends and GPT datasets."""
+import os
 import shutil
 from pathlib import Path
 
@@ -266,10 +267,14 @@ def test_parse_blend(tmp_path):
     ([1, "{a}", 1, "{missing}"], "missing.bin"),
     (["{a}.bin"], "without the extension"),
     ([1, "{a}", 2, "{a}"], "appears twice in data.stages.0..path: give it once, with its weights summed"),  # drew samples twice
+    ([1, "{a}", 2, "{linked}"], "linked appears twice"),  # the same files under another prefix
 ])
 def test_parse_blend_errors(tmp_path, entries, message):
     a = _corpus(tmp_path / "a", 0, 100, 0, seed=1)
-    entries = [e.format(a=a, missing=tmp_path / "missing") if isinstance(e, str) else e for e in entries]
+    for ext in (".bin", ".idx"):
+        os.link(a + ext, tmp_path / f"linked{ext}")
+    names = {"a": a, "missing": tmp_path / "missing", "linked": tmp_path / "linked"}
+    entries = [e.format(**names) if isinstance(e, str) else e for e in entries]
     with pytest.raises(UserError, match=message) as info:
         parse_blend(entries, "data.stages[0].path")
     assert "\n" not in str(info.value) and "data.stages[0].path" in str(info.value)

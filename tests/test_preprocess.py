@@ -7,6 +7,7 @@ call the entry points' main() in this process (`cli`); a few run them as subproc
 import functools
 import gzip
 import json
+import os
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -246,6 +247,11 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
     elif case == "a file given twice":  # also as one of a directory's: its documents would be written twice
         write_jsonl(corpus, good)
         return (["--input", inputs, corpus, "--tokenizer", tokenizer], f"error: {corpus} is given twice in --input")
+    elif case == "a file given twice by another name":  # a hard link holds the same documents
+        write_jsonl(corpus, good)
+        os.link(corpus, inputs / "linked.jsonl")
+        return (["--input", corpus, inputs / "linked.jsonl", "--tokenizer", tokenizer],
+                f"error: {inputs / 'linked.jsonl'} is given twice in --input")
     elif case == "a partition of records without text":  # counted as records, they give no documents
         write_jsonl(corpus, [{"text": "one two"}, {"text": ""}, {"text": "three four"}])
         return (["--input", corpus, "--tokenizer", tokenizer, "--partitions", 3],
@@ -256,7 +262,7 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
 BAD_INPUTS = ["malformed", "missing field", "not text", "only empty documents", "missing tokenizer",
               "tokenizer is a file", "broken tokenizer", "id overflows dtype", "missing input", "unsupported input",
               "missing column", "more partitions than records", "a partition of records without text",
-              "a file given twice"]
+              "a file given twice", "a file given twice by another name"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -377,8 +383,13 @@ def test_check_and_merge_refuse_a_mismatched_pair(good_prefix, cli, how):
     assert not list(good_prefix.parent.glob("merged*"))
 
 
-def test_merge_refuses_a_prefix_given_twice(good_prefix, cli):
-    merged = good_prefix.parent / "merged"
-    result = cli(PREPROCESS, "merge", "--inputs", good_prefix, good_prefix, "--output-prefix", merged)
-    assert (result.code, result.err) == (2, f"error: {good_prefix} is given twice in --inputs: give each once\n")
+@pytest.mark.parametrize("by_another_name", [False, True])
+def test_merge_refuses_a_prefix_given_twice(good_prefix, cli, by_another_name):
+    merged, again = good_prefix.parent / "merged", good_prefix
+    if by_another_name:  # symlinked files under another prefix
+        again = good_prefix.parent / "again"
+        for ext in (".bin", ".idx"):
+            os.symlink(f"{good_prefix}{ext}", f"{again}{ext}")
+    result = cli(PREPROCESS, "merge", "--inputs", good_prefix, again, "--output-prefix", merged)
+    assert (result.code, result.err) == (2, f"error: {again} is given twice in --inputs: give each once\n")
     assert not list(good_prefix.parent.glob("merged*"))

@@ -22,7 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from torch.utils.data import Dataset, Subset
 
 from megatron_sdmoe.config import Config
-from megatron_sdmoe.data.indexed import check_bin_size, open_indexed
+from megatron_sdmoe.data.indexed import check_bin_size, open_indexed, repeated_file
 from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
 from megatron_sdmoe.errors import RankError, UserError, seen_on, writing_into
@@ -47,7 +47,7 @@ def parse_blend(path_list: list, setting: str = "data.path") -> tuple[list[str],
         if weight is not None:
             weights.append(_weight(weight, prefix, setting))
         prefixes.append(_prefix(prefix, setting))
-    twice = next((prefix for i, prefix in enumerate(prefixes) if prefix in prefixes[:i]), None)
+    twice = repeated_file(prefixes, ".bin")
     if twice:  # megatron would draw the same samples from each copy, in the same order
         raise UserError(f"{twice} appears twice in {setting}: give it once, with its weights summed")
     return prefixes, (weights if weights else None)

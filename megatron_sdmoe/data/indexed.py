@@ -15,6 +15,22 @@ from megatron_sdmoe.errors import UserError
 IDX_HEADER_BYTES = 34
 
 
+def repeated_file(paths: Sequence[str], suffix: str = "") -> str | None:
+    """The first of `paths` whose file (path + suffix) came before it, also under another name (./, a
+    symlink, a hard link); a missing file counts by its resolved path."""
+    seen = set()
+    for path in paths:
+        try:
+            stat = os.stat(path + suffix)
+            identity: object = (stat.st_dev, stat.st_ino)
+        except OSError:
+            identity = os.path.realpath(path + suffix)
+        if identity in seen:
+            return path
+        seen.add(identity)
+    return None
+
+
 def write_indexed(prefix: str, docs: Iterable[Sequence[int]], vocab_size: int) -> None:
     """Write `prefix`.bin and `prefix`.idx with one item (one sequence) per document."""
     dtype = DType.optimal_dtype(vocab_size)  # uint16 below 65500 ids, else int32

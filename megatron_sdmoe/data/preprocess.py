@@ -30,7 +30,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from megatron_sdmoe.data.indexed import open_checked
+from megatron_sdmoe.data.indexed import open_checked, repeated_file
 from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, positive_int
 
@@ -138,14 +138,12 @@ def find_sources(paths: list[str]) -> list[JsonlFile | TableFile]:
     return sources
 
 
-def given_once(paths: list[str], flag: str) -> None:
-    """Refuse a file given twice (also as one of a directory's): its documents would be written twice."""
-    seen = set()
-    for path in paths:
-        real = os.path.realpath(path)
-        if real in seen:
-            raise UserError(f"{path} is given twice in {flag}: give each once")
-        seen.add(real)
+def given_once(paths: list[str], flag: str, suffix: str = "") -> None:
+    """Refuse a file given twice (also as one of a directory's, or by another name): its documents
+    would be written twice."""
+    twice = repeated_file(paths, suffix)
+    if twice is not None:
+        raise UserError(f"{twice} is given twice in {flag}: give each once")
 
 
 def source(path: str) -> JsonlFile | TableFile:
@@ -416,7 +414,7 @@ def preprocess(args: argparse.Namespace) -> str:
 
 def merge(args: argparse.Namespace) -> str:
     """Concatenate the input pairs, in order, into one; returns the summary line."""
-    given_once(args.inputs, "--inputs")
+    given_once(args.inputs, "--inputs", ".bin")
     pairs = [open_checked(prefix) for prefix in args.inputs]
     dtypes = list(dict.fromkeys(pair.index.dtype for pair in pairs))
     if len(dtypes) > 1:
