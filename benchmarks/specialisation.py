@@ -17,12 +17,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from runs import train  # noqa: E402
 
-VARIANTS = {"topk": ["moe.variant=topk"], "sdmoe": ["moe.variant=sdmoe"]}
+VARIANTS = ("topk", "sdmoe")
 
 
 def run(config: str, overrides: list[str], variant: str, steps: int, diag: int, run_dir: Path) -> list[dict]:
-    return train(config, [*overrides, *VARIANTS[variant], f"train.max_steps={steps}", f"moe.diag_interval={diag}",
-                          f"train.eval_interval={diag}", "train.log_interval=5", "train.final_checkpoint=true"], run_dir)
+    return train(config, [*overrides, f"moe.variant={variant}", f"train.max_steps={steps}", f"moe.diag_interval={diag}",
+                          f"train.eval_interval={diag}", "train.log_interval=5"], run_dir)
 
 
 def layer_mean(row: dict, key: str) -> float:

@@ -56,10 +56,9 @@ def vocab_size(cfg: Config) -> int:
     """The embedding's rows before padding: model.vocab_size, else the tokenizer's."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
-    from megatron_sdmoe.data.tokenizer import load_tokenizer
+    from megatron_sdmoe.data.sample_corpus import configured_tokenizer
 
-    return load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir).vocab_size
+    return configured_tokenizer(cfg.data.tokenizer).vocab_size
 
 
 def head_dims(cfg: Config) -> tuple[int, int]:
@@ -144,8 +143,7 @@ def parameter_blocks(cfg: Config, vocab: int) -> list[Block]:
         else:
             blocks.append(Block("SD-MoE common parts", routed, par.expert * par.expert_tensor, matmul=False,
                                 expert=True))
-    if not PRESETS[m.preset].TIE_EMBEDDINGS:
-        blocks.append(Block("output layer", padded_vocab_size(vocab, cfg) * h, tp))
+    blocks.append(Block("output layer", padded_vocab_size(vocab, cfg) * h, tp))  # untied, in every family
     return [b for b in blocks if b.params]
 
 

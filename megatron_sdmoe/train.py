@@ -22,8 +22,8 @@ import torch.distributed as dist
 from megatron_sdmoe.config import Config, grad_accumulation_steps, load_config, recompute_label, save_config
 from megatron_sdmoe.data.datasets import parse_blend
 from megatron_sdmoe.data.indexed import check_token_ids
-from megatron_sdmoe.data.sample_corpus import ensure_sample_corpus
-from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_sdmoe.data.sample_corpus import configured_tokenizer, ensure_sample_corpus
+from megatron_sdmoe.data.tokenizer import Tokenizer
 from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, exit_bad_input, out_of_memory_line,
                                    writing_into)
 from megatron_sdmoe.models import build_model, padded_vocab_size
@@ -97,7 +97,7 @@ def write_config(cfg: Config, run_dir: Path, is_main: bool) -> None:
 def checked_tokenizer(cfg: Config, checkpoint: Path | None) -> tuple[Tokenizer, int]:
     """The tokenizer and the vocabulary size (before padding), refused if the model or the
     checkpoint it starts from has fewer rows than it needs, or the data holds ids past it."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    tokenizer = configured_tokenizer(cfg.data.tokenizer)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens: "

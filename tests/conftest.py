@@ -176,6 +176,11 @@ def sample_tokenizer() -> str:
     return f"data.tokenizer={ensure_sample_corpus().tokenizer_dir}"
 
 
+def rank_file(run_dir: Path, step: int) -> dict:
+    """What rank 0 saved in step `step`'s checkpoint of `run_dir` (its model, optimizer, ...)."""
+    return torch.load(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "rank_00000.pt", weights_only=False)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

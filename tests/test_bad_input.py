@@ -22,7 +22,6 @@ from megatron_sdmoe.data.indexed import write_indexed
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint
 
-SEQ = 64  # SMALL's data.seq_length: a sample takes 65 tokens
 NODE_LOCAL = "tests.workers.node_local"  # each rank in a working directory of its own, as on different nodes
 
 

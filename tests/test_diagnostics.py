@@ -7,7 +7,7 @@ import torch
 from conftest import CONFIG, SMALL
 from megatron_sdmoe.config import load_config
 from megatron_sdmoe.models import build_model
-from megatron_sdmoe.moe.composition import effective_composition, route_ids
+from megatron_sdmoe.moe.composition import composition_sums, effective_composition, route_ids
 from megatron_sdmoe.moe.diagnostics import (Diagnostics, mean_off_diagonal, router_specificity, singular_bases,
                                             subspace_overlap)
 
@@ -60,11 +60,15 @@ def test_route_composition_known_answers():
     ids = route_ids(routing)
     assert ids.shape == (3, 2) and torch.equal(ids[0], ids[2]) and not torch.equal(ids[0], ids[1])
     # one route serving one domain: 1; one route with two domains in equal shares: 2
-    assert effective_composition(counts({(7, 0): 10})) == 1.0
-    assert effective_composition(counts({(7, 0): 5, (7, 1): 5})) == pytest.approx(2.0)
+    assert n_eff(counts({(7, 0): 10})) == 1.0
+    assert n_eff(counts({(7, 0): 5, (7, 1): 5})) == pytest.approx(2.0)
     # token-weighted: 30 tokens on a pure route (1), 10 on an even two-domain route (2) -> 1.25
     mixed = {(7, 0): 30, (9, 0): 5, (9, 1): 5}
-    assert effective_composition(counts(mixed)) == pytest.approx((30 * 1 + 10 * 2) / 40)
+    assert n_eff(counts(mixed)) == pytest.approx((30 * 1 + 10 * 2) / 40)
+
+
+def n_eff(counts: tuple[torch.Tensor, torch.Tensor]) -> float:
+    return effective_composition(*composition_sums(counts))
 
 
 def counts(tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:

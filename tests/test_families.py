@@ -5,7 +5,7 @@ prediction included)."""
 import pytest
 import torch
 
-from conftest import REPO, SMALL, launch, metrics
+from conftest import REPO, SMALL, launch, metrics, rank_file
 from megatron_sdmoe.config import load_config
 from megatron_sdmoe.models import build_model
 
@@ -73,7 +73,7 @@ def test_layout_parity(family, tmp_path):
 
 def _expert_bias(run_dir):
     """Every router's expert bias from the run's final checkpoint (rank 0 holds the routers)."""
-    state = torch.load(run_dir / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=False)["model"]
+    state = rank_file(run_dir, 4)["model"]
     return torch.stack([v for k, v in sorted(state.items()) if k.endswith("router.expert_bias")])
 
 

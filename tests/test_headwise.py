@@ -130,7 +130,7 @@ def test_route_composition_counts_each_heads_route(single_process_groups):
     """Known answer: 4 tokens of one sequence, labels = 2 position buckets (0, 0, 1, 1). Head 0 sends
     every token to expert 0 (one route serving both labels: N_eff 2), head 1 sends tokens 0-1 to
     expert 2 and 2-3 to expert 3 (two pure routes: N_eff 1). Token-weighted: (4*2 + 2*1 + 2*1) / 8."""
-    from megatron_sdmoe.moe.composition import RouteComposition, effective_composition
+    from megatron_sdmoe.moe.composition import RouteComposition, composition_sums, effective_composition
     from megatron_sdmoe.moe.counting import merged
 
     composition = RouteComposition(torch.nn.Module(), position_buckets=2)
@@ -139,7 +139,7 @@ def test_route_composition_counts_each_heads_route(single_process_groups):
     chosen = torch.tensor([[0, 2], [0, 2], [0, 3], [0, 3]])  # [token, head] -> expert
     routing_map = F.one_hot(chosen, 4).bool().view(8, 4)  # rows: sub-tokens, heads innermost
     composition.add(0, None, routing_map, composition.labels(4).repeat_interleave(2))
-    assert effective_composition(merged(composition.counts[0], 2)) == pytest.approx(1.5)
+    assert effective_composition(*composition_sums(merged(composition.counts[0], 2))) == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize("flat, headwise", [(["moe.variant=topk"], ["moe.variant=headwise"]),

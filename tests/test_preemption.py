@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, log_path, metrics, run_command, wait_for_step
+from conftest import (CONFIG, DISTRIBUTED_ENV, REPO, SMALL, launch, log_path, metrics, rank_file, run_command,
+                      wait_for_step)
 
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.run_lock import LOCK
@@ -148,10 +149,6 @@ def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_group
             signal.signal(sig, handler)
 
 
-def _model(run_dir, step):
-    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "rank_00000.pt", weights_only=False)["model"]
-
-
 def _same_weights(a, b) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
 
@@ -164,8 +161,8 @@ def test_non_finite_steps_are_skipped(precision, tmp_path):
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
     assert rows[3]["grad_norm"] == rows[4]["grad_norm"] == float("inf")
     assert rows[5]["lr"] == rows[3]["lr"]  # the schedule waits too
-    assert _same_weights(_model(tmp_path, 4), _model(tmp_path, 2))  # no update from the NaN steps
-    assert not _same_weights(_model(tmp_path, 5), _model(tmp_path, 4))
+    assert _same_weights(rank_file(tmp_path, 4)["model"], rank_file(tmp_path, 2)["model"])  # no update from the NaN steps
+    assert not _same_weights(rank_file(tmp_path, 5)["model"], rank_file(tmp_path, 4)["model"])
 
 
 def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path):
@@ -177,7 +174,7 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path):
         "(steps 3-5)")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000005"
     launch(tmp_path / "two", 1, "train.max_steps=2", "train.save_interval=1")
-    assert _same_weights(_model(tmp_path, 5), _model(tmp_path / "two", 2))
+    assert _same_weights(rank_file(tmp_path, 5)["model"], rank_file(tmp_path / "two", 2)["model"])
 
 
 def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank_with_one_line(tmp_path):

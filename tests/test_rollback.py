@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import launch, launch_module, metrics, run_command
+from conftest import launch, launch_module, metrics, rank_file, run_command
 
 # SD-MoE refreshing its bases every 2 steps: step 3's refresh falls in the skipped batches 3-4.
 RUN = ["train.max_steps=6", "train.save_interval=2", "moe.variant=sdmoe", "sdmoe.refresh_interval=2",
@@ -27,10 +27,6 @@ def runs(tmp_path_factory):
     launch(root / "straight", 1, *RUN)
     launch(root / "skipping", 1, *RUN, SKIP)
     return root
-
-
-def rank_file(run_dir, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "rank_00000.pt", weights_only=False)
 
 
 def tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ its experts then train apart; bad input is one line and nothing written."""
 import pytest
 import torch
 
-from conftest import launch, metrics, run_command, sample_tokenizer
+from conftest import launch, metrics, rank_file, run_command, sample_tokenizer
 
 from megatron_sdmoe.convert.weights import WeightDirectory
 from test_convert import IMPORTED, hf_validation_loss, load_exported
@@ -60,7 +60,7 @@ def test_the_copies_train_apart(upcycled, tmp_path):
                   "train.lr=1e-3", "train.save_interval=3", config=upcycled / "moe" / "config.yaml")
     assert (f"model.init_from: drawn fresh, as {upcycled / 'moe' / 'weights'} does not hold them: "
             "decoder.layers.*.mlp.shared_experts (4 weights)\n") in proc.stdout
-    model = torch.load(run / "checkpoints" / "step_00000003" / "rank_00000.pt", weights_only=False)["model"]
+    model = rank_file(run, 3)["model"]
     imported = WeightDirectory(upcycled / "moe" / "weights")
     for layer in range(2):
         name = f"decoder.layers.{layer}.mlp.experts.linear_fc1"

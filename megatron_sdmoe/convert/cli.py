@@ -189,14 +189,14 @@ def refuse_unused(groups: list[tuple[str, dict[str, str]]], placeholder, transfo
 def to_hf(checkpoint: str, out: Path) -> None:
     from transformers import GenerationConfig
 
-    from megatron_sdmoe.data import ensure_sample_corpus, load_tokenizer
+    from megatron_sdmoe.data.sample_corpus import configured_tokenizer
 
     reader = CheckpointReader(checkpoint)
     cfg = reader.config
     adapter = adapter_for(cfg.model.preset)
     embedding = reader.tensor("embedding.word_embeddings.weight")
     hf_config = export_config(cfg, embedding.shape[0], embedding.dtype)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or ensure_sample_corpus().tokenizer_dir)
+    tokenizer = configured_tokenizer(cfg.data.tokenizer)
     groups = conversion_groups(exported_names(adapter, reader.names()), OURS_LAYER)
 
     def transform(group, tensors):

@@ -58,7 +58,7 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype):
                   head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
                   max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
                   rope_parameters=mapping.rope_parameters(m),
-                  tie_word_embeddings=PRESETS[m.preset].TIE_EMBEDDINGS, num_experts=routed_experts(cfg),
+                  tie_word_embeddings=False, num_experts=routed_experts(cfg),
                   num_experts_per_tok=routed_topk(cfg), moe_intermediate_size=expert_ffn_hidden_size(cfg),
                   intermediate_size=m.dense_ffn_hidden_size or moe.ffn_hidden_size,
                   router_aux_loss_coef=moe.aux_loss_coeff,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from megatron_sdmoe.data.indexed import write_indexed
-from megatron_sdmoe.data.tokenizer import load_tokenizer
+from megatron_sdmoe.data.tokenizer import Tokenizer, load_tokenizer
 
 VERSION = "v1"  # bump when the recipe changes, so old caches are not reused
 EOT = "<|endoftext|>"
@@ -89,6 +89,12 @@ def _help_topics(path: Path) -> list[str]:
     tree = ast.parse(path.read_bytes())
     return [v.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
             for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+
+
+def configured_tokenizer(tokenizer_dir: str | None) -> Tokenizer:
+    """The tokenizer a run reads its data with: `data.tokenizer` (`tokenizer_dir`), else the
+    built-in corpus's."""
+    return load_tokenizer(tokenizer_dir or ensure_sample_corpus().tokenizer_dir)
 
 
 def ensure_sample_corpus(root: Path | None = None) -> SampleCorpus:

@@ -82,7 +82,7 @@ srun --kill-on-bad-exit=1 $srun_flags bash -c 'PET_NODE_RANK=$$SLURM_NODEID exec
 
 
 def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, python: str, workdir: Path,
-           profile: dict, per_node: bool = False) -> tuple[str, Path]:
+           profile: dict, per_node: bool) -> tuple[str, Path]:
     """The batch script for CONFIG + overrides on nodes x gpus, and where it belongs."""
     cfg = checked_config(config, overrides, nodes * gpus)
     run_dir = Path(cfg.run.dir).resolve()

@@ -77,7 +77,7 @@ def build_model(cfg: Config, vocab_size: int, dtype: torch.dtype, resuming: bool
                          vocab_size=padded_vocab_size(vocab_size, cfg),
                          max_sequence_length=cfg.model.max_position_embeddings,
                          position_embedding_type="yarn" if gqa_yarn else "rope", rotary_base=cfg.model.rotary_base,
-                         share_embeddings_and_output_weights=family.TIE_EMBEDDINGS)
+                         share_embeddings_and_output_weights=False)  # untied, in every family
     finally:
         gpt_logger.setLevel(level)
     if resuming:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from megatron_sdmoe.config import Config
 from megatron_sdmoe.models.common import RMSNORM_SWIGLU
 
-TIE_EMBEDDINGS = False
 SCORE_FUNCTION = "sigmoid"  # the default of moe.score_function
 
 

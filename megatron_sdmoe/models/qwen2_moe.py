@@ -6,7 +6,6 @@ from __future__ import annotations
 from megatron_sdmoe.config import Config
 from megatron_sdmoe.models.common import RMSNORM_SWIGLU
 
-TIE_EMBEDDINGS = False
 SCORE_FUNCTION = "softmax"  # the default of moe.score_function
 
 

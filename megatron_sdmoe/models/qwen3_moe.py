@@ -5,7 +5,6 @@ from __future__ import annotations
 from megatron_sdmoe.config import Config, routed_topk
 from megatron_sdmoe.models.common import RMSNORM_SWIGLU
 
-TIE_EMBEDDINGS = False
 SCORE_FUNCTION = "softmax"  # the default of moe.score_function
 
 

@@ -49,10 +49,10 @@ def composition_sums(counts: Counts) -> list[float]:
     return [(per_route ** 3 / squares).sum().item(), per_route.sum().item()]
 
 
-def effective_composition(counts: Counts) -> float:
-    """(keys [n, route words + label], tokens) -> token-weighted mean over routes of 1 / sum_c p(c|r)^2."""
-    weighted, tokens = composition_sums(counts)
-    return weighted / tokens
+def effective_composition(weighted: float, tokens: float) -> float:
+    """composition_sums' two sums -> N_eff, the token-weighted mean over routes of 1 / sum_c p(c|r)^2
+    (NaN without tokens)."""
+    return weighted / tokens if tokens else float("nan")
 
 
 class RouterObserver:
@@ -120,4 +120,4 @@ class RouteComposition(RouterObserver):
             width = route_words(router.weight.shape[0]) + 1  # then the label
             sums.append(composition_sums(owned_sums(parts, width, lambda keys: mixed(keys[:, :-1]))))
         self.counts = [[] for _ in self.routers]
-        return [weighted / tokens if tokens else float("nan") for weighted, tokens in summed(sums)]
+        return [effective_composition(*pair) for pair in summed(sums)]

@@ -21,6 +21,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_sdmoe.moe.experts import GroupedExperts, by_projection
 from megatron_sdmoe.moe.sdmoe import PROJECTIONS, SDMoEExperts
+from megatron_sdmoe.runtime.distributed import all_gathered
 
 
 def subspace_overlap(bases: torch.Tensor) -> torch.Tensor:
@@ -58,12 +59,8 @@ def singular_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 def _gathered_bases(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """singular_bases of each local expert's matrix, gathered over EP (global order)."""
     group = ps.get_expert_model_parallel_group()
-    out = []
-    for local in singular_bases(matrices, k):
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local, group=group)
-        out.append(torch.cat(parts))
-    return out[0], out[1]
+    u, v = (all_gathered(local, group) for local in singular_bases(matrices, k))
+    return u, v
 
 
 class Diagnostics:

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sdmoe.config import SDMoEConfig
 from megatron_sdmoe.moe.experts import GroupedExperts, by_projection
+from megatron_sdmoe.runtime.distributed import all_gathered
 
 PROJECTIONS = ("gate", "up", "down")
 # Where each projection lives: its stacked weight and row block in it (fc1 = [gate; up], fc2 = down).
@@ -55,9 +56,7 @@ class Shards:
         """The whole matrix from its shards (rank order)."""
         if self.side is None:
             return local
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-2 if self.side == "rows" else -1)
+        return all_gathered(local, self.group, dim=-2 if self.side == "rows" else -1)
 
     def local(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         return full.chunk(dist.get_world_size(self.group), dim=dim)[dist.get_rank(self.group)].contiguous()
@@ -83,7 +82,7 @@ def complement(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Sha
     return _without(grad, q, v, *_factors(grad, q, v, shards)).view(batch + grad.shape[-2:])
 
 
-def _factors(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards = UNSHARDED):
+def _factors(grad: torch.Tensor, q: torch.Tensor, v: torch.Tensor, shards: Shards):
     """The k-dimensional factors of G [N, m, n] against its basis Q [N, m, k], V [N, n, k]:
     G = comp + Q A + B V^T with comp = (I - P) G (I - R), A = Q^T G [N, k, n], B = (I - P) G V
     [N, m, k]. Two reads of G. Row-split G and Q: A sums over the shards; column-split G and V: B
@@ -215,22 +214,22 @@ class SDMoEExperts(GroupedExperts):
         ep_rank = pg_collection.ep.rank() if pg_collection is not None else ps.get_expert_model_parallel_rank()
         first = ep_rank * num_local_experts  # global index of the first local expert
         size = (group_size or config.num_moe_experts) if self.shared else 1
-        local_groups = max(num_local_experts // size, 1)  # config validation: one divides the other
+        n_local_groups = max(num_local_experts // size, 1)  # config validation: one divides the other
         self.group_size = size
-        self.group_ids = [first // size + g for g in range(local_groups)]  # global ids of the local groups
+        group_ids = [first // size + g for g in range(n_local_groups)]  # global ids of the local groups
         # what each basis belongs to (seeds its SVD): a group, or an expert
-        self.basis_ids = self.group_ids if self.shared else list(range(first, first + num_local_experts))
+        self.basis_ids = group_ids if self.shared else list(range(first, first + num_local_experts))
         # shared: every group's C on every rank (dense); per_expert: the local experts' own (expert parameter)
         groups = config.num_moe_experts // size if self.shared else num_local_experts
-        self.local_groups = slice(self.group_ids[0], self.group_ids[-1] + 1) if self.shared else slice(None)
+        self.local_groups = slice(group_ids[0], group_ids[-1] + 1) if self.shared else slice(None)
         self.common_fc1 = self._common(self.linear_fc1, groups, config)
         self.common_fc2 = self._common(self.linear_fc2, groups, config)
         # Bases of the local groups only, per weight and row block. A projection left out keeps a
         # zero basis: its whole gradient goes to U and its C stays 0, as with rank 0.
         d_in, d_out, dtype, device = self.input_size, self.output_size, self.linear_fc1.dtype, self.linear_fc1.device
         for weight, blocks, (m, n) in (("fc1", 2, (ffn, d_in)), ("fc2", 1, (d_out, ffn))):
-            self.register_buffer(f"q_{weight}", torch.zeros(local_groups, blocks, m, cfg.rank, dtype=dtype, device=device))
-            self.register_buffer(f"v_{weight}", torch.zeros(local_groups, blocks, n, cfg.rank, dtype=dtype, device=device))
+            self.register_buffer(f"q_{weight}", torch.zeros(n_local_groups, blocks, m, cfg.rank, dtype=dtype, device=device))
+            self.register_buffer(f"v_{weight}", torch.zeros(n_local_groups, blocks, n, cfg.rank, dtype=dtype, device=device))
 
     def _common(self, unique: torch.nn.Parameter, groups: int, config: TransformerConfig) -> torch.nn.Parameter:
         param = torch.nn.Parameter(torch.zeros(groups, *unique.shape[1:], dtype=unique.dtype, device=unique.device))
@@ -366,7 +365,7 @@ def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
     return [m for m in model.modules() if isinstance(m, SDMoEExperts)]
 
 
-def prepare(model: torch.nn.Module, imported: bool, split: bool = True) -> None:
+def prepare(model: torch.nn.Module, imported: bool, split: bool) -> None:
     """Name every SD-MoE layer and, after baseline initialisation (`imported`: from
     model.init_from), split its initial weights (`split=False`: a checkpoint brings them)."""
     for name, module in model.named_modules():

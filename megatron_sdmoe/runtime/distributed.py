@@ -86,6 +86,13 @@ def cores_per_local_rank() -> int:
     return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
+def all_gathered(tensor: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
+    """`tensor` of every rank of `group`, concatenated along `dim` in rank order (no autograd)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy, torch and megatron-core's named RNG states (dropout, experts)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

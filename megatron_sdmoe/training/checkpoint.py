@@ -135,8 +135,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_samples: int, keep: int = 0,
-                    trainer_state: dict | None = None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_samples: int, keep: int,
+                    trainer_state: dict) -> Path:
     """Write step `step` atomically, point `latest` at it, then keep only the newest `keep` (0: all).
     `trainer_state`: the training loop's own state, the same on every rank (saved_trainer_state)."""
     root = checkpoint_root(run_dir)
@@ -156,7 +156,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, layout: Layout, consumed_s
         agreed(lambda: _checked(final, run_dir, lambda: _save_synced(state, tmp / f"rank_{layout.rank:05d}.pt")))
         meta = {"step": step, "consumed_samples": consumed_samples, "vocab_rows": engine.module.vocab_size,
                 "layout": _layout_of(layout),
-                "ranks": places, "trainer": trainer_state or {}}
+                "ranks": places, "trainer": trainer_state}
         agreed(lambda: _checked(final, run_dir, lambda: _complete(run_dir, tmp, final, meta, keep) if main else None))
     except UserError:
         if main:

@@ -112,8 +112,8 @@ def reduce_sequence_parallel_grads_over_tp(model: torch.nn.Module) -> None:
 
 
 def optimizer_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """No weight decay on norms; SD-MoE common matrices at their own LR; expert parameters split
-    into DeepSpeed MoE groups."""
+    """No weight decay on 1-D parameters (norm weights, biases); SD-MoE common matrices at their
+    own LR; expert parameters split into DeepSpeed MoE groups."""
     groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         lr_scale = cfg.sdmoe.common_lr_scale if name.endswith(("common_fc1", "common_fc2")) else 1.0

@@ -7,20 +7,15 @@ import sys
 
 import torch
 
-from megatron_sdmoe.config import load_config
 from megatron_sdmoe.data.datasets import get_batch
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 
 def main() -> None:
     *args, out = sys.argv[1:]
-    cfg = load_config(args[0], args[1:])
-    validate(cfg, world_size_from_env())
-    assert world_size_from_env() == 1, "the documents alone are one process's forward"
-    session = setup(cfg)
+    session = training_session(args)
+    assert session.layout.world_size == 1, "the documents alone are one process's forward"
     trainer, model = session.trainer, session.engine.module
     train = trainer.stage_at(0).train
     batch = {k: v.to(session.layout.device) for k, v in get_batch(train, trainer.micro_batch_indices(0, 0)).items()}

@@ -6,20 +6,16 @@ import sys
 
 import torch
 
-from megatron_sdmoe.config import load_config
 from megatron_sdmoe.data.datasets import get_batch
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 
 def main() -> None:
     *args, out = sys.argv[1:]
-    cfg = load_config(args[0], args[1:])
-    validate(cfg, world_size_from_env())
-    assert world_size_from_env() == 1, "evaluate's micro-batches are one process's"
-    session = setup(cfg)
+    session = training_session(args)
+    cfg = session.cfg
+    assert session.layout.world_size == 1, "evaluate's micro-batches are one process's"
     trainer, model, device = session.trainer, session.engine.module, session.layout.device
     stage = trainer.stage_at(0)
 

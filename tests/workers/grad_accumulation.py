@@ -8,19 +8,16 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from megatron_sdmoe.config import grad_accumulation_steps, load_config
+from megatron_sdmoe.config import grad_accumulation_steps
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
 from megatron_sdmoe.training.router_state import set_auxiliary_loss_scale
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 
 def main() -> None:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-    validate(cfg, world_size_from_env())
-    assert world_size_from_env() == 1, "the reference is one process's gradient"
-    session = setup(cfg)
+    session = training_session(sys.argv[1:])
+    cfg = session.cfg
+    assert session.layout.world_size == 1, "the reference is one process's gradient"
     trainer, engine = session.trainer, session.engine
     micro_batches, train = grad_accumulation_steps(cfg, 1), trainer.stage_at(0).train
     set_auxiliary_loss_scale(1.0 / micro_batches, session.layout.device)  # as train_step does

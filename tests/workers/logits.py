@@ -7,29 +7,24 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_sdmoe.config import load_config
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
-from megatron_sdmoe.validation import validate
+from megatron_sdmoe.runtime.distributed import all_gathered
+from tests.workers import training_session
 
 TOKENS = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
 def main() -> None:
     *args, out = sys.argv[1:]
-    cfg = load_config(args[0], args[1:])
-    validate(cfg, world_size_from_env())
-    session = setup(cfg)
+    session = training_session(args)
     model = session.engine.module.eval()
     tokens = TOKENS.to(session.layout.device)
     with torch.no_grad():
         logits = model(tokens, torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens), None)
     group = ps.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, logits.contiguous(), group=group)
+    gathered = all_gathered(logits, group, dim=-1)
     if dist.get_rank() == 0:
-        torch.save(torch.cat(parts, dim=-1).cpu(), out)
+        torch.save(gathered.cpu(), out)
     shutdown()
 
 

@@ -14,14 +14,14 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 from megatron.core import parallel_state as ps
 
-from megatron_sdmoe.config import Config, load_config
+from megatron_sdmoe.config import Config
 from megatron_sdmoe.moe.sdmoe import sdmoe_modules
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import Session, setup
+from megatron_sdmoe.runtime.distributed import all_gathered, world_size_from_env
+from megatron_sdmoe.train import Session
 from megatron_sdmoe.training.engine import is_expert_param
 from megatron_sdmoe.training.router_state import set_auxiliary_loss_scale
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -31,9 +31,7 @@ def full(param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
     group = ps.get_expert_model_parallel_group()
     if not is_expert_param(param) or dist.get_world_size(group) == 1:
         return tensor.detach().float().clone()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-    return torch.cat(parts).float()
+    return all_gathered(tensor.detach(), group).float()
 
 
 def reference_gradients(session: Session) -> list[torch.Tensor]:
@@ -81,10 +79,9 @@ def reference_step(cfg: Config, model: torch.nn.Module, grads: list[torch.Tensor
 
 def main() -> None:
     *args, out = sys.argv[1:]
-    cfg = load_config(args[0], args[1:])
-    validate(cfg, world_size_from_env())
+    session = training_session(args)
+    cfg = session.cfg
     assert cfg.train.warmup_steps == 0, "the reference steps at train.lr"
-    session = setup(cfg)
     model, optimizer = session.engine.module, session.engine.optimizer
     saved = {"before": {name: full(p, p) for name, p in model.named_parameters()}}
     if world_size_from_env() == 1:

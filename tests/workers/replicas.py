@@ -11,12 +11,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_sdmoe.config import load_config
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
 from megatron_sdmoe.training.engine import is_expert_param
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 
 def gathered(tensor: torch.Tensor, group) -> list[torch.Tensor]:
@@ -26,9 +23,7 @@ def gathered(tensor: torch.Tensor, group) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-    validate(cfg, world_size_from_env())
-    session = setup(cfg)
+    session = training_session(sys.argv[1:])
     session.trainer.run(session.start_step)
     checks = {"dense_identical_over_dp": True, "experts_identical_over_expert_dp": True,
               "experts_differ_over_ep": True, "dense_params": 0, "expert_params": 0}

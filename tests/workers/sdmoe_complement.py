@@ -9,20 +9,15 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
-from megatron_sdmoe.config import load_config
 from megatron_sdmoe.moe.experts import by_projection
 from megatron_sdmoe.moe.sdmoe import complement, sdmoe_modules
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 
 def main() -> None:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-    validate(cfg, world_size_from_env())
-    assert cfg.train.max_steps <= cfg.sdmoe.refresh_interval, "stay within one refresh interval"
-    session = setup(cfg)
+    session = training_session(sys.argv[1:])
+    assert session.cfg.train.max_steps <= session.cfg.sdmoe.refresh_interval, "stay within one refresh interval"
     layers = sdmoe_modules(session.engine.module)
     before = [master_uniques(layer) for layer in layers]
     session.trainer.run(session.start_step)

@@ -9,18 +9,14 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
-from megatron_sdmoe.config import load_config
 from megatron_sdmoe.runtime import shutdown
-from megatron_sdmoe.runtime.distributed import world_size_from_env
-from megatron_sdmoe.train import setup
 from megatron_sdmoe.training.smoothing import SingularitySmoother
-from megatron_sdmoe.validation import validate
+from tests.workers import training_session
 
 
 def main() -> None:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-    validate(cfg, world_size_from_env())
-    session = setup(cfg)
+    session = training_session(sys.argv[1:])
+    cfg = session.cfg
     session.trainer.run(session.start_step)
     ratios, differences = [], []
     for param, shards in SingularitySmoother(cfg.smoothing, session.engine.module, session.layout.device, None).matrices:
