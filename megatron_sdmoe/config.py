@@ -425,6 +425,23 @@ VARIANTS = ("topk", "sdmoe", "headwise", "headwise_sdmoe")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 LR_SCHEDULE_UNITS = ("steps", "tokens")
 RECOMPUTE = ("none", "full", "selective")
+# Every setting with a fixed set of values (None: may be left empty), checked in one place (validation.py)
+CHOICES: dict[str, tuple] = {
+    "model.attention": ("gqa", "mla"),
+    "model.rope_scaling": ("none", "yarn"),
+    "moe.variant": VARIANTS,
+    "moe.expert_impl": ("grouped", "sequential"),
+    "moe.score_function": (None, "softmax", "sigmoid"),
+    "moe.aux_loss_type": ("batch", "sequence"),
+    "moe.token_drop_policy": ("probs", "position"),
+    "moe.router_dtype": ("fp32", "fp64", "none"),
+    "sdmoe.common": ("shared", "per_expert"),
+    "headwise.bank": ("per_head", "shared"),
+    "train.lr_schedule": LR_SCHEDULES,
+    "train.lr_schedule_unit": LR_SCHEDULE_UNITS,
+    "train.recompute": RECOMPUTE,
+    "train.precision": ("auto", "fp32", "bf16"),
+}
 # megatron-core's selective recompute modules that run with this project's layer specs
 RECOMPUTE_MODULES = ("moe", "shared_experts", "mlp")
 # and why the others do not: megatron-core 0.19.2's CheckpointWithoutOutput (behind layernorm,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from megatron_sdmoe.config import (LR_SCHEDULE_UNITS, LR_SCHEDULES, RECOMPUTE, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, VARIANTS, Config,
-                                   YarnConfig, expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
+from megatron_sdmoe.config import (CHOICES, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, Config, YarnConfig,
+                                   expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
                                    routed_experts, routed_topk, router_bank_size, sdmoe_group_size,
                                    skipped_batch_ranges, stage_name)
 from megatron_sdmoe.errors import UserError
@@ -15,23 +15,39 @@ from megatron_sdmoe.training.batches import schedule_entries
 
 def validate(cfg: Config, world_size: int) -> None:
     """Check values against each other and the parallel layout of `world_size` processes."""
-    m, moe, par, tr, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
-
     from megatron_sdmoe.models import PRESETS
 
-    need(m.preset in PRESETS, f"model.preset={m.preset!r} is unknown: use one of {', '.join(PRESETS)}")
-    need(moe.variant in VARIANTS, f"moe.variant={moe.variant!r} is unknown: use one of {', '.join(VARIANTS)}")
-    need(moe.expert_impl in ("grouped", "sequential"),
-         f"moe.expert_impl={moe.expert_impl!r} is unknown: use grouped or sequential")
-    _check_numbers(cfg, need)
+    need(cfg.model.preset in PRESETS, f"model.preset={cfg.model.preset!r} is unknown: use one of {', '.join(PRESETS)}")
+    _check_choices(cfg)
+    _check_numbers(cfg)
     if is_headwise(cfg):
-        _validate_headwise(cfg, need)
-    experts, topk, ffn, expert_input = routed_experts(cfg), routed_topk(cfg), expert_ffn_hidden_size(cfg), \
-        expert_input_size(cfg)
+        _validate_headwise(cfg)
+    _validate_moe(cfg)
+    _validate_model(cfg)
+    _validate_train(cfg)
+    _validate_data(cfg)
+    _validate_layout(cfg, world_size)
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        named = ", ".join(choice for choice in allowed if choice is not None)
+        empty = " (or leave it empty)" if None in allowed else ""
+        need(value in allowed, f"{key}={value!r} is unknown: use one of {named}{empty}")
+
+
+def _validate_moe(cfg: Config) -> None:
+    from megatron_sdmoe.models.common import score_function
+
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    topk, ffn, expert_input = routed_topk(cfg), expert_ffn_hidden_size(cfg), expert_input_size(cfg)
     need(moe.shared_expert_ffn_hidden_size >= 0,
          f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} must not be negative")
     need(m.preset != "qwen2_moe" or moe.shared_expert_ffn_hidden_size > 0,
@@ -58,7 +74,6 @@ def validate(cfg: Config, world_size: int) -> None:
         need(set(sd.projections) <= {"gate", "up", "down"} and sd.projections != [],
              f"sdmoe.projections={sd.projections}: choose from gate, up, down (none would train the topk baseline: "
              "set moe.variant=topk for that)")
-        need(sd.common in ("shared", "per_expert"), f"sdmoe.common={sd.common!r}: use shared or per_expert")
         need(sd.common_lr_scale > 0, f"sdmoe.common_lr_scale={sd.common_lr_scale} must be positive")
         need(sd.rank <= min(expert_input, ffn),
              f"sdmoe.rank={sd.rank} exceeds the smaller side of the expert matrices "
@@ -66,19 +81,12 @@ def validate(cfg: Config, world_size: int) -> None:
         need(par.expert_tensor in (1, par.tensor),
              f"moe.variant={moe.variant} shards the common matrices with the experts only when parallel.expert_tensor "
              f"equals parallel.tensor ({par.tensor}) or is 1: set parallel.expert_tensor to one of them")
-    need(moe.score_function in (None, "softmax", "sigmoid"),
-         f"moe.score_function={moe.score_function!r} is unknown: use softmax or sigmoid (or leave it empty)")
-    from megatron_sdmoe.models.common import score_function
-
     need(moe.expert_bias_update_rate == 0 or score_function(cfg) == "sigmoid",
          "moe.expert_bias_update_rate needs sigmoid routing scores: set moe.score_function=sigmoid (or "
          "moe.expert_bias_update_rate=0)")
-    need(moe.aux_loss_type in ("batch", "sequence"), f"moe.aux_loss_type={moe.aux_loss_type!r}: use batch or sequence")
     need(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be positive")
     need(moe.capacity_factor is None or moe.capacity_factor > 0,
          f"moe.capacity_factor={moe.capacity_factor} must be positive (leave it empty for dropless routing)")
-    need(moe.token_drop_policy in ("probs", "position"),
-         f"moe.token_drop_policy={moe.token_drop_policy!r}: use probs or position")
     need(moe.token_drop_policy == "probs" or moe.capacity_factor is not None,
          f"moe.token_drop_policy={moe.token_drop_policy} chooses the tokens an expert over capacity drops, but "
          "routing is dropless: set moe.capacity_factor too, or drop moe.token_drop_policy")
@@ -93,8 +101,12 @@ def validate(cfg: Config, world_size: int) -> None:
         need(topk <= moe.group_topk * (bank // moe.num_groups),
              f"top-k={topk} exceeds the experts in moe.group_topk={moe.group_topk} groups: raise "
              "moe.group_topk or lower the top-k")
-    need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
-    need(m.attention in ("gqa", "mla"), f"model.attention={m.attention!r}: use gqa or mla")
+    need(moe.topk <= moe.num_experts,
+         f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")
+
+
+def _validate_model(cfg: Config) -> None:
+    m, par = cfg.model, cfg.parallel
     need(m.attention == "gqa" or m.preset == "deepseek",
          f"model.attention=mla is DeepSeek's: use model.preset=deepseek (not {m.preset})")
     if m.attention == "mla":
@@ -108,7 +120,6 @@ def validate(cfg: Config, world_size: int) -> None:
         head = m.kv_channels or m.hidden_size // m.num_attention_heads
         need(head % 2 == 0, f"each attention head is {head} wide (model.kv_channels, by default model.hidden_size / "
              "model.num_attention_heads), but RoPE rotates pairs of dimensions: make it even")
-    need(m.rope_scaling in ("none", "yarn"), f"model.rope_scaling={m.rope_scaling!r}: use none or yarn")
     need(m.rope_scaling == "yarn" or m.yarn == YarnConfig(),
          "model.yarn.* is set, but model.rope_scaling is none, so RoPE is not scaled: set model.rope_scaling=yarn, "
          "or drop the model.yarn settings")
@@ -133,13 +144,19 @@ def validate(cfg: Config, world_size: int) -> None:
          f"model.dense_layers={m.dense_layers} needs model.dense_ffn_hidden_size (the dense MLP's width)")
     need(m.dense_ffn_hidden_size % par.tensor == 0,
          f"model.dense_ffn_hidden_size={m.dense_ffn_hidden_size} is not divisible by parallel.tensor={par.tensor}")
+    need(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+         f"{m.num_attention_heads}: change one of them or set model.kv_channels")
+    need(m.num_attention_heads % m.num_query_groups == 0,
+         f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
+         f"{m.num_query_groups}: change one of them")
+
+
+def _validate_train(cfg: Config) -> None:
+    m, moe, tr, data = cfg.model, cfg.moe, cfg.train, cfg.data
+    need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
-    need(tr.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={tr.lr_schedule!r} is unknown: use one of "
-                                          f"{', '.join(LR_SCHEDULES)}")
-    need(tr.lr_schedule_unit in LR_SCHEDULE_UNITS, f"train.lr_schedule_unit={tr.lr_schedule_unit!r} is unknown: use "
-                                                   f"one of {', '.join(LR_SCHEDULE_UNITS)}")
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction={tr.decay_fraction} must lie in (0, 1]")
-    need(tr.recompute in RECOMPUTE, f"train.recompute={tr.recompute!r} is unknown: use one of {', '.join(RECOMPUTE)}")
     need(0 <= tr.recompute_layers <= m.num_layers,
          f"train.recompute_layers={tr.recompute_layers} must lie in [0, model.num_layers={m.num_layers}]")
     need(tr.recompute_layers == 0 or tr.recompute == "full",
@@ -179,18 +196,12 @@ def validate(cfg: Config, world_size: int) -> None:
         need(not set(range(first, last + 1)) <= skipped,
              f"train.profile_steps={tr.profile_steps} lie in train.skip_batches, where no step trains: profile "
              "steps that train")
-    need(tr.precision in ("auto", "fp32", "bf16"), f"train.precision={tr.precision!r}: use auto, fp32 or bf16")
     need(cfg.smoothing.threshold > 0, f"smoothing.threshold={cfg.smoothing.threshold} must be positive (paper: 2.5)")
     need(0 < cfg.smoothing.ema_decay < 1, f"smoothing.ema_decay={cfg.smoothing.ema_decay} must lie in (0, 1)")
-    need(moe.router_dtype in ("fp32", "fp64", "none"), f"moe.router_dtype={moe.router_dtype!r}: use fp32, fp64 or none")
-    need(moe.topk <= moe.num_experts,
-         f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}: lower moe.topk")
-    need(m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
-         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-         f"{m.num_attention_heads}: change one of them or set model.kv_channels")
-    need(m.num_attention_heads % m.num_query_groups == 0,
-         f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups="
-         f"{m.num_query_groups}: change one of them")
+
+
+def _validate_data(cfg: Config) -> None:
+    tr, data = cfg.train, cfg.data
     need(data.valid_path == [] or data.path != [] or data.stages != [], "data.valid_path needs data.path (the "
          "sample corpus has its own split): set data.path or drop data.valid_path")
     need(data.stages == [] or (data.valid_path == [] and data.test_path == []),
@@ -218,7 +229,11 @@ def validate(cfg: Config, world_size: int) -> None:
         names = [stage_name(cfg, i) for i in range(len(data.stages))]
         need(len(set(names)) == len(names), f"data.stages names {names} repeat: give each stage its own name")
 
-    # Parallel layout (megatron-core's rules, checked here so the error is one clear line).
+
+def _validate_layout(cfg: Config, world_size: int) -> None:
+    """megatron-core's rules for the parallel layout, checked here so the error is one clear line."""
+    m, par, tr, data = cfg.model, cfg.parallel, cfg.train, cfg.data
+    experts, ffn = routed_experts(cfg), expert_ffn_hidden_size(cfg)
     need(par.zero_stage in (1, 2),
          f"parallel.zero_stage={par.zero_stage} is not supported: use 1 or 2 (ZeRO-3 partitions "
          "expert weights across ranks and, with expert parallelism, silently merges experts)")
@@ -267,8 +282,7 @@ def validate(cfg: Config, world_size: int) -> None:
          f"train.eval_samples={tr.eval_samples} is not divisible by train.micro_batch_size x data-parallel "
          f"size = {per_step}: make it a multiple of {per_step}")
 
-
-def _check_numbers(cfg: Config, need) -> None:
+def _check_numbers(cfg: Config) -> None:
     """Sizes, counts and rates in their ranges, before anything divides by them or trains on them
     (a zero width, a NaN or infinite learning rate, an Adam epsilon of 0: NaN losses, not an error)."""
     m, moe, par, tr, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
@@ -333,9 +347,8 @@ def check_split(split: str) -> None:
                         "use e.g. 98,2,0")
 
 
-def _validate_headwise(cfg: Config, need) -> None:
+def _validate_headwise(cfg: Config) -> None:
     hw, m = cfg.headwise, cfg.model
-    need(hw.bank in ("per_head", "shared"), f"headwise.bank={hw.bank!r}: use per_head or shared")
     need(hw.heads >= 1 and m.hidden_size % hw.heads == 0,
          f"headwise.heads={hw.heads} must divide model.hidden_size={m.hidden_size} (each head takes a slice)")
     need(hw.experts_per_head >= 1, f"headwise.experts_per_head={hw.experts_per_head} must be at least 1")

@@ -69,6 +69,8 @@ def test_load_errors(override, message):
     (["moe.topk=9"], 1, "moe.topk=9 exceeds moe.num_experts=8"),
     (["model.num_query_groups=3"], 1, "model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
     (["moe.variant=flat"], 1, "moe.variant='flat' is unknown"),
+    (["moe.score_function=tanh"], 1, "moe.score_function='tanh' is unknown: use one of softmax, sigmoid (or leave it empty)"),
+    (["sdmoe.common=layer"], 1, "sdmoe.common='layer' is unknown: use one of shared, per_expert"),  # also under topk
     (["data.path=/x"], 1, "data.tokenizer is not"),
     (["data.tokenizer=t", "data.stages=[{path: [a], steps: 60}, {path: [b], steps: 60}]"], 1,
      "data.stages add up to 120 steps but train.max_steps=200: set train.max_steps=120"),
@@ -87,7 +89,7 @@ def test_load_errors(override, message):
     (["model.preset=deepseek", "model.attention=mla", "model.mla.kv_lora_rank=511", "parallel.tensor=2"], 2,
      "model.mla.kv_lora_rank + model.mla.qk_rope_head_dim=575 is not divisible by parallel.tensor=2"),
     (["data.seq_length=8192"], 1, "data.seq_length=8192 exceeds model.max_position_embeddings=4096"),
-    (["model.rope_scaling=linear"], 1, "model.rope_scaling='linear': use none or yarn"),
+    (["model.rope_scaling=linear"], 1, "model.rope_scaling='linear' is unknown: use one of none, yarn"),
     (["model.rope_scaling=yarn", "model.yarn.beta_fast=0.5"], 1, "need beta_fast > beta_slow > 0"),
     (["model.rope_scaling=yarn", "model.yarn.factor=0.5"], 1, "model.yarn.factor=0.5 must be at least 1"),
     (["train.lr_schedule=linear"], 1, "train.lr_schedule='linear' is unknown: use one of cosine, wsd, constant"),
