@@ -13,7 +13,8 @@ from megatron_sdmoe.convert.weights import WeightDirectory
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import check_batches
-from megatron_sdmoe.training.checkpoint import check_finished_stages, check_resumable, latest_checkpoint, saved_step
+from megatron_sdmoe.training.checkpoint import latest_checkpoint, saved_step
+from megatron_sdmoe.training.resume_checks import check_finished_stages, check_resumable
 from megatron_sdmoe.training.stages import stage_blends
 from megatron_sdmoe.validation import validate
 

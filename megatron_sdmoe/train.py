@@ -34,10 +34,11 @@ from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_en
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.runtime.run_lock import RunLock
-from megatron_sdmoe.training.checkpoint import (ORDER_SETTINGS, changed_settings, check_vocabulary, latest_checkpoint,
-                                                load_checkpoint, relaid_from, saved_step, saved_trainer_state)
+from megatron_sdmoe.training.checkpoint import (latest_checkpoint, load_checkpoint, relaid_from, saved_step,
+                                                saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
+from megatron_sdmoe.training.resume_checks import ORDER_SETTINGS, changed_settings, check_vocabulary
 from megatron_sdmoe.training.metrics import MetricsLogger
 from megatron_sdmoe.training.schedule import schedule_notes
 from megatron_sdmoe.training.stages import build_stages, evaluated_on_training_data, stage_blends

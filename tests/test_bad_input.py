@@ -20,7 +20,8 @@ from megatron_sdmoe.config import load_config
 from megatron_sdmoe.data.datasets import checked_blends
 from megatron_sdmoe.data.indexed import write_indexed
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.training.checkpoint import check_resumable, latest_checkpoint
+from megatron_sdmoe.training.checkpoint import latest_checkpoint
+from megatron_sdmoe.training.resume_checks import check_resumable
 
 NODE_LOCAL = "tests.workers.node_local"  # each rank in a working directory of its own, as on different nodes
 

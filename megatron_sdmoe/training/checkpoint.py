@@ -33,11 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_sdmoe.config import Config, TrainConfig, is_headwise, is_sdmoe, resolved_blend, to_dict
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.models.init import split_tensors
 from megatron_sdmoe.runtime import Layout
@@ -46,18 +44,6 @@ from megatron_sdmoe.training.reshard import SavedRanks, load_resharded_optimizer
 from megatron_sdmoe.training.schedule import resume_schedule
 
 LATEST = "latest"
-# Model settings a resumed run may change: they steer training, not what the saved weights mean.
-# Every other model.*, moe.* (and, when the variant uses them, sdmoe.* and headwise.*) key must match.
-RESUMABLE_CHANGES = {"model.init_method_std", "model.init_from", "model.mtp_loss_coeff", "moe.aux_loss_coeff", "moe.aux_loss_type",
-                     "moe.z_loss_coeff", "moe.capacity_factor", "moe.token_drop_policy", "moe.router_dtype",
-                     "moe.diag_interval", "moe.diag_rank", "moe.diag_position_buckets", "sdmoe.refresh_interval",
-                     "sdmoe.common_lr_scale", "sdmoe.project_updates", "sdmoe.power_iterations", "sdmoe.oversample"}
-
-# Training settings a resumed run keeps: a step's samples follow from the batches before it.
-BATCH_SETTINGS = ("global_batch_size", "batch_size_schedule")
-# Settings that draw the samples in another order (the shuffle's seed, the samples' cut): a resumed
-# run may change them, and is told that it may then repeat or skip samples of the run so far.
-ORDER_SETTINGS = ("train.seed", "data.seq_length", "data.split")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -110,12 +96,12 @@ def model_shards(model: torch.nn.Module) -> dict[str, dict]:
 MODEL_PARALLEL = ("tensor", "expert", "expert_tensor")  # a change re-cuts every tensor (reshard.py)
 
 
-def _layout_meta(world_size: int, tensor: int, expert: int, expert_tensor: int) -> dict:
+def layout_meta(world_size: int, tensor: int, expert: int, expert_tensor: int) -> dict:
     return {"world_size": world_size, "tensor": tensor, "expert": expert, "expert_tensor": expert_tensor}
 
 
 def _layout_of(layout: Layout) -> dict:
-    return _layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)
+    return layout_meta(layout.world_size, layout.tensor, layout.expert, layout.expert_tensor)
 
 
 def _rng_state() -> dict:
@@ -202,103 +188,6 @@ def point_latest(root: Path, name: str) -> None:
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
 
 
-def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
-    """Refuse, before anything is written, a checkpoint (`path`: run.dir's latest, or None) that this
-    run cannot load: one that `latest` names but is incomplete, one with a rank file missing or cut
-    short, one saved in another layout by a version that did not record what re-cutting it needs,
-    or one saved by another model."""
-    if path is None:
-        return
-    if not (path / "meta.json").exists():
-        raise UserError(f"checkpoint {path} named by {path.parent / LATEST} is missing or incomplete: point "
-                        f"{path.parent / LATEST} at a complete step_* directory or start a new run.dir")
-    check_intact(path)
-    saved_config = _saved_config(path)  # None: written before checkpoints kept it, nothing to compare
-    sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
-    differing = _differences(saved_config, cfg, sections, allowed=RESUMABLE_CHANGES) if saved_config else []
-    if differing:
-        raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
-                        "the checkpoint's settings or start a new run.dir")
-    if saved_config:
-        for key in BATCH_SETTINGS:
-            saved_value, value = saved_config["train"].get(key, getattr(TrainConfig(), key)), getattr(cfg.train, key)
-            if saved_value != value:
-                raise UserError(f"checkpoint {path} was trained with train.{key}={saved_value}, not {value}: the "
-                                "data position counts global batches, so other batches would skip or repeat "
-                                f"samples; resume with train.{key}={saved_value}")
-    meta = read_meta(path)
-    saved, par = meta["layout"], cfg.parallel
-    wanted = _layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
-    if saved != wanted and "ranks" not in meta:
-        raise UserError(f"checkpoint {path} was saved by an older version with layout {saved}, without the ranks' "
-                        f"places that resuming with layout {wanted} needs: resume with its layout")
-    if any(saved[key] != wanted[key] for key in MODEL_PARALLEL):
-        _check_relayable(path, saved, wanted, cfg)
-
-
-def _check_relayable(path: Path, saved: dict, wanted: dict, cfg: Config) -> None:
-    """Refuse a TP / EP / expert-TP change that reshard.py cannot make exactly."""
-    again = f"resume with parallel.tensor={saved['tensor']}, parallel.expert={saved['expert']} and " \
-            f"parallel.expert_tensor={saved['expert_tensor']}"
-    if cfg.moe.expert_impl == "sequential" and max(saved["expert"], wanted["expert"]) > 1:
-        raise UserError(f"checkpoint {path}: megatron-core's sequential experts name their weights by local index, "
-                        f"so they cannot move between EP ranks: {again}")
-    shards = torch.load(path / "rank_00000.pt", map_location="cpu", mmap=True, weights_only=False).get("shards", {})
-    if "first" not in next(iter(shards.values()), {}):
-        raise UserError(f"checkpoint {path} was saved by an older version, without the split records that resuming "
-                        f"at another model-parallel layout needs: {again}")
-
-
-def _saved_config(checkpoint: Path) -> dict | None:
-    """The run's config as the checkpoint saved it (None for checkpoints written without it)."""
-    path = checkpoint / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else None
-
-
-def _differences(saved: dict, cfg: Config, sections: list[str], allowed=()) -> list[str]:
-    """`section.key: saved -> current` for each key of `sections` that differs, those in `allowed` left out."""
-    current = to_dict(cfg)
-    return [f"{section}.{key}: {old} -> {new}" for section in sections
-            for key, old, new in _flat_items(saved.get(section, {}), current[section])
-            if old != new and f"{section}.{key}" not in allowed]
-
-
-def changed_settings(path: Path | None, cfg: Config) -> list[str]:
-    """`train.key: saved -> current` (and `smoothing.key`, `data.key`) for each setting this run changes
-    against the checkpoint it starts from: they take effect from the resumed step on (the LR schedule
-    included; other data continues at the same sample index)."""
-    saved = _saved_config(path) if path is not None else None
-    return _differences(saved, cfg, ["train", "smoothing", "data"]) if saved is not None else []
-
-
-def check_finished_stages(path: Path | None, cfg: Config) -> None:
-    """Refuse a start that changes the data of a stage the run finished before checkpoint `path`:
-    the stage matrix holds each finished stage's validation loss on that data, so rows measured on
-    other data would read as forgetting."""
-    saved = _saved_config(path) if path is not None else None
-    if not saved or not cfg.data.stages:
-        return
-    step, end = saved_step(path), 0
-    for index, (old, new) in enumerate(zip(saved["data"].get("stages", []), cfg.data.stages)):
-        end += old["steps"]
-        if end > step:
-            return
-        before = [resolved_blend(old.get(key, [])) for key in ("path", "valid_path")]  # (older runs: relative)
-        if before != [new.path, new.valid_path]:
-            raise UserError(f"data.stages[{index}] ended at step {end} (the checkpoint is at step {step}), and the "
-                            "stage matrix holds losses on its data: keep its path and valid_path as the run had them "
-                            f"({before[0]}, {before[1]}), or start a new run.dir")
-
-
-def _flat_items(saved: dict, current: dict, prefix: str = ""):
-    """(dotted key, saved value, current value) for the keys both configs have (nested sections flattened)."""
-    for key in saved.keys() & current.keys():
-        if isinstance(current[key], dict):
-            yield from _flat_items(saved[key], current[key], f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", saved[key], current[key]
-
-
 def read_meta(path: Path) -> dict:
     """A checkpoint's meta.json (step, layout, ...), refused when damaged (a copy cut short)."""
     try:
@@ -333,18 +222,6 @@ def check_intact(path: Path, contents: bool = True) -> None:
             raise UserError(f"checkpoint {path}: {file.name} is {'damaged' if file.exists() else 'missing'} "
                             f"({problem}): copy the checkpoint again, or resume from an earlier one "
                             f"(sdmoe-checkpoints list / rollback {path.parent.parent})")
-
-
-def check_vocabulary(path: Path | None, rows: int) -> None:
-    """Refuse, before anything is written, resuming a checkpoint whose embedding has another number
-    of rows than this run's model (`rows`, padded): another tokenizer, or another model.vocab_size."""
-    if path is None:
-        return
-    saved = read_meta(path).get("vocab_rows")  # absent: saved before it was recorded
-    if saved is not None and saved != rows:
-        raise UserError(f"checkpoint {path} has a vocabulary of {saved} rows, but this run's tokenizer and "
-                        f"model.vocab_size give {rows}: resume with the data.tokenizer and model.vocab_size it was "
-                        "saved with, or start a new run.dir")
 
 
 def relaid_from(path: Path | None, layout: Layout) -> str | None:
