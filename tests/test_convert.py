@@ -423,6 +423,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     # another model's config.json beside the weights, or a damaged one
     edited = {"layers": (hf, '"num_hidden_layers": 1', '"num_hidden_layers": 2'),
               "heads": (hf, '"num_key_value_heads": 1', '"num_key_value_heads": 2'),
+              "experts": (hf, '"moe_intermediate_size": 16', '"moe_intermediate_size": 24'),  # no reshape notices
               "vocabulary": (hf, '"vocab_size": 256', '"vocab_size": 300'),
               "rope": (hf, '"rope_theta": 10000.0', '"rope_theta": 10000.5'),  # megatron-core's RoPE base is whole
               "typed": (hf, '"rms_norm_eps": 1e-06', '"rms_norm_eps": 0'),  # transformers' fields are typed
@@ -455,6 +456,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
                                           "but the weights hold 1 (numbered 0 to 0): restore the model's own"),
              "heads of another config": (("from-hf", heads, out), f"{heads / 'config.json'} does not describe the "
                                          "weights beside it (model.layers.0: "),
+             "experts of another config": (("from-hf", tmp_path / "experts", out), "config.json gives "
+                                           "model.layers.0.mlp.experts 4,608 parameters, but the weights beside it "
+                                           "hold 3,072"),
              "no tokenizer": (("from-hf", hf, out), f"{hf} holds no tokenizer (tokenizer_config.json), and the "
                               f"built-in corpus's ids mean other tokens: copy the model's tokenizer files into {hf}, "
                               "or pass data.tokenizer=DIR"),

@@ -18,7 +18,8 @@
 
 Tensors stream a group at a time (a tensor, or those that convert together: a layer's stacked
 experts of one projection, Q/K/V), so peak memory is about twice the largest group. A dry run on
-shapes alone first refuses any tensor the other side has no place for. Output is written to a
+shapes alone first refuses any tensor the other side has no place for, and (from-hf) a config.json
+whose sizes are not the weights'. Output is written to a
 temporary directory and renamed into place; an existing OUT_DIR is refused.
 """
 from __future__ import annotations
@@ -174,6 +175,37 @@ def check_sizes(cfg: Config, source, hf_dir: str) -> None:
                         "query latent (q_a_proj): restore the model's own config.json")
 
 
+def check_shapes(hf, source, hf_dir: str) -> None:
+    """Refuse a config.json whose sizes are not those of the weights beside it (e.g. another expert
+    width, which no reshape would notice): transformers' own model of it, built on the meta device
+    (nothing allocated), against the weights, tensor by tensor, a layer's experts together (on disk
+    one tensor per expert, in the model fused). Tensors on one side only (MTP layers, routers an
+    upcycling draws fresh) are the other checks' business."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sdmoe.convert import headwise_modeling
+
+    def key(name: str) -> str:
+        layer, experts, _ = name.partition(".experts.")
+        return f"{layer}.experts" if experts else name
+
+    own = headwise_export.config_class(hf.model_type)  # a head-wise export: this package's class
+    with torch.device("meta"):
+        model = (getattr(headwise_modeling, hf.architectures[0])(hf) if own
+                 else AutoModelForCausalLM.from_config(hf))
+    described, held = Counter(), Counter()
+    for name, tensor in model.state_dict().items():
+        described[key(name)] += tensor.numel()
+    for name in source.names():
+        held[key(name)] += source.placeholder(name).numel()
+    for name in described:  # the model's order: the first layer that differs is named
+        if name in held and described[name] != held[name]:
+            raise UserError(f"{Path(hf_dir) / 'config.json'} gives {name} {described[name]:,} parameters, but the "
+                            f"weights beside it hold {held[name]:,}: restore the model's own config.json")
+
+
 def refuse_unused(groups: list[tuple[str, dict[str, str]]], placeholder, transform) -> None:
     """A dry run on data-less tensors: a tensor the adapter does not use (one the other side has
     no place for) is refused before anything is written, never dropped."""
@@ -315,6 +347,7 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
                             f"{str(e).splitlines()[0]}): restore the model's own config.json") from None
 
     refuse_unused(groups, source.placeholder, transform)
+    check_shapes(hf, source, hf_dir)
     with staged(out) as tmp:
         (tmp / "weights").mkdir()
         convert(groups, source.tensor, transform, ShardWriter(tmp / "weights"), "from-hf")
