@@ -370,9 +370,16 @@ def _build(cls: type, raw: Any, prefix: str):
     return cls(**kwargs)
 
 
+OPTIONAL_PATHS = ("model.init_from", "data.tokenizer", "data.cache_dir")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if optional and isinstance(value, str) and not value.strip():
+        if key in OPTIONAL_PATHS:  # training on without the files would hide the mistake
+            raise UserError(f"{key} is empty (an unset shell variable?): give the path, or leave {key} out")
+        value = None  # `key=`: leave it empty
     if value is None:
         if optional:
             return None

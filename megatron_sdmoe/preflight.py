@@ -46,6 +46,7 @@ def check_files(cfg: Config, world_size: int, checkpoint: Path | None = None, ne
     check_batches(cfg, world_size, step)
     for stage in stage_blends(cfg):
         if stage.path:  # empty: the built-in sample corpus, checked where it is built
-            checked_blends(cfg, stage.path, stage.valid_path, stage.test_path, cfg.train.eval_samples, stage.section)
+            checked_blends(cfg, stage.path, stage.valid_path, stage.test_path, stage.samples, cfg.train.eval_samples,
+                           stage.section)
     if cfg.model.init_from and checkpoint is None:  # a resumed run reads its checkpoint
         WeightDirectory(cfg.model.init_from)  # the index and every shard it names

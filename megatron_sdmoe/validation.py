@@ -318,7 +318,9 @@ def _check_numbers(cfg: Config) -> None:
     for key, value in [("train.adam_eps", tr.adam_eps), ("model.norm_epsilon", m.norm_epsilon),
                        ("model.init_method_std", m.init_method_std)]:
         need(value > 0, f"{key}={value} must be positive (0 divides by zero): give e.g. its default")
-    for key, value in _float_settings(cfg):  # inf and NaN train to NaN (or crash in megatron-core)
+    for key, value in _settings(cfg, int):  # megatron-core and torch hold sizes and counts in 32 or 64 bits
+        need(value < 2 ** 31 or key == "train.seed", f"{key}={value} is out of range: give a number below 2**31")
+    for key, value in _settings(cfg, float):  # inf and NaN train to NaN (or crash in megatron-core)
         need(math.isfinite(value) or (key == "train.time_budget_minutes" and value == math.inf),
              f"{key}={value} must be a finite number: give one (see the README's config reference)")
     need(len(tr.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.adam_betas),
@@ -328,12 +330,12 @@ def _check_numbers(cfg: Config) -> None:
     check_split(data.split)
 
 
-def _float_settings(cfg: Config) -> list[tuple[str, float]]:
-    """(dotted key, value) of every number setting held as a float."""
+def _settings(cfg: Config, kind: type) -> list[tuple[str, object]]:
+    """(dotted key, value) of every setting of a section (not nested) held as `kind`."""
     return [(f"{section.name}.{setting.name}", getattr(getattr(cfg, section.name), setting.name))
             for section in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, section.name))
             for setting in dataclasses.fields(getattr(cfg, section.name))
-            if isinstance(getattr(getattr(cfg, section.name), setting.name), float)]
+            if type(getattr(getattr(cfg, section.name), setting.name)) is kind]
 
 
 def check_split(split: str) -> None:

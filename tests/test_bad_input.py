@@ -144,16 +144,28 @@ def test_test_split_too_small(tmp_path):
     data = corpus(tmp_path / "data", 100, 20)
     cfg = load_config(CONFIG, SMALL + ["data.split=95,4,1"])
     with pytest.raises(UserError, match=re.escape(f"the test split of {data} holds 20 tokens (1 documents)")):
-        checked_blends(cfg, [data], [], [], 8)
-    checked_blends(cfg, [data], [], [], 0)  # nothing evaluated: no test set is read
+        checked_blends(cfg, [data], [], [], 8, 8)
+    checked_blends(cfg, [data], [], [], 8, 0)  # nothing evaluated: no test set is read
 
 
 def test_one_sample_is_enough(tmp_path):
     """The bound is exact: a split of seq_length + 1 tokens passes, one token fewer does not."""
     cfg = load_config(CONFIG, SMALL + ["data.split=1"])
-    checked_blends(cfg, [corpus(tmp_path / "exact", 5, 13)], [], [], 0)
+    checked_blends(cfg, [corpus(tmp_path / "exact", 5, 13)], [], [], 1, 0)
     with pytest.raises(UserError, match="holds 64 tokens"):
-        checked_blends(cfg, [corpus(tmp_path / "short", 4, 16)], [], [], 0)
+        checked_blends(cfg, [corpus(tmp_path / "short", 4, 16)], [], [], 1, 0)
+
+
+def test_samples_past_what_an_index_holds(tmp_path):
+    """A typo's extra zeros in train.max_steps: refused, not megatron-core counting 10**8 passes over
+    100 documents one at a time; as many passes as fit in memory are fine."""
+    cfg = load_config(CONFIG, SMALL + ["data.split=1"])
+    data = corpus(tmp_path / "data", 100, 20)  # 2,000 tokens
+    with pytest.raises(UserError, match=re.escape(
+            f"10,000,000,000 train samples would read the train split of {data} (2,000 tokens) 320,000,000 times, "
+            "an index of 32,000,000,000 documents: lower train.max_steps or train.global_batch_size")):
+        checked_blends(cfg, [data], [], [], 10 ** 10, 0)
+    checked_blends(cfg, [data], [], [], 10 ** 6, 0)  # 32,000 passes
 
 
 def test_checkpoint_of_another_model(resumed):

@@ -29,6 +29,11 @@ def test_text_settings_keep_what_was_written(monkeypatch, tmp_path):
         (f"{tmp_path}/0755", f"{tmp_path}/0x10", "007", "100")
 
 
+def test_empty_values_leave_optional_settings_empty():
+    cfg = load_config(CONFIG, ["moe.capacity_factor=", "moe.score_function=", "model.vocab_size="])
+    assert (cfg.moe.capacity_factor, cfg.moe.score_function, cfg.model.vocab_size) == (None, None, None)
+
+
 def test_paths_are_absolute_and_home_expanded(monkeypatch, tmp_path):
     """config.yaml then names the same files from any working directory, and ~/runs is no folder named ~."""
     monkeypatch.chdir(tmp_path)
@@ -54,6 +59,9 @@ def test_paths_are_absolute_and_home_expanded(monkeypatch, tmp_path):
     ("train.max_steps=1_000", "got '1_000': write it as a plain decimal"),
     ("train.recompute=off", "train.recompute must be a string, got False: quote it"),
     ("run.dir=2024-01-05", "run.dir must be a string, got datetime.date(2024, 1, 5): quote it"),
+    # an unset shell variable: without the files the run would train from scratch, or on another tokenizer
+    ("model.init_from=", "model.init_from is empty (an unset shell variable?): give the path, or leave model.init_from out"),
+    ("data.tokenizer=", "data.tokenizer is empty (an unset shell variable?)"),
 ])
 def test_load_errors(override, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -96,24 +96,28 @@ def _single_process_is_fine():
         yield
 
 
-def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, num_eval_samples: int,
-                   section: str = "data") -> tuple[tuple, tuple | None, tuple | None]:
+def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, num_train_samples: int,
+                   num_eval_samples: int, section: str = "data") -> tuple[tuple, tuple | None, tuple | None]:
     """The blend `path` and the validation and test blends `valid_path` and `test_path` (None if
     empty) of the config section `section` (data, or data.stages[i]) parsed, refused when their
     files cannot give whole samples: each split that is read (with separate blends, each prefix)
     must hold at least one sequence + 1 tokens, or megatron fills every sample by repeating those
     few tokens (and, with none at all, loops forever adding epochs). The validation and test sets
     are read when `num_eval_samples` > 0, data.split's test set when it has a weight; and refused
-    when a .bin does not hold the tokens its .idx lists (a copy cut short). Reads only the .idx
-    files (and the size of each .bin)."""
+    when a .bin does not hold the tokens its .idx lists (a copy cut short), or when megatron-core's
+    index of a split would not fit in memory (`num_train_samples`, `num_eval_samples` drawn from it:
+    a typo's extra zeros in train.max_steps would otherwise hang in megatron's epoch count). Reads
+    only the .idx files (and the size of each .bin)."""
     check_split(cfg.data.split)
     blend, valid_blend, test_blend = (parse_blend(p, f"{section}.{key}") if p else None
                                       for p, key in ((path, "path"), (valid_path, "valid_path"),
                                                      (test_path, "test_path")))
+    samples = {"train": num_train_samples, "validation": num_eval_samples, "test": num_eval_samples}
     if valid_blend:
-        parts = [("train", prefix, (0.0, 1.0)) for prefix in blend[0]]
-        separate = [("validation", valid_blend), ("test", test_blend)] if num_eval_samples else []
-        parts += [(name, prefix, (0.0, 1.0)) for name, other in separate if other for prefix in other[0]]
+        evaluated = [("validation", valid_blend), ("test", test_blend)] if num_eval_samples else []
+        separate = [("train", blend), *evaluated]
+        parts = [(name, prefix, (0.0, 1.0), share) for name, other in separate if other
+                 for prefix, share in zip(other[0], _shares(other))]
     else:
         split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.data.split))
         names = ["train", "validation"][:1 + bool(num_eval_samples)]
@@ -124,10 +128,11 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, n
                                                    if name == "validation" and not cfg.data.stages else ""))
         if num_eval_samples and split_matrix[2] is not None:
             names.append("test")
-        parts = [(name, prefix, bounds) for prefix in blend[0] for name, bounds in zip(names, split_matrix)]
+        parts = [(name, prefix, bounds, share) for prefix, share in zip(blend[0], _shares(blend))
+                 for name, bounds in zip(names, split_matrix)]
     need = cfg.data.seq_length + 1  # a sample's tokens and the label after the last
     opened = {}
-    for name, prefix, bounds in parts:
+    for name, prefix, bounds, share in parts:
         if prefix not in opened:
             with _single_process_is_fine():
                 opened[prefix] = open_indexed(prefix)  # kept referenced: its arrays view an mmap closed on deletion
@@ -140,7 +145,24 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, n
                 "" if valid_blend else f", or give the {name} split a larger weight in data.split")
             raise UserError(f"the {name} split of {prefix} holds {tokens} tokens ({end - beg} documents), fewer "
                             f"than one sample (data.seq_length + 1 = {need}): use {fix}")
+        # megatron-core counts the passes one at a time, then indexes every document of each pass
+        passes = math.ceil(samples[name] * share * cfg.data.seq_length / tokens)
+        if passes > 1 and passes * (end - beg) > MAX_INDEXED_DOCUMENTS:
+            raise UserError(f"{samples[name]:,} {name} samples would read the {name} split of {prefix} ({tokens:,} "
+                            f"tokens) {passes:,} times, an index of {passes * (end - beg):,} documents: lower "
+                            + ("train.max_steps or train.global_batch_size" if name == "train" else "train.eval_samples")
+                            + ", or give a larger corpus")
     return blend, valid_blend, test_blend
+
+
+BLEND_SURPLUS = 1.005  # megatron-core draws each blended dataset's share with half a percent to spare
+MAX_INDEXED_DOCUMENTS = 2 ** 32  # 16 GiB of int32 document ids, then as many shuffled samples
+
+
+def _shares(blend: tuple) -> list[float]:
+    """Each prefix's share of a parsed blend's samples (megatron-core's surplus included)."""
+    prefixes, weights = blend
+    return [w / sum(weights) * BLEND_SURPLUS for w in weights] if weights else [1.0] * len(prefixes)
 
 
 class Splits(NamedTuple):
@@ -174,7 +196,8 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
                             f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
                             "data.tokenizer")
         path = [corpus.prefix]
-    blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_eval_samples, section)
+    blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_train_samples,
+                                                    num_eval_samples, section)
     cache = _cache_dir(cfg, [blend, valid_blend, test_blend])
     with _single_process_is_fine():
         config = GPTDatasetConfig(

@@ -53,21 +53,24 @@ class StageBlends(NamedTuple):
     valid_path: list
     test_path: list
     steps: int
+    samples: int  # the sequences its steps train on
 
 
 def stage_blends(cfg: Config) -> list[StageBlends]:
     """The blends of each stage; without data.stages, one stage over data.path."""
-    return ([StageBlends(stage_name(cfg, i), f"data.stages[{i}]", s.path, s.valid_path, s.test_path, s.steps)
-             for i, s in enumerate(cfg.data.stages)]
-            or [StageBlends("main", "data", cfg.data.path, cfg.data.valid_path, cfg.data.test_path,
-                            cfg.train.max_steps)])
+    blends = ([(stage_name(cfg, i), f"data.stages[{i}]", s.path, s.valid_path, s.test_path, s.steps)
+               for i, s in enumerate(cfg.data.stages)]
+              or [("main", "data", cfg.data.path, cfg.data.valid_path, cfg.data.test_path, cfg.train.max_steps)])
+    batches, first, stages = BatchSchedule(cfg), 0, []
+    for *blend, steps in blends:
+        stages.append(StageBlends(*blend, steps, batches.first_sample(first + steps) - batches.first_sample(first)))
+        first += steps
+    return stages
 
 
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
-    batches = BatchSchedule(cfg)
     stages, first = [], 0
-    for name, section, path, valid_path, test_path, steps in stage_blends(cfg):
-        samples = batches.first_sample(first + steps) - batches.first_sample(first)
+    for name, section, path, valid_path, test_path, steps, samples in stage_blends(cfg):
         splits = build_datasets(cfg, tokenizer, samples, cfg.train.eval_samples, path, valid_path, test_path,
                                 section)
         stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path),
