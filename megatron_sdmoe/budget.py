@@ -96,9 +96,11 @@ def head_counts(requested: str, hidden_size: int) -> list[int]:
     """The requested head counts H (comma-separated) that divide the hidden size."""
     try:
         heads = list(dict.fromkeys(int(h) for h in requested.split(",")))  # each once
+        if min(heads) < 1:
+            raise ValueError
     except ValueError:
-        raise UserError(f"--heads {requested!r} is not a comma-separated list of whole numbers (e.g. 2,4,8)")
-    usable = [h for h in heads if h >= 1 and hidden_size % h == 0]
+        raise UserError(f"--heads {requested!r} is not a comma-separated list of positive whole numbers (e.g. 2,4,8)")
+    usable = [h for h in heads if hidden_size % h == 0]
     if not usable:
         divisors = [h for h in range(2, hidden_size + 1) if hidden_size % h == 0][:4]
         raise UserError(f"none of --heads {requested} divides model.hidden_size={hidden_size}: pick head counts "

@@ -76,6 +76,13 @@ def writing_into(directory: Path, setting: str = "run.dir"):
         raise UserError(f"{setting} {directory} is not writable ({e.strerror}): choose another {setting}") from e
 
 
-def out_of_memory_line(rank: int, error: Exception, fix: str) -> str:
-    """The one line for a rank that ran out of GPU memory (that rank prints it: the launcher ends the others)."""
-    return f"error: rank {rank} ran out of GPU memory ({str(error).splitlines()[0]}): {fix}"
+def out_of_memory_line(rank: int, error: Exception, fix: str, memory: str = "GPU") -> str:
+    """The one line for a rank that ran out of `memory` (that rank prints it: the launcher ends the others)."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"error: rank {rank} ran out of {memory} memory ({first}): {fix}"
+
+
+def out_of_host_memory(error: BaseException) -> bool:
+    """Python's MemoryError, or torch's CPU allocator failing (a RuntimeError of its own words)."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError)
+                                              and "DefaultCPUAllocator: can't allocate memory" in str(error))

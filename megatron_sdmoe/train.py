@@ -24,14 +24,14 @@ from megatron_sdmoe.data.datasets import parse_blend
 from megatron_sdmoe.data.indexed import check_token_ids
 from megatron_sdmoe.data.sample_corpus import configured_tokenizer, ensure_sample_corpus
 from megatron_sdmoe.data.tokenizer import Tokenizer
-from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, exit_bad_input, out_of_memory_line,
-                                   writing_into)
+from megatron_sdmoe.errors import (EXIT_BAD_INPUT, ArgumentParser, UserError, exit_bad_input, out_of_host_memory,
+                                   out_of_memory_line, writing_into)
 from megatron_sdmoe.models import build_model, padded_vocab_size
 from megatron_sdmoe.preflight import check_files
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.agreement import agreed, check_shared_directory
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
-from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
+from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE, catch_early_stops
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.runtime.run_lock import RunLock
 from megatron_sdmoe.training.checkpoint import (latest_checkpoint, load_checkpoint, relaid_from, saved_step,
@@ -144,11 +144,11 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
             caller_check()
         check_files(cfg, layout.world_size, checkpoint, need_checkpoint=evaluating)
 
-    agreed(start_checks)
-    if not cfg.data.path:  # the built-in sample corpus: one rank builds it, the others reuse it
+    if not cfg.data.path:  # the built-in sample corpus (checked with the rest): one rank builds it, the others reuse it
         if layout.is_main:
             ensure_sample_corpus()
         dist.barrier()
+    agreed(start_checks)
     tokenizer, vocab = agreed(lambda: checked_tokenizer(cfg, checkpoint))
     run_dir = prepare_run_dir(cfg, layout.is_main, lock=lock)
     stages = build_stages(cfg, tokenizer)
@@ -210,6 +210,7 @@ def train(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    catch_early_stops()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -230,6 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         print(out_of_memory_line(rank_from_env(), e, "lower train.micro_batch_size, set train.recompute=selective "
                                  "(or full), or spread the model over more GPUs (sdmoe-estimate CONFIG --gpus N says "
                                  "what fits)"), file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_host_memory(e):
+            raise
+        print(out_of_memory_line(rank_from_env(), e, "each rank builds its part of the model in host memory first: "
+                                 "give the ranks more memory or fewer per node, or shrink the model "
+                                 "(sdmoe-estimate CONFIG says how large it is)", memory="host"), file=sys.stderr,
+              flush=True)
         sys.exit(EXIT_BAD_INPUT)
 
 

@@ -184,8 +184,8 @@ def test_checkpoint_of_another_vocabulary(resumed, tmp_path):
     run_dir, before = resumed
     tokenizer = load_tokenizer(ensure_sample_corpus().tokenizer_dir).hf
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(200)])
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
-    proc = train(run_dir, f"data.tokenizer={tmp_path / 'tokenizer'}")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # ids as before: the corpus passes
+    proc = train(run_dir, f"data.tokenizer={tmp_path / 'tokenizer'}", f"data.path=[{ensure_sample_corpus().prefix}]")
     assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} has a vocabulary of 4096 "
                          "rows, but this run's tokenizer and model.vocab_size give 4352: resume with")
     assert snapshot(run_dir) == before
@@ -379,13 +379,22 @@ def test_weights_to_start_from_with_a_missing_shard(tmp_path):
 
 
 def test_bad_input_found_after_the_lock_leaves_the_runs_config_as_it_was(resumed):
-    """Bad input found once run.dir is locked (the sample corpus's splits are checked as it is read):
-    config.yaml is written only after the data, the model and its weights have passed."""
+    """Bad input in a run directory that holds a run: config.yaml is written only after the data,
+    the model and its weights have passed."""
     run_dir, before = resumed
     proc = train(run_dir, "data.split=100,0,0", "train.eval_interval=2")
     assert_refused(proc, "error: data.split='100,0,0' gives the validation set no documents")
     after = snapshot(run_dir)
     assert {p: after[p] for p in before} == before  # the data index cache aside, nothing changed
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.split=100,0,0", "train.eval_interval=2"], "error: data.split='100,0,0' gives the validation set no documents"),
+    (["data.tokenizer=tok"], "error: data.path is empty (the built-in sample corpus) but the tokenizer is "),
+])
+def test_the_sample_corpus_is_checked_before_run_dir_is_made(tmp_path, overrides, message):
+    assert_refused(train(tmp_path / "run", *overrides), message)
+    assert not (tmp_path / "run").exists()
 
 
 def test_max_steps_before_the_checkpoint(resumed):
@@ -395,6 +404,20 @@ def test_max_steps_before_the_checkpoint(resumed):
     assert_refused(proc, f"error: train.max_steps=1 lies before step 2 of the checkpoint it resumes from "
                          f"({run_dir / 'checkpoints' / 'step_00000002'}): raise train.max_steps, or sdmoe-checkpoints "
                          "rollback to an earlier step")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.skip_batches=[1-2]", "error: train.skip_batches has 1-2, but the checkpoint this start resumes from is at "
+                                 "step 2, past it: nothing would be skipped; to leave those batches out, first "
+                                 "sdmoe-checkpoints rollback "),
+    ("train.profile_steps=[1, 2]", "error: train.profile_steps=[1, 2], but the checkpoint this start resumes from is at "
+                                   "step 2, past them: profile steps after 2"),
+])
+def test_steps_added_where_the_run_already_is(resumed, override, message):
+    """The spike workflow's slip: train.skip_batches added without the rollback would skip nothing."""
+    run_dir, before = resumed
+    assert_refused(train(run_dir, "train.max_steps=4", override), message)
     assert snapshot(run_dir) == before
 
 

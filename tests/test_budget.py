@@ -1,13 +1,16 @@
 """sdmoe-budget: its top proposal for the tiny config holds the flat MoE's routed-expert budget in
 the model it builds, the paper's routing-path arithmetic, and the command line."""
 import json
+import re
 
+import pytest
 import torch
 
 from conftest import CONFIG, run_command
 
 from megatron_sdmoe.budget import DEFAULT_HEADS, budget, head_counts, routing_paths
 from megatron_sdmoe.config import load_config
+from megatron_sdmoe.errors import UserError
 
 VOCAB = 1000
 
@@ -67,3 +70,7 @@ def test_cli_table_json_and_bad_input():
 def test_head_counts_each_once_and_only_divisors():
     """--heads 2,2,3,4 on a width of 64: each proposal once (it was listed twice), 3 left out."""
     assert head_counts("2,2,3,4", 64) == [2, 4]
+    for requested in ("0,4", "-4,4", "2,x"):
+        with pytest.raises(UserError, match=re.escape(f"--heads {requested!r} is not a comma-separated list of "
+                                                      "positive whole numbers")):
+            head_counts(requested, 64)

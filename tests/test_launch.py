@@ -85,11 +85,17 @@ def test_a_second_sigterm_ends_the_launch(tmp_path):
     assert workers and not any(worker.is_running() for worker in workers)
 
 
-def test_bad_input_before_any_process(tmp_path):
-    run = subprocess.run(command(tmp_path / "run", "parallel.expert=4"), cwd=REPO, env=run_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
+@pytest.mark.parametrize("case", ["layout", "run.dir under a file"])
+def test_bad_input_before_any_process(tmp_path, case):
+    run_dir, extra, message = tmp_path / "run", "parallel.expert=4", (
         "error: world size 2 is not divisible by parallel.expert x parallel.expert_tensor = 4: launch a multiple "
-        "of 4 processes or lower parallel.expert"]
-    assert not (tmp_path / "run").exists()
+        "of 4 processes or lower parallel.expert")
+    if case == "run.dir under a file":
+        (tmp_path / "file").write_text("")
+        run_dir, extra = tmp_path / "file" / "run", "parallel.expert=2"
+        message = f"error: run.dir {run_dir} is not writable (Not a directory): choose another run.dir"
+    run = subprocess.run(command(run_dir, extra), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [message]  # no worker's line, no torchrun's
+    assert not run_dir.exists()

@@ -127,6 +127,15 @@ def test_time_budget_and_retention(tmp_path):
     assert json.loads((tmp_path / "checkpoints" / "step_00000012" / "meta.json").read_text())["step"] == 12
 
 
+def test_time_budget_counts_from_the_process_start():
+    """What runs before training (the imports: seconds of torch and megatron-core) counts too: a
+    budget set to a job's time limit must leave room for it."""
+    code = ("import time; time.sleep(2); from megatron_sdmoe.runtime import preemption; "
+            "print(time.monotonic() - preemption.STARTED)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert float(proc.stdout.splitlines()[-1]) >= 2.0
+
+
 def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_groups):
     """The budget counts from start-up and stops once the longest step and the longest save seen
     (before the first: the checkpoint's load) would no longer both fit."""
@@ -177,6 +186,35 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path):
     assert _same_weights(rank_file(tmp_path, 5)["model"], rank_file(tmp_path / "two", 2)["model"])
 
 
+def test_a_stop_changes_nothing_the_loop_counts(tmp_path):
+    """Stopped at step 4 (train.exit_interval) and started again, a run counts as one that never
+    stopped: the non-finite steps in a row (it still diverges at step 6), all of them
+    (`skipped_steps`), and the expert load since the last logged step (steps 4-6)."""
+    run = ["train.max_steps=8", "train.max_skipped_steps=4", "train.log_interval=3", "train.eval_interval=0"]
+    nan = {"module": "tests.workers.nan_loss", "env": {"NAN_STEPS": "3-6"}, "check": False}
+    straight = launch(tmp_path / "straight", 1, *run, **nan)
+    assert launch(tmp_path / "stopped", 1, *run, "train.exit_interval=4", **nan).returncode == 0
+    again = launch(tmp_path / "stopped", 1, *run, **nan)
+    assert straight.returncode == again.returncode == 4
+    assert straight.stderr.strip().splitlines()[-1] == again.stderr.strip().splitlines()[-1]  # steps 3-6
+    want, got = metrics(tmp_path / "straight")[-1], metrics(tmp_path / "stopped")[-1]
+    assert got["step"] == want["step"] == 6 and got["skipped_steps"] == want["skipped_steps"] == 4
+    assert got["expert_load_max_over_mean"] == pytest.approx(want["expert_load_max_over_mean"], abs=1e-9)
+
+
+def test_stop_signals_at_the_last_step_and_before_the_first(tmp_path):
+    """A signal during the last step: the run is done (exit 0), not stopped early (exit 3 would
+    requeue a job with nothing left to do); one during an earlier step stops it early, and so does
+    one while the run is set up (data, model, checkpoint: minutes at scale), after its first step."""
+    signalled = {"module": "tests.workers.signal_at_step", "check": False}
+    proc = launch(tmp_path / "last", 1, "train.max_steps=2", **signalled, env={"SIGNAL_AT_STEP": "2"})
+    assert proc.returncode == 0 and "done." in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for step in (1, 0):
+        proc = launch(tmp_path / f"at_{step}", 1, "train.max_steps=3", **signalled, env={"SIGNAL_AT_STEP": str(step)})
+        assert proc.returncode == EXIT_REQUEUE and "stopped early (SIGUSR1)" in proc.stdout, proc.stderr[-2000:]
+        assert (tmp_path / f"at_{step}" / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
 def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     """A full disk or a quota on one rank of two (a file size limit stands in for it): every rank
     stops at the checkpoint with exit code 2 and one line naming the OS's reason and the rank,
@@ -212,6 +250,18 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(tmp_path):
         "train.recompute=selective (or full), or spread the model over more GPUs (sdmoe-estimate CONFIG --gpus N "
         "says what fits)"], proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+def test_running_out_of_host_memory_is_one_line(tmp_path):
+    """Building the model in host memory (each rank its part, drawn whole tensor by tensor): torch's
+    CPU allocator's error, one line with what to change, exit code 2, nothing written."""
+    proc = launch(tmp_path / "run", 1, module="tests.workers.out_of_memory", env={"OUT_OF_MEMORY": "host"},
+                  check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: rank 0 ran out of host memory (") and "DefaultCPUAllocator" in errors[0]
+    assert errors[0].endswith("(sdmoe-estimate CONFIG says how large it is)")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_a_metrics_write_that_fails_is_one_line(tmp_path):

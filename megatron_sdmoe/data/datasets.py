@@ -96,6 +96,15 @@ def _single_process_is_fine():
         yield
 
 
+def sample_corpus_prefix(tokenizer_dir: str | None) -> str:
+    """The built-in corpus's prefix (data.path empty), refused with another tokenizer than its own."""
+    corpus = ensure_sample_corpus()
+    if tokenizer_dir and Path(tokenizer_dir).resolve() != Path(corpus.tokenizer_dir).resolve():
+        raise UserError(f"data.path is empty (the built-in sample corpus) but the tokenizer is {tokenizer_dir}: set "
+                        "data.path to a corpus tokenized with it, or drop data.tokenizer")
+    return corpus.prefix
+
+
 def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, num_train_samples: int,
                    num_eval_samples: int, section: str = "data") -> tuple[tuple, tuple | None, tuple | None]:
     """The blend `path` and the validation and test blends `valid_path` and `test_path` (None if
@@ -189,13 +198,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
     path = cfg.data.path if path is None else path
     valid_path = cfg.data.valid_path if valid_path is None else valid_path
     test_path = cfg.data.test_path if test_path is None else test_path
-    if not path:
-        corpus = ensure_sample_corpus()
-        if Path(tokenizer.directory).resolve() != Path(corpus.tokenizer_dir).resolve():
-            raise UserError(f"data.path is empty (the built-in sample corpus) but the tokenizer is "
-                            f"{tokenizer.directory}: set data.path to a corpus tokenized with it, or drop "
-                            "data.tokenizer")
-        path = [corpus.prefix]
+    path = path or [sample_corpus_prefix(tokenizer.directory)]
     blend, valid_blend, test_blend = checked_blends(cfg, path, valid_path, test_path, num_train_samples,
                                                     num_eval_samples, section)
     cache = _cache_dir(cfg, [blend, valid_blend, test_blend])

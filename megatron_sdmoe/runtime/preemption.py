@@ -9,12 +9,26 @@ import signal
 import sys
 import time
 
+import psutil
 import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 3  # "saved, stopped early: requeue me" (launch scripts act on it)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-STARTED = time.monotonic()  # the time budget counts from start-up: loading a checkpoint takes part of it
+# The time budget counts from the process's start: imports and loading a checkpoint take part of it.
+STARTED = time.monotonic() - (time.time() - psutil.Process().create_time())
+
+
+_EARLY: list[str] = []  # stop signals received while the run was being set up
+
+
+def catch_early_stops() -> None:
+    """Until training begins, SIGUSR1 and SIGTERM are remembered instead of ending the process
+    (setting up, e.g. a checkpoint's re-cut, can take minutes at scale): the run then stops after
+    its first step with a checkpoint and EXIT_REQUEUE, as it would have during training. (Ctrl-C
+    still stops a start at once.)"""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: _EARLY.append(signal.Signals(signum).name))
 
 
 class StopRequest:
@@ -24,7 +38,7 @@ class StopRequest:
         """`save_seconds`: how long a save may take before one has been timed (a resumed run's
         checkpoint load: the same bytes)."""
         self.deadline = STARTED + budget_minutes * 60 if budget_minutes > 0 else None
-        self.device, self.reason = device, None
+        self.device, self.reason = device, (_EARLY[0] if _EARLY else None)
         self.longest_step, self.longest_save = 0.0, save_seconds
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)

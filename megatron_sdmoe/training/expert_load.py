@@ -15,12 +15,16 @@ class ExpertLoadMeter:
     parallelism over DP), so the sum over all ranks is the global load.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, saved: list | None = None):
+        """`saved`: state() as a checkpoint holds it (the counts since the last logged step)."""
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         num_experts = self.routers[0].config.num_moe_experts if self.routers else 0
         # On the routers' device, so counting adds no host sync to the training step.
         self.counts = torch.zeros(len(self.routers), num_experts, dtype=torch.float64, device=device())
         self.tokens = torch.zeros(len(self.routers), dtype=torch.float64, device=device())  # routed, per router
+        if saved and dist.get_rank() == 0:  # summed over ranks: one rank holds them
+            counts = torch.tensor(saved, dtype=torch.float64, device=device())
+            self.counts, self.tokens = counts[:, :-1].contiguous(), counts[:, -1].contiguous()
         for index, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(index))
 
@@ -31,6 +35,12 @@ class ExpertLoadMeter:
                 self.counts[index] += routing_map.sum(dim=0).to(self.counts)
                 self.tokens[index] += routing_map.shape[0]
         return count
+
+    def state(self) -> list:
+        """The counts since the last collect, summed over ranks, per router [experts + tokens] (a collective)."""
+        counts = torch.cat([self.counts, self.tokens[:, None]], dim=1)
+        dist.all_reduce(counts)
+        return counts.tolist()
 
     def collect(self, per_expert: bool = False) -> dict[str, list]:
         """Per MoE layer since the last call (a collective): the busiest expert's tokens over the

@@ -47,7 +47,7 @@ class Trainer:
         self.skipped_ranges = skipped_batch_ranges(cfg)  # 1-based steps
         self.model_config = engine.module.config  # megatron-core's TransformerConfig
         self.vocab_rows = engine.module.vocab_size  # the embedding's rows (the padded vocabulary)
-        self.expert_load = ExpertLoadMeter(engine.module)
+        self.expert_load = ExpertLoadMeter(engine.module, saved_state.get("expert_load"))
         self.sdmoe_layers = sdmoe_modules(engine.module)
         self.update_projector = (UpdateProjector(self.sdmoe_layers)
                                  if self.sdmoe_layers and cfg.sdmoe.project_updates else None)
@@ -62,6 +62,9 @@ class Trainer:
         self.smoother = (SingularitySmoother(cfg.smoothing, engine.module, layout.device,
                                              saved_state.get("smoothing"))
                          if cfg.smoothing.enabled else None)
+        # non-finite steps: in a row (train.max_skipped_steps) and in all, as a run that never stopped counts them
+        self.skipped_in_a_row = saved_state.get("skipped_in_a_row", 0)
+        engine.skipped_steps = saved_state.get("skipped_steps", 0)  # DeepSpeed's count; its own checkpoints keep it
 
     # -- data order --------------------------------------------------------------------------
     def micro_batch_indices(self, first_sample: int, micro: int) -> list[int]:
@@ -206,7 +209,7 @@ class Trainer:
                    disable=not self.layout.is_main, dynamic_ncols=True)
         self.engine.train()
         stop = StopRequest(tr.time_budget_minutes, self.layout.device, load_seconds)
-        self.skipped_in_a_row, self.start_step = 0, start_step
+        self.start_step = start_step
         try:  # the bar ends its line before an error is printed
             for step in range(start_step, tr.max_steps):
                 stopped, leaving = self._run_step(step, bar, stop)
@@ -281,17 +284,25 @@ class Trainer:
                           + (f" | MFU {result['mfu']:.1%}" if "mfu" in result else "") + val)
         self.skipped_in_a_row = 0 if self.engine.was_step_applied() else self.skipped_in_a_row + 1
 
+    def _state(self) -> dict:
+        """The loop's own state, the same on every rank, for the checkpoint (a collective)."""
+        state = {"skipped_in_a_row": self.skipped_in_a_row, "skipped_steps": self.engine.skipped_steps,
+                 "expert_load": self.expert_load.state()}
+        return {**state, "smoothing": self.smoother.state()} if self.smoother else state
+
     def _after_step(self, done: int, stop: StopRequest, seconds: float) -> tuple[str | None, bool]:
         """The checkpoint after step `done` (1-based) and whether to stop: see _run_step."""
         tr = self.cfg.train
-        stopped = stop.after_step(seconds)
+        stopped = stop.after_step(seconds)  # a collective: every rank calls it
+        if done == tr.max_steps:
+            stopped = None  # the run is done: a stop request at its last step changes nothing
         diverged = 0 < tr.max_skipped_steps <= self.skipped_in_a_row
         exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
         if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
                 or exiting or stopped or diverged):
             started = time.perf_counter()
             save_checkpoint(self.run_dir, done, self.engine, self.layout, self.batches.first_sample(done),
-                            tr.keep_checkpoints, {"smoothing": self.smoother.state()} if self.smoother else {})
+                            tr.keep_checkpoints, self._state())
             stop.saved(time.perf_counter() - started)
         if diverged:
             raise Diverged(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient norm and "

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_sdmoe.config import Config, TrainConfig, is_headwise, is_sdmoe, resolved_blend, to_dict
+from megatron_sdmoe.config import (Config, TrainConfig, is_headwise, is_sdmoe, resolved_blend, skipped_batch_ranges,
+                                   to_dict)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.checkpoint import (LATEST, MODEL_PARALLEL, check_intact, layout_meta, read_meta,
                                                 saved_step)
@@ -114,6 +115,25 @@ def check_finished_stages(path: Path | None, cfg: Config) -> None:
             raise UserError(f"data.stages[{index}] ended at step {end} (the checkpoint is at step {step}), and the "
                             "stage matrix holds losses on its data: keep its path and valid_path as the run had them "
                             f"({before[0]}, {before[1]}), or start a new run.dir")
+
+
+def check_added_steps(path: Path | None, cfg: Config) -> None:
+    """Refuse a train.skip_batches range or train.profile_steps that this start adds (the
+    checkpoint's config lacks them) but that end where the run already is: nothing would be skipped
+    or profiled. (Skipping the batches before a spike needs a rollback first.)"""
+    saved = _saved_config(path) if path is not None else None
+    if not saved:
+        return
+    step, tr = saved_step(path), cfg.train
+    had = {str(item) for item in saved["train"].get("skip_batches", [])}
+    for item, (first, last) in zip(tr.skip_batches, skipped_batch_ranges(cfg)):
+        if str(item) not in had and last <= step:
+            raise UserError(f"train.skip_batches has {first}-{last}, but the checkpoint this start resumes from is "
+                            f"at step {step}, past it: nothing would be skipped; to leave those batches out, first "
+                            f"sdmoe-checkpoints rollback {path.parent.parent} to a step before {first}")
+    if tr.profile_steps and tr.profile_steps != saved["train"].get("profile_steps") and tr.profile_steps[1] <= step:
+        raise UserError(f"train.profile_steps={tr.profile_steps}, but the checkpoint this start resumes from is at "
+                        f"step {step}, past them: profile steps after {step}")
 
 
 def _flat_items(saved: dict, current: dict, prefix: str = ""):

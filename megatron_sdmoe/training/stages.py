@@ -84,7 +84,7 @@ def evaluated_on_training_data(cfg: Config) -> list[str]:
     (whole, with a separate validation blend): its losses there are measured on training documents,
     which may be meant (a check of overfitting) or a slip."""
     notes = []
-    for name, _section, path, valid_path, test_path, _steps in stage_blends(cfg):
+    for name, _section, path, valid_path, test_path, *_ in stage_blends(cfg):
         trained = set(parse_blend(path)[0]) if path else set()
         for setting, blend in (("valid_path", valid_path), ("test_path", test_path)):
             shared = [prefix for prefix in parse_blend(blend)[0] if prefix in trained] if blend else []
