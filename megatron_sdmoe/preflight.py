@@ -38,10 +38,10 @@ def check_files(cfg: Config, world_size: int, checkpoint: Path | None = None, ne
                         "(train.save_interval, or the end of its run)")
     check_resumable(cfg, world_size, checkpoint)
     step = saved_step(checkpoint)
-    if not need_checkpoint:  # training goes on from it (sdmoe-eval reads a checkpoint of any step, on any data)
-        check_writable(Path(cfg.run.dir), "run.dir")
     if cfg.data.cache_dir:
         check_writable(Path(cfg.data.cache_dir), "data.cache_dir")
+    if not need_checkpoint:  # training goes on from it (sdmoe-eval reads a checkpoint of any step, on any data)
+        check_writable(Path(cfg.run.dir), "run.dir")
         if step > cfg.train.max_steps:
             raise UserError(f"train.max_steps={cfg.train.max_steps} lies before step {step} of the checkpoint it "
                             f"resumes from ({checkpoint}): raise train.max_steps, or sdmoe-checkpoints rollback to an "
