@@ -244,7 +244,8 @@ class _ConfigLoader(yaml.SafeLoader):
     written, and a number setting refuses it rather than taking another number."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        # its own keys: those a merge key (`<<: *defaults`) brings may be set again, as YAML means
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]
         twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
         if twice is not None:
             raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} appears twice", node.start_mark)
@@ -274,7 +275,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            what = "is a directory" if path.is_dir() else "not found"
+            what = "is a directory" if path.is_dir() else "is not a file" if path.exists() else "not found"
             raise UserError(f"config file {path} {what}: pass the path of a YAML file (see configs/)")
         try:
             raw = load_yaml(path.read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """Config loading, overrides, validation, and the one-line exit-2 contract for bad input."""
 import dataclasses
 import importlib
+import os
 import re
 import tomllib
 
@@ -207,6 +208,14 @@ def test_cli_bad_input_exits_2_with_one_line(args, world, message, tmp_path):
     assert not run_dir.exists()  # nothing half-written
 
 
+def test_yaml_merge_keys(tmp_path):
+    """Stages that share settings through an anchor and merge keys (`<<: *first`), one of them set again."""
+    (tmp_path / "stages.yaml").write_text("data:\n  tokenizer: tok\n  stages:\n"
+                                          "    - &first {path: [a], steps: 100}\n    - <<: *first\n      path: [b]\n")
+    stages = load_config(tmp_path / "stages.yaml").data.stages
+    assert [(stage.path, stage.steps) for stage in stages] == [([os.path.abspath("a")], 100), ([os.path.abspath("b")], 100)]
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe\x00 not text", "is not UTF-8 text: pass a YAML file (see configs/)"),
     (b"1: 2\n", "config key 1 is not a name: keys are section and setting names (see configs/)"),
@@ -220,6 +229,8 @@ def test_config_files_that_are_not_configs(content, message, tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(UserError, match="is a directory: pass the path of a YAML file"):
         load_config(tmp_path)
+    with pytest.raises(UserError, match="/dev/null is not a file: pass the path of a YAML file"):
+        load_config("/dev/null")
 
 
 @pytest.mark.parametrize("prog, args, message", [
