@@ -172,8 +172,8 @@ def test_checkpoint_of_another_model(resumed):
     run_dir, before = resumed
     proc = train(run_dir, "model.hidden_size=128", "moe.ffn_hidden_size=32")
     assert_refused(proc, f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000002'} was saved by another model "
-                         "(model.hidden_size: 64 -> 128, moe.ffn_hidden_size: 64 -> 32): resume with the "
-                         "checkpoint's settings or start a new run.dir")
+                         "(model.hidden_size: 64 -> 128, moe.ffn_hidden_size: 64 -> 32): keep the checkpoint's "
+                         "settings (another model trains in a new run.dir)")
     assert snapshot(run_dir) == before  # config.yaml and checkpoint untouched
 
 

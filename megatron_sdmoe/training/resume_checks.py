@@ -44,8 +44,8 @@ def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
     sections = ["model", "moe"] + ["sdmoe"] * is_sdmoe(cfg) + ["headwise"] * is_headwise(cfg)
     differing = _differences(saved_config, cfg, sections, allowed=RESUMABLE_CHANGES) if saved_config else []
     if differing:
-        raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): resume with "
-                        "the checkpoint's settings or start a new run.dir")
+        raise UserError(f"checkpoint {path} was saved by another model ({', '.join(differing)}): keep the "
+                        "checkpoint's settings (another model trains in a new run.dir)")
     if saved_config:
         for key in BATCH_SETTINGS:
             saved_value, value = saved_config["train"].get(key, getattr(TrainConfig(), key)), getattr(cfg.train, key)
