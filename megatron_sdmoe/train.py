@@ -144,7 +144,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
             caller_check()
         check_files(cfg, layout.world_size, checkpoint, need_checkpoint=evaluating)
 
-    if not cfg.data.path:  # the built-in sample corpus (checked with the rest): one rank builds it, the others reuse it
+    if not cfg.data.path and not cfg.data.stages:  # the built-in corpus (checked with the rest): one rank builds it
         if layout.is_main:
             ensure_sample_corpus()
         dist.barrier()
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     except (MemoryError, RuntimeError) as e:
         if not out_of_host_memory(e):
             raise
-        print(out_of_memory_line(rank_from_env(), e, "each rank builds its part of the model in host memory first: "
-                                 "give the ranks more memory or fewer per node, or shrink the model "
+        print(out_of_memory_line(rank_from_env(), e, "each rank builds its part of the model (and the data's index) in "
+                                 "host memory: give the ranks more memory or fewer per node, or shrink the model "
                                  "(sdmoe-estimate CONFIG says how large it is)", memory="host"), file=sys.stderr,
               flush=True)
         sys.exit(EXIT_BAD_INPUT)

@@ -109,6 +109,8 @@ def _run_rank(module: str, args: list[str], env: dict, stdout: Path, stderr: Pat
     os.chdir(REPO)
     sys.path.insert(0, str(REPO))  # as `python -m` puts its working directory first
     sys.argv = [module, *args]
+    from megatron_sdmoe.runtime import preemption
+    preemption.STARTED = time.monotonic()  # the rank's start, not the server's: what a time budget counts from
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

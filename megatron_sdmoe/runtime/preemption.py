@@ -25,8 +25,9 @@ _EARLY: list[str] = []  # stop signals received while the run was being set up
 def catch_early_stops() -> None:
     """Until training begins, SIGUSR1 and SIGTERM are remembered instead of ending the process
     (setting up, e.g. a checkpoint's re-cut, can take minutes at scale): the run then stops after
-    its first step with a checkpoint and EXIT_REQUEUE, as it would have during training. (Ctrl-C
-    still stops a start at once.)"""
+    its first step with a checkpoint and EXIT_REQUEUE, as it would have during training. A SIGTERM
+    meant to end a start (a failed peer's launcher, scancel) therefore waits for the SIGKILL that
+    follows it. (Ctrl-C still stops a start at once.)"""
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: _EARLY.append(signal.Signals(signum).name))
 
@@ -38,10 +39,11 @@ class StopRequest:
         """`save_seconds`: how long a save may take before one has been timed (a resumed run's
         checkpoint load: the same bytes)."""
         self.deadline = STARTED + budget_minutes * 60 if budget_minutes > 0 else None
-        self.device, self.reason = device, (_EARLY[0] if _EARLY else None)
+        self.device, self.reason = device, None
         self.longest_step, self.longest_save = 0.0, save_seconds
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
+        self.reason = self.reason or (_EARLY[0] if _EARLY else None)  # read once no signal can slip past
 
     def _on_signal(self, signum, _frame) -> None:
         self.reason = signal.Signals(signum).name  # acted on after the current step
