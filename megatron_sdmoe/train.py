@@ -31,7 +31,7 @@ from megatron_sdmoe.preflight import check_files
 from megatron_sdmoe.runtime import Layout, init_distributed, seed_everything, shutdown
 from megatron_sdmoe.runtime.agreement import agreed, check_shared_directory
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
-from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE, catch_early_stops
+from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE, stop_signals_caught
 from megatron_sdmoe.runtime.provenance import record_start
 from megatron_sdmoe.runtime.run_lock import RunLock
 from megatron_sdmoe.training.checkpoint import (latest_checkpoint, load_checkpoint, relaid_from, saved_step,
@@ -210,7 +210,11 @@ def train(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    catch_early_stops()
+    with stop_signals_caught():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

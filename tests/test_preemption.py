@@ -202,6 +202,19 @@ def test_a_stop_changes_nothing_the_loop_counts(tmp_path):
     assert got["expert_load_max_over_mean"] == pytest.approx(want["expert_load_max_over_mean"], abs=1e-9)
 
 
+def test_the_entry_point_leaves_the_signal_handlers_as_it_found_them(capsys):
+    """sdmoe-train's main() run inside another program (tests call it in-process): a SIGTERM
+    handler left behind made a later multiprocessing pool's workers, forked from it, outlive
+    Pool.terminate, and the test run hung."""
+    from megatron_sdmoe import train
+    from megatron_sdmoe.runtime import preemption
+
+    before = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert {sig: signal.getsignal(sig) for sig in preemption.SIGNALS} == before
+
+
 def test_stop_signals_at_the_last_step_and_before_the_first(tmp_path):
     """A signal during the last step: the run is done (exit 0), not stopped early (exit 3 would
     requeue a job with nothing left to do); one during an earlier step stops it early, and so does

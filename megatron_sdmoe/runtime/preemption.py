@@ -5,9 +5,11 @@ so the job script requeues it; the next start resumes from `latest`.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 
 import psutil
 import torch
@@ -22,14 +24,24 @@ STARTED = time.monotonic() - (time.time() - psutil.Process().create_time())
 _EARLY: list[str] = []  # stop signals received while the run was being set up
 
 
-def catch_early_stops() -> None:
-    """Until training begins, SIGUSR1 and SIGTERM are remembered instead of ending the process
-    (setting up, e.g. a checkpoint's re-cut, can take minutes at scale): the run then stops after
-    its first step with a checkpoint and EXIT_REQUEUE, as it would have during training. A SIGTERM
-    meant to end a start (a failed peer's launcher, scancel) therefore waits for the SIGKILL that
-    follows it. (Ctrl-C still stops a start at once.)"""
+@contextlib.contextmanager
+def stop_signals_caught() -> Iterator[None]:
+    """Within: until training begins, SIGUSR1 and SIGTERM are remembered instead of ending the
+    process (setting up, e.g. a checkpoint's re-cut, can take minutes at scale): the run then stops
+    after its first step with a checkpoint and EXIT_REQUEUE, as it would have during training. A
+    SIGTERM meant to end a start (a failed peer's launcher, scancel) therefore waits for the SIGKILL
+    that follows it. (Ctrl-C still stops a start at once.) On the way out the handlers found are
+    restored: the entry point may run inside another program (a test), whose forked workers must
+    still die of SIGTERM."""
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    _EARLY.clear()
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: _EARLY.append(signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 class StopRequest:
