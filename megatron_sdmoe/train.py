@@ -38,8 +38,8 @@ from megatron_sdmoe.training.checkpoint import (latest_checkpoint, load_checkpoi
                                                 saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
-from megatron_sdmoe.training.resume_checks import ORDER_SETTINGS, changed_settings, check_vocabulary
 from megatron_sdmoe.training.metrics import MetricsLogger
+from megatron_sdmoe.training.resume_checks import ORDER_SETTINGS, changed_settings, check_vocabulary
 from megatron_sdmoe.training.schedule import schedule_notes
 from megatron_sdmoe.training.stages import build_stages, evaluated_on_training_data, stage_blends
 from megatron_sdmoe.validation import validate
