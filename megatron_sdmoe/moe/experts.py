@@ -39,7 +39,8 @@ def by_projection(fc1: torch.Tensor, fc2: torch.Tensor) -> dict[str, torch.Tenso
 def grouped_swiglu(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, tokens_per_expert: torch.Tensor,
                    probs: torch.Tensor) -> torch.Tensor:
     """x [T, h] sorted by expert; fc1 [E, 2f, h]; fc2 [E, h, f] -> [T, h] (probs applied before fc2)."""
-    offsets = torch.cumsum(tokens_per_expert.to(device=x.device), dim=0).to(torch.int32)
+    # megatron-core's dispatcher counts on the host; a blocking copy back would stall the GPU stream
+    offsets = torch.cumsum(tokens_per_expert.to(device=x.device, non_blocking=True), dim=0).to(torch.int32)
     hidden = torch._grouped_mm(x, fc1.transpose(1, 2), offs=offsets)
     gate, up = hidden.chunk(2, dim=-1)
     hidden = (F.silu(gate) * up * probs.unsqueeze(-1)).to(x.dtype)
