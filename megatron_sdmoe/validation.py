@@ -75,9 +75,9 @@ def _validate_moe(cfg: Config) -> None:
              f"sdmoe.projections={sd.projections}: choose from gate, up, down (none would train the topk baseline: "
              "set moe.variant=topk for that)")
         need(sd.common_lr_scale > 0, f"sdmoe.common_lr_scale={sd.common_lr_scale} must be positive")
-        need(sd.rank <= min(expert_input, ffn),
-             f"sdmoe.rank={sd.rank} exceeds the smaller side of the expert matrices "
-             f"({min(expert_input, ffn)}): lower sdmoe.rank")
+        need(sd.rank < min(expert_input, ffn),
+             f"sdmoe.rank={sd.rank} leaves the unique parts no direction to train in: it must be below the smaller "
+             f"side of the expert matrices ({min(expert_input, ffn)}): lower sdmoe.rank")
         need(par.expert_tensor in (1, par.tensor),
              f"moe.variant={moe.variant} shards the common matrices with the experts only when parallel.expert_tensor "
              f"equals parallel.tensor ({par.tensor}) or is 1: set parallel.expert_tensor to one of them")

@@ -151,6 +151,8 @@ def test_load_errors(override, message):
     (["smoothing.threshold=nan"], 1, "smoothing.threshold=nan must be a finite number"),
     (["sdmoe.oversample=-100"], 1, "sdmoe.oversample=-100 must not be negative"),
     (["sdmoe.power_iterations=-1"], 1, "sdmoe.power_iterations=-1 must not be negative"),
+    # a complement of round-off only: the unique parts could never train
+    (["moe.variant=sdmoe", "sdmoe.rank=128"], 1, "sdmoe.rank=128 leaves the unique parts no direction to train in"),
     # an odd head width crashed in RoPE at the first forward pass
     (["model.kv_channels=33"], 1, "each attention head is 33 wide (model.kv_channels, by default model.hidden_size / "
                                   "model.num_attention_heads), but RoPE rotates pairs of dimensions: make it even"),

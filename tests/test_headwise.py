@@ -158,7 +158,10 @@ def test_one_head_is_the_flat_moe(flat, headwise, tmp_path):
 RUN = ["train.max_steps=10", "sdmoe.refresh_interval=4", "moe.diag_interval=5", "moe.diag_position_buckets=4"]
 LAYOUTS = {"EP2": (2, ["parallel.expert=2"]), "EP4": (4, ["parallel.expert=4", "parallel.zero_stage=2"]),
            "TP2": (2, ["parallel.tensor=2"])}
-VARIANTS = {"headwise": ["moe.variant=headwise"], "headwise_sdmoe": ["moe.variant=headwise_sdmoe"],
+# SD-MoE at a gentler LR than SMALL's 0.01, as the flat SD-MoE parity runs: at 0.01 gradient-norm
+# spikes turn round-off of top-1 routing into loss differences of up to 5e-3 by step 10 (measured,
+# before and after any basis refresh); at 0.001 every layout agrees to 1e-6 (four seeds measured)
+VARIANTS = {"headwise": ["moe.variant=headwise"], "headwise_sdmoe": ["moe.variant=headwise_sdmoe", "train.lr=0.001"],
             "shared bank": ["moe.variant=headwise", "headwise.bank=shared"]}
 # the shared bank's mixing and merge projections are what TP adds to check; its routing is the others'
 CASES = [(v, layout) for v in VARIANTS for layout in LAYOUTS if v != "shared bank" or layout == "TP2"]
@@ -192,6 +195,9 @@ def test_same_losses_as_one_process(references, variant, layout, tmp_path):
         if "route_neff" in want:
             assert got["route_neff"] == pytest.approx(want["route_neff"], rel=1e-2), got["step"]
             assert got["expert_overlap"] == pytest.approx(want["expert_overlap"], rel=1e-2), got["step"]
+        if "unique_off_complement" in want:  # SD-MoE's unique parts, gathered over EP
+            off = want["unique_off_complement"]
+            assert got["unique_off_complement"] == pytest.approx(off, rel=1e-2), got["step"]
     assert [r["step"] for r in rows if "route_neff" in r] == [5, 10]
     assert rows[-1]["loss"] < rows[0]["loss"]
 

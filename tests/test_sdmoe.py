@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sdmoe.config import SDMoEConfig
+from megatron_sdmoe.moe.experts import by_projection
 from megatron_sdmoe.moe.sdmoe import (UNSHARDED, DeferredFactors, SDMoEExperts, SpectralSplit, complement,
                                       top_singular_vectors)
 
@@ -88,6 +89,7 @@ def build_layer(single_process_groups, common: str, rank: int = 4) -> SDMoEExper
         layer.linear_fc1.normal_(0, 0.02, generator=gen)
         layer.linear_fc2.normal_(0, 0.02, generator=gen)
     layer.layer_key = "decoder.layers.0.mlp.experts"
+    layer.drawn = by_projection(layer.linear_fc1.detach().clone(), layer.linear_fc2.detach().clone())
     layer.split_initial_weights()
     return layer
 
@@ -102,9 +104,10 @@ def test_initial_split(single_process_groups, common):
         torch.testing.assert_close(q.transpose(-2, -1) @ q, torch.eye(4).expand_as(q.transpose(-2, -1) @ q),
                                    atol=1e-5, rtol=0)
         assert (q.transpose(-2, -1) @ u).abs().max() < 1e-6 and (u @ v).abs().max() < 1e-6
-    # effective weights keep the baseline's scale (std 0.02)
-    fc1, fc2 = layer.weights()
-    assert 0.015 < fc1.std().item() < 0.025 and 0.015 < fc2.std().item() < 0.025
+        # each effective weight C + U_e keeps its drawn norm, the baseline's scale
+        effective = c.repeat_interleave(u.shape[0] // c.shape[0], 0) + u
+        torch.testing.assert_close(effective.norm(dim=(-2, -1)), layer.drawn[proj].norm(dim=(-2, -1)),
+                                   rtol=1e-5, atol=0)
 
 
 def train_steps(layer: SDMoEExperts, optimizer: torch.optim.Optimizer, steps: int) -> dict[str, torch.Tensor]:
@@ -144,6 +147,30 @@ def test_adamw_without_projection_leaves_the_complement(single_process_groups):
     layer = build_layer(single_process_groups, "shared")
     deltas = train_steps(layer, torch.optim.AdamW(layer.parameters(), lr=1e-2), steps=3)
     assert off_complement(layer, deltas) > 1e-2
+
+
+def explicit_unique_off_complement(layer: SDMoEExperts) -> torch.Tensor:
+    """Per expert, |U - (I - P) U (I - R)|^2 / |U|^2 with dense projector matrices, mean over projections."""
+    shares = []
+    for proj, unique in layer.uniques().items():
+        q, v = (b.double() for b in layer.expert_basis(proj))
+        u = unique.detach().double()
+        eye_m, eye_n = torch.eye(u.shape[-2], dtype=torch.float64), torch.eye(u.shape[-1], dtype=torch.float64)
+        inside = (eye_m - q @ q.mT) @ u @ (eye_n - v @ v.mT)
+        shares.append((u - inside).square().sum((-2, -1)) / u.square().sum((-2, -1)))
+    return torch.stack(shares).mean(0).float()
+
+
+@pytest.mark.parametrize("common", ["shared", "per_expert"])
+def test_unique_off_complement_diagnostic(single_process_groups, common):
+    """0 after the initial split; AdamW then moves U into the common subspace, and the diagnostic
+    measures how far, as dense projectors do."""
+    layer = build_layer(single_process_groups, common)
+    assert layer.unique_off_complement().abs().max() < 1e-6
+    train_steps(layer, torch.optim.AdamW(layer.parameters(), lr=1e-2), steps=3)
+    share = layer.unique_off_complement()
+    assert (share > 1e-3).tolist() == [True, True, False, True]  # expert 2 saw no token: it only decays
+    torch.testing.assert_close(share, explicit_unique_off_complement(layer), rtol=1e-4, atol=1e-7)
 
 
 def test_a_projection_left_out_stays_the_baseline(single_process_groups):

@@ -62,6 +62,7 @@ def test_sdmoe_resume_across_a_refresh_is_exact(tmp_path):
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in reference]
     # diagnostics, including SD-MoE's unique-part overlap, come out the same after the resume
     assert resumed[-1]["unique_overlap"] == reference[-1]["unique_overlap"]
+    assert resumed[-1]["unique_off_complement"] == reference[-1]["unique_off_complement"]
     assert resumed[-1]["expert_overlap"] == reference[-1]["expert_overlap"]
 
 

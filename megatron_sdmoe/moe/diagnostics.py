@@ -8,7 +8,10 @@ Every `moe.diag_interval` steps, per MoE layer and expert projection (gate, up, 
 - router specificity: S(i, j) = ||V_j^T r_i||^2 for the unit router row r_i and expert j's top-k
   right singular vectors of its gate projection; specificity_i = S(i, i) / mean_{j != i} S(i, j);
 - SD-MoE layers also report `unique_overlap`: the weight overlap of the unique parts U_e alone
-  (the effective weights share C by construction).
+  (the effective weights share C by construction), and `unique_off_complement`: the share of |U_e|^2
+  outside the two-sided complement of the current basis, mean over experts and projections (0
+  while the decoupling is exact; Adam's updates without sdmoe.project_updates, and refreshes,
+  raise it).
 Bases are computed where the experts live and gathered over expert parallelism (only k vectors
 per expert travel).
 """
@@ -77,7 +80,8 @@ class Diagnostics:
     def compute(self) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
         """Per-layer scalars and each layer's overlap matrix (left vectors, mean over projections)."""
         scalars: dict[str, list[float]] = {key: [] for key in (
-            "expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity", "unique_overlap")}
+            "expert_overlap", "expert_overlap_right", "grad_alignment", "router_specificity", "unique_overlap",
+            "unique_off_complement")}
         matrices = []
         for router, experts in self.layers:
             weights = by_projection(*experts.weights())
@@ -105,4 +109,8 @@ class Diagnostics:
                 unique = [mean_off_diagonal(subspace_overlap(_gathered_bases(u, self.k)[0]))
                           for u in experts.uniques().values()]
                 scalars["unique_overlap"].append(sum(unique) / len(unique))
+                off = experts.unique_off_complement()
+                if off is not None:
+                    off = all_gathered(off, ps.get_expert_model_parallel_group())
+                    scalars["unique_off_complement"].append(off.mean().item())
         return {k: v for k, v in scalars.items() if v}, matrices

@@ -49,8 +49,14 @@ class Shards:
         self.side = side if self.group is not None else None
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=self.group)
+        """The sum over the shards (the tensor itself when unsharded)."""
+        if self.group is not None:
+            dist.all_reduce(tensor, group=self.group)
         return tensor
+
+    def squared_norms(self, matrices: torch.Tensor) -> torch.Tensor:
+        """Squared Frobenius norm of each whole matrix of [..., m, n] shards, in fp32."""
+        return self.sum(matrices.float().square().sum((-2, -1)))
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """The whole matrix from its shards (rank order)."""
@@ -292,6 +298,21 @@ class SDMoEExperts(GroupedExperts):
     def uniques(self) -> dict[str, torch.Tensor]:
         return by_projection(self.linear_fc1, self.linear_fc2)
 
+    @torch.no_grad()
+    def unique_off_complement(self) -> torch.Tensor | None:
+        """Per local expert, the share of |U_e|^2 outside the two-sided complement of its basis,
+        mean over the decoupled projections (None: none is): 0 while the decoupling is exact (after
+        the initial split, and within a refresh interval under SGD or with sdmoe.project_updates);
+        Adam's updates and basis refreshes move U_e out of the complement."""
+        shares, uniques = [], self.uniques()
+        for proj in self.decoupled:
+            unique, shards = uniques[proj].float(), self.shards[proj]
+            q, v = (b.float() for b in self.expert_basis(proj))
+            total = shards.squared_norms(unique)
+            outside = total - shards.squared_norms(complement(unique, q, v, shards))
+            shares.append(outside / total.clamp(min=torch.finfo(torch.float32).tiny))
+        return torch.stack(shares).mean(0) if shares else None
+
     def _seed(self, proj: str, step: int, group: int) -> int:
         key = zlib.crc32(f"{self.layer_key}.{proj}".encode())
         return (self.seed * 1_000_003 + key + 7919 * step + 104_729 * group) % 2**63
@@ -331,8 +352,9 @@ class SDMoEExperts(GroupedExperts):
     def split_initial_weights(self, keep: bool = False) -> None:
         """From initial expert weights W_e (held in the unique parameters): C = rank-k truncation
         of the mean expert (shared) or of W_e itself (per_expert), U_e = the two-sided complement
-        projection of W_e - C (drawn weights), or W_e - C itself (`keep`: imported weights, whose
-        function continued pretraining must start from), and the basis of C.
+        projection of W_e - C, scaled so that C + U_e keeps the norm of the drawn W_e (drawn
+        weights), or W_e - C itself (`keep`: imported weights, whose function continued pretraining
+        must start from), and the basis of C.
 
         Shared commons are dense parameters (DeepSpeed broadcasts them from one rank), so every
         rank computes every group's C, not only the groups of its own experts."""
@@ -356,9 +378,23 @@ class SDMoEExperts(GroupedExperts):
             self.commons(every_group)[proj].copy_(common)
             self._set_basis(proj, *shards.local_basis(q[self.local_groups], v[self.local_groups]))
             common = common[self.local_groups].repeat_interleave(unique.shape[0] // local, 0)
-            unique.sub_(common)
-            if not keep:
-                unique.copy_(complement(unique, *self.expert_basis(proj), shards))
+            if keep:
+                unique.sub_(common)
+            else:
+                unique.copy_(self._complement_at_drawn_norm(proj, unique, common))
+
+    def _complement_at_drawn_norm(self, proj: str, drawn: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
+        """U_e = (I - P)(W_e - C)(I - R), scaled to |U_e|^2 = |W_e|^2 - |C|^2 (in fp32). C and U_e are
+        orthogonal (C lies in span(Q) x span(V), U_e in its complement), so |C + U_e| = |W_e|: the
+        drawn scale methods.md asks for. Unscaled, the complement would drop the parts of W_e - C in
+        span(Q) x (I - R), (I - P) x span(V) and, for a shared C, span(Q) x span(V): about k/m + k/n
+        of their energy."""
+        shards = self.shards[proj]
+        drawn, common = drawn.float(), common.float()
+        unique = complement(drawn - common, *(b.float() for b in self.expert_basis(proj)), shards)
+        target, norms = shards.squared_norms(drawn) - shards.squared_norms(common), shards.squared_norms(unique)
+        scale = torch.where(norms > 0, (target.clamp(min=0) / norms).sqrt(), 1.0)  # an all-zero U_e stays 0
+        return unique * scale[:, None, None]
 
 
 def sdmoe_modules(model: torch.nn.Module) -> list[SDMoEExperts]:
