@@ -150,6 +150,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=tr.lr, betas=tuple(tr.adam_betas),
                                   eps=tr.adam_eps, fused=torch.cuda.is_available())
     scheduler = lr_schedule(optimizer, cfg)
+    # Whether gradients are summed over replicas (dense or expert data parallelism) or, under ZeRO-1,
+    # pass through the engine's all-reduce, which casts them to the communication type even alone
+    reduced = (cfg.parallel.zero_stage == 1 or layout.data_parallel > 1
+               or layout.world_size > layout.expert * layout.expert_tensor)
     ds_config = {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
@@ -161,9 +165,11 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, grad_accum
         # Gradients add up over a step's micro-batches, and over data-parallel ranks, in fp32 (as
         # Megatron-LM's main grads do): DeepSpeed's default under bf16 is a bf16 sum, which rounds
         # every addition to 8 bits of mantissa. Under ZeRO-1 this makes DeepSpeed use its
-        # BF16_Optimizer, under ZeRO-2 its ZeRO optimizer with an fp32 gradient partition.
+        # BF16_Optimizer, under ZeRO-2 its ZeRO optimizer with an fp32 gradient partition. ZeRO-2
+        # with no replica adds each bf16 gradient to that partition as exactly as its fp32 cast:
+        # the casts to fp32 and back would only cost memory traffic (tests/test_bf16.py).
         "data_types": {"grad_accum_dtype": "fp32"},
-        "communication_data_type": "fp32",
+        **({"communication_data_type": "fp32"} if reduced else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
