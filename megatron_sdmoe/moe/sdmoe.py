@@ -306,12 +306,16 @@ class SDMoEExperts(GroupedExperts):
         Adam's updates and basis refreshes move U_e out of the complement."""
         shares, uniques = [], self.uniques()
         for proj in self.decoupled:
-            unique, shards = uniques[proj].float(), self.shards[proj]
-            q, v = (b.float() for b in self.expert_basis(proj))
-            total = shards.squared_norms(unique)
-            outside = total - shards.squared_norms(complement(unique, q, v, shards))
+            shards = self.shards[proj]
+            total = shards.squared_norms(uniques[proj])
+            outside = total - shards.squared_norms(self._expert_complement(proj, uniques[proj]))
             shares.append(outside / total.clamp(min=torch.finfo(torch.float32).tiny))
         return torch.stack(shares).mean(0) if shares else None
+
+    def _expert_complement(self, proj: str, matrices: torch.Tensor) -> torch.Tensor:
+        """(I - P) M_e (I - R) in fp32 for each local expert's matrix of `proj`, with its basis."""
+        q, v = self.expert_basis(proj)
+        return complement(matrices.float(), q.float(), v.float(), self.shards[proj])
 
     def _seed(self, proj: str, step: int, group: int) -> int:
         key = zlib.crc32(f"{self.layer_key}.{proj}".encode())
@@ -390,8 +394,7 @@ class SDMoEExperts(GroupedExperts):
         span(Q) x (I - R), (I - P) x span(V) and, for a shared C, span(Q) x span(V): about k/m + k/n
         of their energy."""
         shards = self.shards[proj]
-        drawn, common = drawn.float(), common.float()
-        unique = complement(drawn - common, *(b.float() for b in self.expert_basis(proj)), shards)
+        unique = self._expert_complement(proj, drawn.float() - common.float())
         target, norms = shards.squared_norms(drawn) - shards.squared_norms(common), shards.squared_norms(unique)
         scale = torch.where(norms > 0, (target.clamp(min=0) / norms).sqrt(), 1.0)  # an all-zero U_e stays 0
         return unique * scale[:, None, None]
