@@ -330,6 +330,15 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_items(first: dict, second: dict, prefix: str = ""):
+    """(dotted key, first value, second value) for the keys both config dicts have (nested sections flattened)."""
+    for key in first.keys() & second.keys():
+        if isinstance(second[key], dict):
+            yield from flat_items(first[key], second[key], f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", first[key], second[key]
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -42,7 +42,7 @@ from megatron_sdmoe.training.metrics import MetricsLogger
 from megatron_sdmoe.training.resume_checks import ORDER_SETTINGS, changed_settings, check_vocabulary
 from megatron_sdmoe.training.schedule import schedule_notes
 from megatron_sdmoe.training.stages import build_stages, evaluated_on_training_data, stage_blends
-from megatron_sdmoe.validation import validate
+from megatron_sdmoe.validation import idle_settings, validate
 
 EXIT_DIVERGED = 4  # stopped after too many non-finite steps, with a checkpoint of the last good weights
 EXIT_INTERRUPTED = 130  # Ctrl-C that did not wait for a checkpoint (128 + SIGINT, as shells report it)
@@ -153,7 +153,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
     run_dir = prepare_run_dir(cfg, layout.is_main, lock=lock)
     stages = build_stages(cfg, tokenizer)
     if layout.is_main and not evaluating:
-        for note in evaluated_on_training_data(cfg) + schedule_notes(cfg):
+        for note in evaluated_on_training_data(cfg) + schedule_notes(cfg) + idle_settings(cfg):
             print(note, flush=True)
 
     use_bf16 = tr.precision == "bf16" or (tr.precision == "auto" and torch.cuda.is_available())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from megatron_sdmoe.config import (CHOICES, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, Config, YarnConfig,
-                                   expert_ffn_hidden_size, expert_input_size, is_headwise, is_sdmoe,
+from megatron_sdmoe.config import (CHOICES, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, Config,
+                                   expert_ffn_hidden_size, expert_input_size, flat_items, is_headwise, is_sdmoe,
                                    routed_experts, routed_topk, router_bank_size, sdmoe_group_size,
-                                   skipped_batch_ranges, stage_name)
+                                   skipped_batch_ranges, stage_name, to_dict)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import schedule_entries
 
@@ -27,6 +27,35 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_train(cfg)
     _validate_data(cfg)
     _validate_layout(cfg, world_size)
+
+
+def idle_settings(cfg: Config) -> list[str]:
+    """A note for each setting changed from its default that does nothing while its feature is off
+    (SD-MoE's with moe.variant=topk, ...). Noted at start, not refused: one override switching a
+    feature off (moe.variant=topk on an SD-MoE config, an ablation's baseline) is meant."""
+    m, moe, tr = cfg.model, cfg.moe, cfg.train
+    features = [  # (keys, or sections ending in '.'; whether on; how to switch it on)
+        ("sdmoe.", is_sdmoe(cfg), "moe.variant=sdmoe or headwise_sdmoe"),
+        ("headwise.", is_headwise(cfg), "moe.variant=headwise or headwise_sdmoe"),
+        ("model.mla.", m.attention == "mla", "model.attention=mla"),
+        ("model.yarn.", m.rope_scaling == "yarn", "model.rope_scaling=yarn"),
+        ("model.mtp_loss_coeff", m.mtp_layers > 0, "model.mtp_layers > 0"),
+        ("moe.token_drop_policy", moe.capacity_factor is not None, "moe.capacity_factor set (routing is dropless)"),
+        ("moe.aux_loss_type", moe.aux_loss_coeff > 0, "moe.aux_loss_coeff > 0"),
+        ("moe.diag_rank moe.diag_position_buckets", moe.diag_interval > 0, "moe.diag_interval > 0"),
+        ("smoothing.threshold smoothing.ema_decay", cfg.smoothing.enabled, "smoothing.enabled=true"),
+        ("train.decay_fraction", tr.lr_schedule == "wsd", "train.lr_schedule=wsd"),
+        ("train.min_lr_ratio", tr.lr_schedule != "constant", "train.lr_schedule=cosine or wsd"),
+        ("train.recompute_modules", tr.recompute == "selective", "train.recompute=selective"),
+    ]
+    changed = [(key, value) for key, default, value in flat_items(to_dict(Config()), to_dict(cfg)) if value != default]
+    notes = []
+    for keys, on, switch in features:
+        idle = [f"{key}={value}" for key, value in sorted(changed) if not on
+                and any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys.split())]
+        if idle:
+            notes.append(f"note: {', '.join(idle)} {'does' if len(idle) == 1 else 'do'} nothing without {switch}")
+    return notes
 
 
 def need(ok: bool, message: str) -> None:
@@ -87,9 +116,6 @@ def _validate_moe(cfg: Config) -> None:
     need(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be positive")
     need(moe.capacity_factor is None or moe.capacity_factor > 0,
          f"moe.capacity_factor={moe.capacity_factor} must be positive (leave it empty for dropless routing)")
-    need(moe.token_drop_policy == "probs" or moe.capacity_factor is not None,
-         f"moe.token_drop_policy={moe.token_drop_policy} chooses the tokens an expert over capacity drops, but "
-         "routing is dropless: set moe.capacity_factor too, or drop moe.token_drop_policy")
     need((moe.num_groups == 0) == (moe.group_topk == 0),
          "group-limited routing needs both moe.num_groups and moe.group_topk (or neither)")
     if moe.num_groups:
@@ -120,9 +146,6 @@ def _validate_model(cfg: Config) -> None:
         head = m.kv_channels or m.hidden_size // m.num_attention_heads
         need(head % 2 == 0, f"each attention head is {head} wide (model.kv_channels, by default model.hidden_size / "
              "model.num_attention_heads), but RoPE rotates pairs of dimensions: make it even")
-    need(m.rope_scaling == "yarn" or m.yarn == YarnConfig(),
-         "model.yarn.* is set, but model.rope_scaling is none, so RoPE is not scaled: set model.rope_scaling=yarn, "
-         "or drop the model.yarn settings")
     if m.rope_scaling == "yarn":
         y = m.yarn
         need(y.factor >= 1, f"model.yarn.factor={y.factor} must be at least 1")

@@ -1,5 +1,7 @@
 """What benchmark runs rely on: train.profile_steps records exactly the chosen optimizer steps on
-every rank (those that train, when batches are skipped), and train.final_checkpoint=false writes no checkpoint (a 3.7B model's would be 50 GB)."""
+every rank (those that train, when batches are skipped), train.final_checkpoint=false writes no
+checkpoint (a 3.7B model's would be 50 GB), and an SD-MoE config trains its topk baseline
+(benchmarks/overhead.py switches moe.variant) with a note on the SD-MoE settings it leaves idle."""
 import json
 
 from conftest import launch
@@ -29,7 +31,8 @@ def test_profile_of_the_chosen_steps_and_no_final_checkpoint(tmp_path):
 
 def test_profile_starts_at_the_first_step_that_trains(tmp_path):
     """Step 2's batch skipped: the profile holds step 3 alone (it had started at step 2 only)."""
-    launch(tmp_path, 1, "train.profile_steps=[2, 3]", "train.skip_batches=[2]")
+    proc = launch(tmp_path, 1, "train.profile_steps=[2, 3]", "train.skip_batches=[2]", "sdmoe.rank=4")
+    assert "note: sdmoe.rank=4 does nothing without moe.variant=sdmoe or headwise_sdmoe" in proc.stdout
     names = [event.get("name") for event in
              json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]]
     # one step: 4 micro-batches (global batch 8 of 2) x 2 layers x (2 grouped GEMMs forward, 4 backward)

@@ -10,7 +10,7 @@ import pytest
 from conftest import CONFIG, REPO, python_m, run_env
 from megatron_sdmoe.config import Config, load_config
 from megatron_sdmoe.errors import UserError
-from megatron_sdmoe.validation import validate
+from megatron_sdmoe.validation import idle_settings, validate
 
 
 def test_yaml_and_dotted_overrides():
@@ -173,10 +173,6 @@ def test_load_errors(override, message):
     (["train.skip_batches=[3-]"], 1, "train.skip_batches has '3-': give steps as FIRST-LAST or STEP"),
     # no projection decoupled trained the topk baseline under the sdmoe name
     (["moe.variant=sdmoe", "sdmoe.projections=[]"], 1, "sdmoe.projections=[]: choose from gate, up, down (none"),
-    # settings that did nothing: YaRN fields without YaRN, a drop policy without dropping
-    (["model.yarn.factor=4"], 1, "model.yarn.* is set, but model.rope_scaling is none, so RoPE is not scaled"),
-    (["moe.token_drop_policy=position"], 1, "moe.token_drop_policy=position chooses the tokens an expert over "
-                                            "capacity drops, but routing is dropless"),
     (["data.tokenizer=/t", "data.stages=[{name: a, path: [/a], steps: 100, test_path: [/b], valid_path: [/b]}, "
       "{name: b, path: [/b], steps: 100}]"], 1, "data.stages[0].test_path: the test set is evaluated once"),
     (["data.tokenizer=/t", "data.stages=[{name: a, path: [/a], steps: 200}]", "data.valid_path=[/b]"], 1,
@@ -188,6 +184,39 @@ def test_validation_errors(overrides, world, message):
     cfg = load_config(CONFIG, overrides)
     with pytest.raises(UserError, match=re.escape(message)):
         validate(cfg, world)
+
+
+@pytest.mark.parametrize("overrides, notes", [
+    (["sdmoe.rank=4", "sdmoe.project_updates=true"],
+     ["sdmoe.project_updates=True, sdmoe.rank=4 do nothing without moe.variant=sdmoe or headwise_sdmoe"]),
+    (["moe.variant=headwise", "sdmoe.rank=4", "headwise.heads=2"],
+     ["sdmoe.rank=4 does nothing without moe.variant=sdmoe or headwise_sdmoe"]),
+    (["moe.variant=sdmoe", "headwise.bank=shared"],
+     ["headwise.bank=shared does nothing without moe.variant=headwise or headwise_sdmoe"]),
+    (["model.yarn.factor=4"], ["model.yarn.factor=4.0 does nothing without model.rope_scaling=yarn"]),
+    (["model.mla.kv_lora_rank=64"], ["model.mla.kv_lora_rank=64 does nothing without model.attention=mla"]),
+    (["moe.token_drop_policy=position"],
+     ["moe.token_drop_policy=position does nothing without moe.capacity_factor set (routing is dropless)"]),
+    (["moe.diag_rank=4", "smoothing.threshold=3", "train.decay_fraction=0.5"],
+     ["moe.diag_rank=4 does nothing without moe.diag_interval > 0",
+      "smoothing.threshold=3.0 does nothing without smoothing.enabled=true",
+      "train.decay_fraction=0.5 does nothing without train.lr_schedule=wsd"]),
+    (["train.lr_schedule=constant", "train.min_lr_ratio=0.5", "moe.aux_loss_coeff=0", "moe.aux_loss_type=sequence"],
+     ["moe.aux_loss_type=sequence does nothing without moe.aux_loss_coeff > 0",
+      "train.min_lr_ratio=0.5 does nothing without train.lr_schedule=cosine or wsd"]),
+    (["model.mtp_loss_coeff=0.3", "train.recompute_modules=[shared_experts]"],
+     ["model.mtp_loss_coeff=0.3 does nothing without model.mtp_layers > 0",
+      "train.recompute_modules=['shared_experts'] does nothing without train.recompute=selective"]),
+    # switched on, or left at their defaults: nothing to note
+    (["moe.variant=headwise_sdmoe", "sdmoe.rank=4", "headwise.heads=2", "model.rope_scaling=yarn",
+      "model.yarn.factor=4", "moe.capacity_factor=1.5", "moe.token_drop_policy=position"], []),
+    (["moe.variant=topk", "sdmoe.rank=8", "train.lr_schedule=constant"], []),
+])
+def test_settings_of_a_feature_that_is_off_are_noted(overrides, notes):
+    """Accepted (an ablation switches a feature off by one override), but noted at start by name."""
+    cfg = load_config(CONFIG, overrides)
+    validate(cfg, 1)
+    assert idle_settings(cfg) == [f"note: {note}" for note in notes]
 
 
 def test_default_config_is_valid_at_every_tested_layout():

@@ -32,7 +32,6 @@ import yaml
 
 from megatron_sdmoe.config import load_yaml
 from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
-from megatron_sdmoe.preflight import checked_config
 from megatron_sdmoe.runtime.run_lock import running_job
 from megatron_sdmoe.runtime.preemption import EXIT_REQUEUE
 
@@ -84,12 +83,13 @@ srun --kill-on-bad-exit=1 $srun_flags bash -c 'PET_NODE_RANK=$$SLURM_NODEID exec
 def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, python: str, workdir: Path,
            profile: dict, per_node: bool) -> tuple[str, Path]:
     """The batch script for CONFIG + overrides on nodes x gpus, and where it belongs."""
-    cfg = checked_config(config, overrides, nodes * gpus)
-    run_dir = Path(cfg.run.dir).resolve()
     directives = {f"--{key}": profile[key] for key in ("partition", "account", "qos", "constraint") if profile.get(key)}
-    for what, value in [*directives.items(), ("run.dir", str(run_dir))]:
-        if re.search(r"\s", value):  # a space splits the directive, a newline starts another one
-            raise UserError(f"{what} {value!r} holds whitespace, which an #SBATCH line cannot carry: give it without")
+    _single_line(directives.items())
+    # imported here: with megatron-core it takes seconds, which the command's own argument errors need not wait
+    from megatron_sdmoe.preflight import checked_config
+
+    run_dir = Path(checked_config(config, overrides, nodes * gpus).run.dir).resolve()
+    _single_line([("run.dir", str(run_dir))])
     srun_flags = f"--container-image={shlex.quote(profile['container'])} --container-workdir={workdir}" \
         if profile.get("container") else ""
     args = shlex.join([str(Path(config).resolve()), *overrides, f"run.dir={run_dir}"])
@@ -104,6 +104,13 @@ def render(config: str, overrides: list[str], nodes: int, gpus: int, time: str, 
         env_lines="\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in (profile.get("env") or {}).items()),
         workdir=shlex.quote(str(workdir)), launch=launch, requeue_code=EXIT_REQUEUE)
     return script, run_dir / "slurm" / "job.sbatch"
+
+
+def _single_line(settings) -> None:
+    """Refuse (name, value) pairs an #SBATCH line cannot carry."""
+    for what, value in settings:
+        if re.search(r"\s", value):  # a space splits the directive, a newline starts another one
+            raise UserError(f"{what} {value!r} holds whitespace, which an #SBATCH line cannot carry: give it without")
 
 
 def load_profile(path: str | None) -> dict:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_sdmoe.config import (Config, TrainConfig, is_headwise, is_sdmoe, resolved_blend, skipped_batch_ranges,
-                                   to_dict)
+from megatron_sdmoe.config import (Config, TrainConfig, flat_items, is_headwise, is_sdmoe, resolved_blend,
+                                   skipped_batch_ranges, to_dict)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.checkpoint import (LATEST, MODEL_PARALLEL, check_intact, layout_meta, read_meta,
                                                 saved_step)
@@ -86,7 +86,7 @@ def _differences(saved: dict, cfg: Config, sections: list[str], allowed=()) -> l
     """`section.key: saved -> current` for each key of `sections` that differs, those in `allowed` left out."""
     current = to_dict(cfg)
     return [f"{section}.{key}: {old} -> {new}" for section in sections
-            for key, old, new in _flat_items(saved.get(section, {}), current[section])
+            for key, old, new in flat_items(saved.get(section, {}), current[section])
             if old != new and f"{section}.{key}" not in allowed]
 
 
@@ -134,15 +134,6 @@ def check_added_steps(path: Path | None, cfg: Config) -> None:
     if tr.profile_steps and tr.profile_steps != saved["train"].get("profile_steps") and tr.profile_steps[1] <= step:
         raise UserError(f"train.profile_steps={tr.profile_steps}, but the checkpoint this start resumes from is at "
                         f"step {step}, past them: profile steps after {step}")
-
-
-def _flat_items(saved: dict, current: dict, prefix: str = ""):
-    """(dotted key, saved value, current value) for the keys both configs have (nested sections flattened)."""
-    for key in saved.keys() & current.keys():
-        if isinstance(current[key], dict):
-            yield from _flat_items(saved[key], current[key], f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", saved[key], current[key]
 
 
 def check_vocabulary(path: Path | None, rows: int) -> None:
