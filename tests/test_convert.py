@@ -2,6 +2,7 @@
 model, loaded with AutoModelForCausalLM.from_pretrained, gives this system's logits on the same
 tokens (fp32), for each family, SD-MoE experts (exported as plain ones) and checkpoints saved
 at EP2 and TP2; transformers -> this system -> transformers is bit-identical; bad input exits 2."""
+import io
 import json
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ CASES = {"qwen3_moe": ("tiny-qwen3-moe.yaml", []), "qwen2_moe": ("tiny-qwen2-moe
                                                                       "model.norm_epsilon=0.1"]),
          # MLA (RoPE reordered), a dense first layer, shared experts, sigmoid group-limited routing with a bias
          "deepseek": ("tiny-deepseek.yaml", []),
+         # a group scored by its top topk // group_topk = 2 experts, as transformers' V3 scores it
+         "deepseek picking 5 in 2 groups": ("tiny-deepseek.yaml", ["moe.topk=5"]),
          "deepseek without a query latent (V2-Lite's MLA)": ("tiny-deepseek.yaml", ["model.mla.q_lora_rank=null",
                                                                                       "model.norm_epsilon=0.1"]),
          # YaRN with a partial ramp (frequencies kept, divided and in between) over the 48 tokens;
@@ -115,16 +118,20 @@ def hf_model_config(family: str, vocab_size: int = 1024, yarn: bool = False):
     sizes = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  moe_intermediate_size=32, num_experts_per_tok=2, norm_topk_prob=family != "qwen2_moe",
                  **(dict(rope_parameters=HF_YARN, max_position_embeddings=128) if yarn else {}))
+    # the training settings DeepSeek's released configs carry, which come back as they were
+    trained = dict(aux_loss_alpha=0.003, seq_aux=family == "deepseek")
     if family == "deepseek_v2":  # V2-Lite's: no query latent, greedy softmax routing, scaled
         return transformers.DeepseekV2Config(
             **{**sizes, "norm_topk_prob": False}, num_key_value_heads=4, intermediate_size=96, n_routed_experts=6,
             n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=1.5, architectures=["DeepseekV2ForCausalLM"])
+            qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=1.5, architectures=["DeepseekV2ForCausalLM"],
+            **trained)
     if family == "deepseek":  # MLA with a query latent, a dense first layer, a shared expert, 2 of 3 groups
         return transformers.DeepseekV3Config(
             **sizes, num_key_value_heads=4, intermediate_size=96, n_routed_experts=6, n_shared_experts=1,
             first_k_dense_replace=1, n_group=3, topk_group=1, q_lora_rank=32, kv_lora_rank=16, num_mtp_layers=0,
-            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, architectures=["DeepseekV3ForCausalLM"])
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, architectures=["DeepseekV3ForCausalLM"],
+            **trained)
     config = getattr(transformers, {"qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig"}[family])
     qwen2 = {"shared_expert_intermediate_size": 64, "mlp_only_layers": [0], "intermediate_size": 96}  # a dense layer
     return config(**sizes, num_key_value_heads=2, head_dim=16, num_experts=4,
@@ -181,10 +188,12 @@ def test_hf_to_this_system_to_hf_is_identical(single_process_groups, family, yar
     assert_comes_back_identical(tmp_path / "hf", tmp_path / "back")
 
 
-@pytest.mark.parametrize("name", ["deepseek", *[name for name in CASES if "head-wise" in name]])
+@pytest.mark.parametrize("name", ["deepseek", "deepseek picking 5 in 2 groups",
+                                  *[name for name in CASES if "head-wise" in name]])
 def test_export_comes_back_identical(single_process_groups, name, tmp_path):
     """An export imports back and exports bit for bit again: DeepSeek-V3's multi-token-prediction
-    layer (as transformers' layer num_layers), head-wise models (their routing settings too)."""
+    layer (as transformers' layer num_layers), a top-k that is no multiple of the groups kept,
+    head-wise models (their routing settings too)."""
     from megatron_sdmoe.models import build_model
 
     config, overrides = CASES[name]
@@ -206,9 +215,10 @@ LAYOUTS = {"EP2": ["parallel.expert=2"], "TP2": ["parallel.tensor=2"]}
                                             ("tiny-qwen2-moe.yaml", "EP2"), ("tiny-qwen2-moe.yaml", "TP2"),
                                             ("tiny-deepseek.yaml", "EP2"), ("tiny-deepseek.yaml", "TP2"),
                                             ("tiny-headwise.yaml", "EP2")])
-def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, tmp_path):
+def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, tmp_path, monkeypatch):
     """The exported model's logits equal this system's under the checkpoint's layout, and its
-    validation and test losses equal the ones the run measured at its last step."""
+    validation and test losses equal the ones the run measured at its last step. A head-wise
+    export, which brings the run's tokenizer, imports back without running its own code."""
     from tests.workers.logits import TOKENS
 
     run, config, split = tmp_path / "run", REPO / "configs" / config, "data.split=96,2,2"
@@ -225,6 +235,12 @@ def test_checkpoint_of_any_layout_exports_with_the_same_logits(config, layout, t
     assert last["val_loss"] == pytest.approx(hf_validation_loss(tmp_path / "hf", run), abs=1e-4)
     assert last["test_loss"] == pytest.approx(hf_validation_loss(tmp_path / "hf", run, "test"), abs=1e-4)
     assert all("test_loss" not in row for row in metrics(run)[:-1])  # once, at the end
+    if is_headwise(load_config(config)):  # transformers asked whether to run it, loading the tokenizer
+        modelling = tmp_path / "hf" / "headwise_modeling.py"
+        modelling.write_text(modelling.read_text() + f"\nopen({str(tmp_path / 'ran')!r}, 'w')\n")
+        monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # a user who would say yes
+        convert("from-hf", tmp_path / "hf", tmp_path / "imported", process=False)
+        assert not (tmp_path / "ran").exists()
 
 
 # the sizes of hf_model_config (conftest's SMALL would change them); a step at learning rate 0
@@ -346,8 +362,8 @@ def test_weights_one_rank_cannot_read(tmp_path):
     ("rope_interleave", "rope_interleave"), ("linear RoPE scaling", "rope_type other than default or yarn"),
     ("YaRN's attention factor", "attention_factor"), ("YaRN untruncated", "truncate=false"),
     ("YaRN's mscale_all_dim alone", "mscale_all_dim without mscale"), ("bias", "attention_bias"),
-    ("four per group", "num_experts_per_tok / topk_group != 2"), ("quantised", "quantization_config"),
-    ("V2, two per group", "num_experts_per_tok / topk_group != 1"), ("V2, noaux_tc", "topk_method other than")])
+    ("four per group", "num_experts_per_tok // topk_group != 2"), ("quantised", "quantization_config"),
+    ("V2, two per group", "num_experts_per_tok // topk_group != 1"), ("V2, noaux_tc", "topk_method other than")])
 def test_a_transformers_config_this_system_cannot_represent_is_refused_by_name(case, field):
     from megatron_sdmoe.convert import deepseek
     from megatron_sdmoe.errors import UserError
@@ -420,6 +436,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         '"Qwen3MoeForCausalLM"', '"MixtralForCausalLM"').replace('"qwen3_moe"', '"mixtral"'))
     deepseek = tmp_path / "deepseek"
     save_hf_model(hf_model_config("deepseek", vocab_size=256), deepseek)
+    odd = tmp_path / "odd"  # a vocabulary no tensor-parallel size divides
+    save_hf_model(hf_model_config("qwen3_moe", vocab_size=257), odd)
     # another model's config.json beside the weights, or a damaged one
     edited = {"layers": (hf, '"num_hidden_layers": 1', '"num_hidden_layers": 2'),
               "heads": (hf, '"num_key_value_heads": 1', '"num_key_value_heads": 2'),
@@ -449,6 +467,13 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
              "another family": (("from-hf", mixtral, out), "MixtralForCausalLM'] cannot be imported"),
              "overridden sizes": (("from-hf", hf, out, "moe.num_experts=4"),
                                   "overrides would describe another model than the weights (moe.num_experts: 2 -> 4)"),
+             "padded vocabulary": (("from-hf", hf, out, "model.make_vocab_size_divisible_by=512"),
+                                   "overrides would describe another model than the weights "
+                                   "(model.make_vocab_size_divisible_by: 128 -> 512)"),
+             "vocabulary TP cannot split": (("from-hf", odd, out, "parallel.tensor=2"),
+                                            "the model's vocabulary of 257 rows cannot be split over "
+                                            "parallel.tensor=2, and rows added to it would change its softmax: "
+                                            "import at a parallel.tensor that divides 1"),
              "head-wise": (("from-hf", hf, out, "moe.variant=headwise"),
                            "overrides would describe another model than the weights (moe.variant: topk -> headwise)"),
              "unknown tensor": (("from-hf", extra, out), "weight_scale_inv has no counterpart"),

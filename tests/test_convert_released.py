@@ -31,6 +31,16 @@ def quantise_fp8(tensors: dict, block: int) -> dict:
     return out
 
 
+def save_fp8(tensors: dict, config_dir, out_dir) -> None:
+    """`tensors` quantised in 8 x 8 blocks into `out_dir`, with config_dir's config.json saying so."""
+    out_dir.mkdir()
+    save_file(quantise_fp8(tensors, 8), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((config_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [8, 8]}
+    (out_dir / "config.json").write_text(json.dumps(config))
+
+
 def test_fp8_checkpoint_imports_dequantised(single_process_groups, tmp_path):
     """A checkpoint laid out as DeepSeek-V3's release (block-quantised FP8, a multi-token-prediction
     layer after the decoder layers with its copies of the embedding and output layer) imports with
@@ -48,12 +58,7 @@ def test_fp8_checkpoint_imports_dequantised(single_process_groups, tmp_path):
     mtp = f"model.layers.{cfg.model.num_layers}"
     tensors.update({f"{mtp}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
                     f"{mtp}.shared_head.head.weight": tensors["lm_head.weight"].clone()})
-    (tmp_path / "fp8").mkdir()
-    save_file(quantise_fp8(tensors, 8), str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [8, 8]}
-    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    save_fp8(tensors, tmp_path / "hf", tmp_path / "fp8")
 
     proc = convert("from-hf", tmp_path / "fp8", tmp_path / "imported", sample_tokenizer())
     assert "(DeepseekV3ForCausalLM, 4 layers, 1 MTP, FP8 dequantised to torch.float32)" in proc.stdout, proc.stdout

@@ -70,6 +70,30 @@ def test_the_copies_train_apart(upcycled, tmp_path):
         assert not torch.equal(trained[0], trained[1])
 
 
+def test_an_fp8_dense_model_upcycles_dequantised(single_process_groups, tmp_path):
+    """A dense model in the block-quantised FP8 format of the -FP8 releases: the upcycled model's
+    logits are those of the dense model transformers dequantises from the same files."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sdmoe.config import load_config
+    from megatron_sdmoe.models import build_model
+    from test_convert_released import save_fp8
+
+    dense_qwen3(tmp_path / "dense")
+    save_fp8(load_file(tmp_path / "dense" / "model.safetensors"), tmp_path / "dense", tmp_path / "fp8")
+    proc = run_command(CONVERT, "upcycle", tmp_path / "fp8", tmp_path / "moe", "moe.num_experts=4", "moe.topk=2",
+                       sample_tokenizer())
+    assert proc.returncode == 0, proc.stderr
+    assert "(Qwen3ForCausalLM upcycled: 4 experts, top-2, 2 layers, FP8 dequantised to torch.float32)" in proc.stdout
+    ours = build_model(load_config(tmp_path / "moe" / "config.yaml"), 4096, torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = ours(tokens, torch.arange(32).expand_as(tokens), None) - theirs(tokens).logits
+    assert difference.abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("case, message", [
     ("moe", "upcycle reads a dense Qwen3ForCausalLM, not architectures=['Qwen3MoeForCausalLM']: import MoE models "
             "with sdmoe-convert from-hf"),

@@ -288,7 +288,11 @@ def import_config(hf, overrides: list[str], names: list[str]):
     if changed:
         raise UserError(f"overrides would describe another model than the weights ({', '.join(changed)}): drop them "
                         "(the model's sizes come from its config.json)")
-    par = cfg.parallel
+    par, rows = cfg.parallel, hf.vocab_size
+    if own.model.make_vocab_size_divisible_by % par.tensor:
+        raise UserError(f"the model's vocabulary of {rows} rows cannot be split over parallel.tensor={par.tensor}, "
+                        "and rows added to it would change its softmax: import at a parallel.tensor that divides "
+                        f"{own.model.make_vocab_size_divisible_by}")
     validate(cfg, max(par.tensor, par.expert * par.expert_tensor))
     return adapter, cfg
 
@@ -296,7 +300,8 @@ def import_config(hf, overrides: list[str], names: list[str]):
 # The settings that shape the weights (or add some): taken from the transformers config, never overridden.
 WEIGHT_SHAPES = ["model.preset", "model.num_layers", "model.hidden_size", "model.num_attention_heads",
                  "model.num_query_groups", "model.kv_channels", "model.attention", "model.dense_layers",
-                 "model.dense_ffn_hidden_size", "model.mtp_layers", "model.vocab_size", "model.mla.q_lora_rank",
+                 "model.dense_ffn_hidden_size", "model.mtp_layers", "model.vocab_size",
+                 "model.make_vocab_size_divisible_by", "model.mla.q_lora_rank",
                  "model.mla.kv_lora_rank", "model.mla.qk_head_dim", "model.mla.qk_rope_head_dim",
                  "model.mla.v_head_dim", "moe.num_experts", "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size"]
 HEADWISE_SHAPES = ["headwise.heads", "headwise.experts_per_head", "headwise.ffn_hidden_size", "headwise.bank"]
@@ -322,9 +327,10 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
     out = out.resolve()
     has_tokenizer = (Path(hf_dir) / "tokenizer_config.json").is_file()  # else data.tokenizer as overridden
     hf = read_hf_config(hf_dir)
-    source, block = WeightDirectory(hf_dir), fp8.block_size(hf)
+    source, block, dequantised = WeightDirectory(hf_dir), fp8.block_size(hf), []
     if block:  # FP8 weights with block scales (DeepSeek-V3's release): written in the model's dtype
         source = fp8.DequantizedWeights(source, block, _unquantised_dtype(hf))
+        dequantised = [f"FP8 dequantised to {source.dtype}"]
     if upcycled:
         dense = hf.architectures[0]
         hf = upcycle.moe_config(hf, load_config(None, overrides).moe)
@@ -357,7 +363,7 @@ def from_hf(hf_dir: str, out: Path, overrides: list[str], upcycled: bool = False
     m = cfg.model
     read = [f"{dense} upcycled: {cfg.moe.num_experts} experts, top-{cfg.moe.topk}" if upcycled
             else hf.architectures[0], f"{m.num_layers} layers"] + [f"{m.mtp_layers} MTP"] * bool(m.mtp_layers) + \
-        ["YaRN"] * (m.rope_scaling == "yarn") + ([f"FP8 dequantised to {source.dtype}"] if block else [])
+        ["YaRN"] * (m.rope_scaling == "yarn") + dequantised
     # a tokenizer of its own needs a corpus tokenized with it (the built-in corpus has its own)
     data = "" if cfg.data.path or cfg.data.stages or not has_tokenizer else " data.path=[CORPUS]"
     print(f"wrote {out} ({', '.join(read)}): continue pretraining with sdmoe-train {out / 'config.yaml'} "

@@ -80,7 +80,9 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype):
         qk_nope_head_dim=mla.qk_head_dim, v_head_dim=mla.v_head_dim,
         max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
         rope_parameters=mapping.rope_parameters(m), tie_word_embeddings=False,
-        architectures=[ARCHITECTURES[scores]], dtype=str(dtype).removeprefix("torch."))
+        architectures=[ARCHITECTURES[scores]], dtype=str(dtype).removeprefix("torch."),
+        # how it was trained, as DeepSeek's released configs state it (transformers keeps, not reads, them)
+        aux_loss_alpha=moe.aux_loss_coeff, seq_aux=moe.aux_loss_type == "sequence")
     if scores == "softmax":  # softmax over all experts, the top-k as they are
         if m.mtp_layers:
             raise UserError("transformers' DeepSeek-V2 has no multi-token prediction: export model.mtp_layers=0, "
@@ -112,8 +114,9 @@ def config_overrides(hf, names: list[str]) -> list[str]:
         "norm_topk_prob": not v2 and hf.norm_topk_prob != (hf.num_experts_per_tok > 1),
         "topk_method other than greedy or group_limited_greedy": v2 and hf.topk_method not in
         ("greedy", "group_limited_greedy"),
-        f"n_group with num_experts_per_tok / topk_group != {per_group}":
-            flat and grouped and hf.num_experts_per_tok != per_group * hf.topk_group})
+        # megatron-core scores a group by its top topk // group_topk experts (as export checks)
+        f"n_group with num_experts_per_tok // topk_group != {per_group}":
+            flat and grouped and hf.num_experts_per_tok // hf.topk_group != per_group})
     overrides = {**mapping.shared_overrides(hf), "model.preset": "deepseek", "model.attention": "mla",
                  "model.num_query_groups": hf.num_attention_heads,  # unused by MLA
                  "model.mla.q_lora_rank": hf.q_lora_rank or "null", "model.mla.kv_lora_rank": hf.kv_lora_rank,

@@ -45,6 +45,9 @@ class DequantizedWeights:
     def __init__(self, source: WeightDirectory, block: tuple[int, int], dtype: torch.dtype):
         self.source, self.block, self.dtype = source, block, dtype
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.source and not name.endswith(SCALE_SUFFIX)
+
     def names(self) -> list[str]:
         return [name for name in self.source.names() if not name.endswith(SCALE_SUFFIX)]
 

@@ -56,7 +56,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise UserError(f"tokenizer directory {directory} {what}: set data.tokenizer to a local Hugging Face "
                         "tokenizer directory (holding tokenizer.json / tokenizer_config.json)")
     try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for bad directories
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"tokenizer directory {directory} could not be loaded ({reason}): point "
