@@ -30,12 +30,13 @@ import shutil
 import time
 from pathlib import Path
 
-from megatron_sdmoe.config import load_config, save_config
+from megatron_sdmoe.config import load_config, save_config, stage_ends, stage_name
 from megatron_sdmoe.errors import ArgumentParser, UserError, exit_bad_input, writing_into
 from megatron_sdmoe.runtime.run_lock import check_free, running_job
 from megatron_sdmoe.training.checkpoint import (LATEST, check_intact, checkpoint_root, complete_checkpoints,
                                                  latest_checkpoint, layout_words, point_latest, read_meta)
 from megatron_sdmoe.training.metrics import logged_step
+from megatron_sdmoe.training.stage_matrix import StageMatrix
 
 
 ROLLED_BACK = "rolled_back"  # checkpoints/rolled_back/<time>/: the checkpoints a rollback moved aside
@@ -175,6 +176,9 @@ def branch(run_dir: Path, step: int, new_dir: Path) -> str:
             for name in ("stages.json", "stages.png"):  # the stage matrix, kept across restarts
                 if (run_dir / name).exists():
                     shutil.copy2(run_dir / name, tmp / name)
+            if config.data.stages:  # its rows of the stages that ended by STEP
+                names = [stage_name(config, i) for i in range(len(config.data.stages))]
+                StageMatrix(tmp, names, enabled=True).rewind(step, stage_ends(config))
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
             _copy_tensorboard(run_dir / "tb", tmp / "tb", step)
             os.replace(tmp, new_dir)

@@ -423,6 +423,15 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def stage_ends(cfg: Config) -> list[int]:
+    """The step at which each stage of data.stages ends (its last step, 1-based)."""
+    ends, total = [], 0
+    for stage in cfg.data.stages:
+        total += stage.steps
+        ends.append(total)
+    return ends
+
+
 def stage_name(cfg: Config, index: int) -> str:
     return cfg.data.stages[index].name or f"stage_{index}"
 

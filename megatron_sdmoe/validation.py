@@ -8,7 +8,7 @@ import math
 from megatron_sdmoe.config import (CHOICES, RECOMPUTE_MODULES, UNSUPPORTED_RECOMPUTE, Config,
                                    expert_ffn_hidden_size, expert_input_size, flat_items, is_headwise, is_sdmoe,
                                    routed_experts, routed_topk, router_bank_size, sdmoe_group_size,
-                                   skipped_batch_ranges, stage_name, to_dict)
+                                   skipped_batch_ranges, stage_ends, stage_name, to_dict)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.batches import schedule_entries
 
@@ -176,7 +176,7 @@ def _validate_model(cfg: Config) -> None:
 
 
 def _validate_train(cfg: Config) -> None:
-    m, moe, tr, data = cfg.model, cfg.moe, cfg.train, cfg.data
+    m, moe, tr = cfg.model, cfg.moe, cfg.train
     need(tr.peak_tflops is None or tr.peak_tflops > 0, f"train.peak_tflops={tr.peak_tflops} must be positive")
     need(0 <= tr.min_lr_ratio <= 1, f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1]")
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction={tr.decay_fraction} must lie in (0, 1]")
@@ -205,12 +205,11 @@ def _validate_train(cfg: Config) -> None:
          f"train.profile_steps={tr.profile_steps} must be [first, last] with 1 <= first <= last <= train.max_steps="
          f"{tr.max_steps}, or empty")
     # The run's last step and each stage's evaluate and write results: they train.
-    stage_ends = [sum(stage.steps for stage in data.stages[:i + 1]) for i in range(len(data.stages))]
     for first, last in skipped_batch_ranges(cfg):
         need(1 <= first <= last < tr.max_steps,
              f"train.skip_batches has {first}-{last}: a range of steps FIRST-LAST with 1 <= FIRST <= LAST < "
              f"train.max_steps={tr.max_steps}")
-        need(not any(first <= end <= last for end in stage_ends),
+        need(not any(first <= end <= last for end in stage_ends(cfg)),
              f"train.skip_batches has {first}-{last}, which holds the last step of a stage of data.stages (its "
              "evaluation runs there): end the range before it")
     if tr.profile_steps:

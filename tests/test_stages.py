@@ -1,16 +1,17 @@
 """Domains and stages on two tiny corpora: a blended run reports per-domain validation and test
 loss, the routes' effective composition number and the token concentration (layout-independent),
 and a two-stage run writes the stage matrix and BWT, and keeps them across a restart at the stage
-boundary (one that changes a finished stage's data is refused); separate validation and test blends are read."""
+boundary (one that changes a finished stage's data is refused), a branch or rollback to it keeping
+only the rows measured by then; separate validation and test blends are read."""
 import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import launch, metrics
+from conftest import launch, metrics, run_command
 
 from megatron_sdmoe.data import load_tokenizer
-from megatron_sdmoe.training.stages import backward_transfer
+from megatron_sdmoe.training.stage_matrix import backward_transfer
 
 
 def test_blend_reports_domains_and_route_composition(domains, tmp_path):
@@ -48,7 +49,8 @@ def test_blend_reports_domains_and_route_composition(domains, tmp_path):
 def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_path):
     stages = [f"data.stages=[{{name: prose, steps: 3, path: [{domains['prose']}]}}, "
               f"{{name: shout, steps: 3, path: [{domains['shout']}]}}]",
-              f"data.tokenizer={domains['tokenizer']}", "train.max_steps=6", "data.split=96,2,2"]
+              f"data.tokenizer={domains['tokenizer']}", "train.max_steps=6", "data.split=96,2,2",
+              "train.save_interval=3"]
     launch(tmp_path / "straight", 1, *stages)
     result = json.loads((tmp_path / "straight" / "stages.json").read_text())
     (l00,), (l10, l11) = result["loss"]
@@ -71,6 +73,16 @@ def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_
         "run.dir"], proc.stderr
     launch(tmp_path / "restarted", 1, *stages)
     assert json.loads((tmp_path / "restarted" / "stages.json").read_text()) == result
+    # a branch from the stage boundary, and the run rolled back to it, hold the first stage's row
+    # alone until the second stage ends again (as their metrics hold no line past step 3)
+    branch = tmp_path / "branch"
+    for args in (("branch", tmp_path / "straight", 3, branch), ("rollback", tmp_path / "straight", 3)):
+        assert run_command("megatron_sdmoe.checkpoints", *args).returncode == 0
+    assert json.loads((branch / "stages.json").read_text()) == {**result, "loss": [[l00]], "bwt": None}
+    launch(tmp_path / "straight", 1, *stages, "train.exit_interval=4")
+    assert json.loads((tmp_path / "straight" / "stages.json").read_text())["loss"] == [[l00]]
+    launch(branch, 1, *stages)
+    assert json.loads((branch / "stages.json").read_text()) == result
 
 
 @pytest.mark.filterwarnings("ignore:Could not determine rank")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_sdmoe.config import Config, skipped_batch_ranges
+from megatron_sdmoe.config import Config, skipped_batch_ranges, stage_ends
 from megatron_sdmoe.data.datasets import get_batch
 from megatron_sdmoe.models.attention import document_attention_mask
 from megatron_sdmoe.moe.composition import RouteComposition
@@ -27,7 +27,8 @@ from megatron_sdmoe.training.expert_load import ExpertLoadMeter
 from megatron_sdmoe.training.metrics import MetricsLogger, Throughput, device_memory
 from megatron_sdmoe.training.profiling import StepProfiler
 from megatron_sdmoe.training.smoothing import SingularitySmoother
-from megatron_sdmoe.training.stages import Stage, StageMatrix
+from megatron_sdmoe.training.stage_matrix import StageMatrix
+from megatron_sdmoe.training.stages import Stage
 from megatron_sdmoe.training.router_state import report_auxiliary_losses, set_auxiliary_loss_scale, update_expert_bias
 
 
@@ -210,6 +211,8 @@ class Trainer:
         self.engine.train()
         stop = StopRequest(tr.time_budget_minutes, self.layout.device, load_seconds)
         self.start_step = start_step
+        if self.stage_matrix:
+            self.stage_matrix.rewind(start_step, stage_ends(self.cfg))
         try:  # the bar ends its line before an error is printed
             for step in range(start_step, tr.max_steps):
                 stopped, leaving = self._run_step(step, bar, stop)

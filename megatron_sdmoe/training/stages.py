@@ -1,17 +1,13 @@
-"""Training data in stages (docs/methods.md section 4) and the stage matrix of continual training.
+"""Training data in stages (docs/methods.md section 4).
 
 Without `data.stages` a run is one stage over `data.path`. With them, stage i trains on its own
-blend for its step budget; after it ends, every seen stage's validation data is evaluated:
-L[i][j] = validation loss on stage j after stage i, and BWT = mean_{j < n} (L[n][j] - L[j][j])
-(positive: forgetting). Rows are kept in `<run.dir>/stages.json` (so a resumed run keeps the
-earlier ones) and drawn in `<run.dir>/stages.png`.
+blend for its step budget; after it ends, every seen stage's validation data is evaluated into the
+stage matrix (stage_matrix.py).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 from torch.utils.data import Dataset
@@ -92,54 +88,3 @@ def evaluated_on_training_data(cfg: Config) -> list[str]:
                 notes.append(f"note: the {setting} blend of stage {name} holds {', '.join(shared)}, which the stage "
                              "trains on: its losses there are measured on training documents")
     return notes
-
-
-def backward_transfer(rows: list[list[float]]) -> float | None:
-    """BWT after the last row: mean over earlier stages j of L[n][j] - L[j][j]."""
-    n = len(rows) - 1
-    return sum(rows[n][j] - rows[j][j] for j in range(n)) / n if n >= 1 else None
-
-
-class StageMatrix:
-    def __init__(self, run_dir: Path, names: list[str], enabled: bool):
-        self.path, self.names, self.enabled = run_dir / "stages.json", names, enabled
-        self.rows: list[list[float]] = json.loads(self.path.read_text())["loss"] if self.path.exists() else []
-
-    def add(self, stage: int, row: list[float]):
-        """Record L[stage][0..stage]; returns the BWT so far and, on the rank that writes the
-        matrix, its figure (else None)."""
-        self.rows = self.rows[:stage] + [row]
-        bwt = backward_transfer(self.rows)
-        if not self.enabled:
-            return bwt, None
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"stages": self.names, "loss": self.rows, "bwt": bwt}, indent=1))
-        os.replace(tmp, self.path)  # atomic: a crash leaves the previous matrix
-        figure = self.figure(bwt)
-        figure.savefig(self.path.with_suffix(".png"), dpi=100)
-        return bwt, figure
-
-    def figure(self, bwt: float | None):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        n = len(self.names)
-        fig, ax = plt.subplots(figsize=(3.2 + 1.0 * n, 1.6 + 0.8 * n))
-        grid = [[self.rows[i][j] if i < len(self.rows) and j < len(self.rows[i]) else float("nan")
-                 for j in range(n)] for i in range(n)]
-        image = ax.imshow(grid, cmap="magma_r")
-        for i, row in enumerate(self.rows):
-            for j, value in enumerate(row):  # dark text on the light (low-loss) cells
-                shade = image.norm(value)
-                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8,
-                        color="white" if shade > 0.5 else "black")
-        ax.set_xticks(range(n), self.names, rotation=30, ha="right")
-        ax.set_yticks(range(n), [f"after {name}" for name in self.names])
-        ax.set_title("validation loss after each stage" + (f"\nBWT {bwt:+.3f}" if bwt is not None else ""),
-                     fontsize=10)
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        plt.close(fig)
-        return fig
