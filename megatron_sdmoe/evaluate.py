@@ -1,5 +1,5 @@
 """sdmoe-eval: the validation and test losses of a run's latest checkpoint (or, with --step, an
-earlier one), as its training measures them, in any layout and on the run's own data or other data
+earlier one), as its training measured them (with the settings saved with the checkpoint), in any layout and on the run's own data or other data
 (`data.*` overrides). Nothing in the run directory changes (megatron's data index cache aside).
 With --routes, also which tokens each expert takes on the validation data, and with --routes-text
 which experts each token of a text goes to (moe/routes.py). A run on the built-in sample corpus (the
@@ -34,6 +34,7 @@ from megatron_sdmoe.moe.routes import RouteTokens, plot, report_lines, route_tex
 from megatron_sdmoe.runtime import shutdown
 from megatron_sdmoe.runtime.distributed import rank_from_env, world_size_from_env
 from megatron_sdmoe.train import setup
+from megatron_sdmoe.training.checkpoint import latest_checkpoint
 from megatron_sdmoe.validation import validate
 
 
@@ -62,9 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
-def run_config(run_dir: str, overrides: list[str]) -> Config:
-    """The config the run last started with (its config.yaml), with `overrides`; run.dir is RUN_DIR."""
-    path = Path(run_dir) / "config.yaml"
+def run_config(run_dir: str, overrides: list[str], checkpoint: Path | None = None) -> Config:
+    """The config saved with `checkpoint` (default the run's latest; before its first, the one the
+    run last started with), with `overrides`; run.dir is RUN_DIR. The checkpoint's own: a resume
+    may have changed the data settings since, and its losses were measured with its own."""
+    checkpoint = checkpoint or latest_checkpoint(Path(run_dir))
+    saved = checkpoint / "config.yaml" if checkpoint is not None else None
+    path = saved if saved is not None and saved.is_file() else Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} holds no config.yaml: pass a run directory that sdmoe-train wrote")
     if any(item.partition("=")[0] == "run.dir" for item in overrides):
@@ -167,7 +172,8 @@ def write_outputs(args: argparse.Namespace, result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        cfg = run_config(args.run_dir, args.overrides)
+        checkpoint = None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step)
+        cfg = run_config(args.run_dir, args.overrides, checkpoint)
         validate(cfg, world_size_from_env())
         if cfg.train.eval_samples == 0:  # (above 0, data.split must give validation documents)
             raise UserError("train.eval_samples=0 leaves nothing to evaluate: set train.eval_samples")
@@ -178,8 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         routes = ({"top": args.routes_top, "min_count": args.routes_min_count}
                   if args.routes or args.routes_plot else None)
         text = read_text(args.routes_text) if args.routes_text else None
-        result = evaluate(cfg, None if args.step is None else checkpoint_of_step(Path(args.run_dir), args.step),
-                          routes, text, outputs)
+        result = evaluate(cfg, checkpoint, routes, text, outputs)
     except UserError as e:
         exit_bad_input(e)
     except torch.OutOfMemoryError as e:

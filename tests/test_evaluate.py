@@ -24,10 +24,13 @@ def evaluate(run_dir: Path, nproc: int, *overrides: str, check: bool = True):
 
 def test_eval_in_another_layout_equals_the_runs_last_evaluation(tmp_path):
     """The latest checkpoint by default, an earlier one with --step; the test set is evaluated at
-    the run's end only, so at step 2 its loss is compared with the validation loss's difference."""
-    run = tmp_path / "run"
-    launch(run, 2, "parallel.expert=2", "train.max_steps=4", "train.eval_interval=2", "train.save_interval=2",
-           "data.split=96,2,2")
+    the run's end only, so at step 2 its loss is compared with the validation loss's difference.
+    The run resumed at step 2 on another split: each checkpoint is evaluated on the data its
+    training validated on then."""
+    run, settings = tmp_path / "run", ["parallel.expert=2", "train.max_steps=4", "train.eval_interval=2",
+                                       "train.save_interval=2"]
+    launch(run, 2, *settings, "data.split=96,2,2", "train.exit_interval=2")
+    launch(run, 2, *settings, "data.split=90,6,4")
     logged, before = {row["step"]: row for row in metrics(run)}, snapshot(run)
     for nproc, layout, step in ((1, ["parallel.expert=1"], None), (2, ["parallel.expert=1", "parallel.tensor=2"], None),
                                 (1, ["parallel.expert=1"], 2)):

@@ -8,9 +8,10 @@
         OUT_DIR/config.yaml (the model's settings, plus your overrides: layout, data, training)
         whose `model.init_from` names OUT_DIR/weights, the weights in this system's names, and
         OUT_DIR/tokenizer (when HF_DIR has one; else give data.tokenizer); `sdmoe-train
-        OUT_DIR/config.yaml` continues pretraining from them (`moe.variant=sdmoe` splits the
-        imported experts into common and unique parts); block-quantised FP8 checkpoints
-        (DeepSeek-V3's release) are dequantised into the config's dtype
+        OUT_DIR/config.yaml run.dir=RUN data.path=[CORPUS]` continues pretraining from them on a
+        corpus tokenized with that tokenizer (run.dir and data.path given here or there;
+        `moe.variant=sdmoe` splits the imported experts into common and unique parts);
+        block-quantised FP8 checkpoints (DeepSeek-V3's release) are dequantised into the config's dtype
     sdmoe-convert upcycle HF_DIR OUT_DIR [moe.num_experts=8 moe.topk=2 ...]
         as from-hf, from a dense Qwen3ForCausalLM: sparse upcycling, each of the moe.num_experts
         routed experts a copy of its layer's MLP, the routers drawn fresh (upcycle.py); with
