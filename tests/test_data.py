@@ -192,6 +192,22 @@ def test_document_mask_is_megatron_cores_eod_mask(tmp_path, tok):
 
 
 @single_process
+def test_document_mask_refuses_a_corpus_split_into_sentences(tmp_path, corpus, tok):
+    """megatron-core's GPTDataset takes each sequence for a document: on a corpus tokenized with
+    --split-sentences a token would attend only within its sentence."""
+    from megatron_sdmoe.data import preprocess
+
+    text = " ".join(f"Sentence {i} of the document." for i in range(40))
+    (tmp_path / "docs.jsonl").write_text("".join(f'{{"text": "{text}"}}\n' for _ in range(20)))
+    preprocess.main(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(tmp_path / "docs"),
+                     "--tokenizer", corpus.tokenizer_dir, "--split-sentences"])
+    cfg = _cfg(tmp_path, [str(tmp_path / "docs_text_sentence")])
+    cfg.data.document_mask = True
+    with pytest.raises(UserError, match="docs_text_sentence, whose documents are split into sentences"):
+        build_datasets(cfg, tok, 8, 8)
+
+
+@single_process
 def test_eod_mask_loss_drops_the_prediction_across_each_document_boundary(tmp_path, tok):
     """data.eod_mask_loss: the same samples; no loss where the input token is an EOD (its label is
     the next document's first token), a loss everywhere else."""

@@ -8,6 +8,7 @@ import functools
 import gzip
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -118,7 +119,13 @@ def test_round_trip_parquet_gz_arrow_and_saved_dataset(tmp_path, cli, tok, token
     datasets.Dataset.from_dict({"text": docs[:50], "n": list(range(50))}).to_parquet(str(files / "a.parquet"))
     write_jsonl(files / "b.jsonl.gz", [{"text": d} for d in docs[50:100]], gz=True)
     datasets.Dataset.from_dict({"text": docs[100:]}).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")})).to_parquet(
+        str(files / "c.parquet"))  # an empty part file, as sharded writers leave them: no documents
     arrow = next((tmp_path / "saved").glob("*.arrow"))
+    twice = cli(PREPROCESS, "--input", tmp_path / "saved", arrow, "--output-prefix", tmp_path / "twice",
+                "--tokenizer", tokenizer_dir)  # the saved dataset's own shard: its documents twice
+    assert (twice.code, twice.err) == (2, f"error: {arrow} is given twice in --input: give each once\n")
+    arrow = Path(shutil.copy(arrow, tmp_path / "copy.arrow"))
     for workers in (1, 2):
         result = cli(PREPROCESS, "--input", files, tmp_path / "saved", arrow, "--output-prefix",
                      tmp_path / f"w{workers}", "--tokenizer", tokenizer_dir, "--workers", workers)
@@ -164,12 +171,12 @@ def test_partitions_then_merge_equal_the_unpartitioned_output(tmp_path, cli, tok
 
 def test_skips_and_counts_empty_documents_and_malformed_lines(tmp_path, cli, tok, tokenizer_dir):
     lines = [{"text": "first"}, '{"text": "broken', {"text": ""}, {"text": "second"}, {"text": " \n "}, "[1, 2]",
-             "", {"text": "third"}]
+             "", {"text": "third"}, '{"text": "a lone \\ud800 surrogate"}']
     corpus = write_jsonl(tmp_path / "c.jsonl", lines)
     result = cli(PREPROCESS, "--input", corpus, "--output-prefix", tmp_path / "out", "--tokenizer", tokenizer_dir,
                  "--skip-bad")
     assert result.code == 0, result.err
-    assert "3 documents" in result.out and "skipped 2 empty documents, 2 malformed lines" in result.out
+    assert "3 documents" in result.out and "skipped 2 empty documents, 3 malformed lines" in result.out
     assert documents(tmp_path / "out_text_document") == expected(tok, ["first", "second", "third"])
 
 
@@ -203,6 +210,9 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
     elif case == "missing field":
         write_jsonl(corpus, good[:300] + [{"body": "x"}])
         message = f"error: {corpus} line 301 has no field 'text' (fields: body): name the text field(s)"
+    elif case == "lone surrogate":  # read by json, but no Unicode text: the tokenizer raised a TypeError
+        write_jsonl(corpus, good[:300] + ['{"text": "a \\udc80 b"}'])
+        message = f"error: {corpus} line 301 holds a lone surrogate escape in field 'text' (not Unicode text): fix"
     elif case == "not text":
         write_jsonl(corpus, [{"text": 5}])
         message = f"error: {corpus} line 1: field 'text' is int, not text"
@@ -259,7 +269,7 @@ def _bad_preprocess_input(case: str, inputs: Path, tokenizer_dir: str, overflowi
     return ["--input", corpus, "--tokenizer", tokenizer], message
 
 
-BAD_INPUTS = ["malformed", "missing field", "not text", "only empty documents", "missing tokenizer",
+BAD_INPUTS = ["malformed", "lone surrogate", "missing field", "not text", "only empty documents", "missing tokenizer",
               "tokenizer is a file", "broken tokenizer", "id overflows dtype", "missing input", "unsupported input",
               "missing column", "more partitions than records", "a partition of records without text",
               "a file given twice", "a file given twice by another name"]

@@ -86,6 +86,21 @@ def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_
 
 
 @pytest.mark.filterwarnings("ignore:Could not determine rank")
+def test_a_stage_draws_a_corpus_an_earlier_stage_trained_on_in_another_order(domains, tmp_path):
+    """Replaying a corpus (here all of the second stage's) draws other samples than the ones the
+    first stage began with: each stage shuffles with its own seed."""
+    from megatron_sdmoe.config import load_config
+    from megatron_sdmoe.training.stages import build_stages
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", f"data.tokenizer={domains['tokenizer']}", "train.max_steps=8",
+                             f"data.stages=[{{name: a, steps: 4, path: [{domains['prose']}]}}, "
+                             f"{{name: b, steps: 4, path: [{domains['prose']}]}}]"])
+    first, second = build_stages(cfg, load_tokenizer(domains["tokenizer"]))
+    drawn = [[stage.train[i]["tokens"].tolist() for i in range(16)] for stage in (first, second)]
+    assert not any(sample in drawn[0] for sample in drawn[1])
+
+
+@pytest.mark.filterwarnings("ignore:Could not determine rank")
 def test_separate_validation_blend(domains, tmp_path):
     """data.valid_path: validation samples come from that blend only (here: the upper-cased corpus)."""
     from megatron_sdmoe.config import load_config

@@ -146,6 +146,11 @@ def checked_blends(cfg: Config, path: list, valid_path: list, test_path: list, n
             with _single_process_is_fine():
                 opened[prefix] = open_indexed(prefix)  # kept referenced: its arrays view an mmap closed on deletion
             check_bin_size(prefix, opened[prefix])
+            if cfg.data.document_mask and len(opened[prefix].document_indices) <= len(opened[prefix]):
+                raise UserError(f"data.document_mask with {prefix}, whose documents are split into sentences "
+                                "(sdmoe-preprocess --split-sentences): megatron-core's GPTDataset takes each "
+                                "sentence for a document, so tokens would attend only within their sentence: "
+                                "tokenize the corpus without --split-sentences, or drop data.document_mask")
         dataset = opened[prefix]
         beg, end = (int(round(b * len(dataset.sequence_lengths))) for b in bounds)  # megatron's rounding
         tokens = int(dataset.sequence_lengths[beg:end].sum())
@@ -182,13 +187,15 @@ class Splits(NamedTuple):
 
 def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, num_eval_samples: int,
                    path: list | None = None, valid_path: list | None = None, test_path: list | None = None,
-                   section: str = "data") -> Splits:
+                   section: str = "data", stage: int = 0) -> Splits:
     """Train, validation and test datasets of exactly the requested lengths (validation and test:
     `num_eval_samples` each, None if 0; test also None without a weight or a blend) from the blend
     `path` (default data.path; empty: the sample corpus), split by data.split, or, when the
     separate blend `valid_path` (default data.valid_path) is given, trained on whole and validated
     and tested on `valid_path` and `test_path` (default data.test_path; empty: no test set).
-    Errors name the blends as settings of the config section `section`.
+    Errors name the blends as settings of the config section `section`. Each stage of data.stages
+    (index `stage`) shuffles with a seed of its own (train.seed + stage): a corpus an earlier stage
+    trained on is then drawn in another order, not replayed from the samples that stage began with.
 
     Must be called on every rank. Under torch.distributed, megatron's builder already builds each
     dataset on rank 0 first (writing the index cache), then barriers, then builds on the other
@@ -204,7 +211,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, num_train_samples: int, nu
     cache = _cache_dir(cfg, [blend, valid_blend, test_blend])
     with _single_process_is_fine():
         config = GPTDatasetConfig(
-            random_seed=cfg.train.seed,
+            random_seed=(cfg.train.seed + stage) % 2 ** 32,
             sequence_length=cfg.data.seq_length,
             **({"blend_per_split": [blend, valid_blend, test_blend]} if valid_blend else
                {"blend": blend, "split": cfg.data.split}),

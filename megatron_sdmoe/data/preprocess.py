@@ -63,6 +63,9 @@ class Batch:
 class JsonlFile:
     path: str
 
+    def files(self) -> list[str]:
+        return [self.path]
+
     def count(self) -> int:
         return sum(map(len, self.batches(())))
 
@@ -99,6 +102,14 @@ class TableFile:
                             f"{os.path.join(self.path, next(iter(table)))}")
         return table
 
+    def files(self) -> list[str]:
+        """The files its records come from: a save_to_disk directory's data files, else itself."""
+        try:
+            with open(os.path.join(self.path, "state.json")) as f:
+                return [os.path.join(self.path, item["filename"]) for item in json.load(f)["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError):  # not a saved dataset (its load says what is wrong)
+            return [self.path]
+
     def count(self) -> int:
         if self.path.endswith(".parquet"):
             import pyarrow.parquet  # the streamed parquet table has no length; the file's footer has it
@@ -106,6 +117,8 @@ class TableFile:
         return len(self.load())
 
     def batches(self, keys: Iterable[str]) -> Iterator[Batch]:
+        if self.count() == 0:  # e.g. an empty part file of a sharded corpus (datasets cannot stream it)
+            return
         table = self.load()
         missing = [key for key in keys if key not in table.column_names]
         if missing:
@@ -134,7 +147,7 @@ def find_sources(paths: list[str]) -> list[JsonlFile | TableFile]:
             sources += [source(f) for f in files]
         else:
             sources.append(source(path))
-    given_once([s.path for s in sources], "--input")
+    given_once([file for s in sources for file in s.files()], "--input")
     return sources
 
 
@@ -205,9 +218,9 @@ class Encoder:
         else:
             rows = []
             for offset, line in enumerate(batch.lines):
-                row, problem = parse_json_line(line)
+                row, problem = parse_json_line(line, self.options.keys)
                 if problem and not self.options.skip_bad:
-                    raise UserError(f"{batch.where(offset)} is not a JSON object ({problem}): fix the line, or pass "
+                    raise UserError(f"{batch.where(offset)} {problem}: fix the line, or pass "
                                     "--skip-bad to skip and count malformed lines")
                 malformed += problem is not None
                 rows.append(row)
@@ -244,17 +257,28 @@ class Encoder:
         return Document(tokens.astype(self.dtype), lengths)
 
 
-def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
-    """(object, None); (None, None) for a blank line; (None, problem) for a malformed one."""
+def parse_json_line(line: bytes, keys: Iterable[str]) -> tuple[dict | None, str | None]:
+    """(object, None); (None, None) for a blank line; (None, what is wrong) for a malformed one, also
+    one whose text field (of `keys`) holds a lone surrogate escape (`\\ud800`): JSON reads it, but it
+    is no Unicode text, and the tokenizer would fail on it."""
     if not line.strip():
         return None, None
     try:
         row = json.loads(line.rstrip(b"\r\n"))  # else an unterminated string is reported as a control character
     except UnicodeDecodeError:
-        return None, "not UTF-8"
+        return None, "is not a JSON object (not UTF-8)"
     except json.JSONDecodeError as e:
-        return None, f"{e.msg}: column {e.colno}"
-    return (row, None) if isinstance(row, dict) else (None, f"a JSON {type(row).__name__}")
+        return None, f"is not a JSON object ({e.msg}: column {e.colno})"
+    if not isinstance(row, dict):
+        return None, f"is not a JSON object (a JSON {type(row).__name__})"
+    for key in keys:
+        text = row.get(key)
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return None, f"holds a lone surrogate escape in field {key!r} (not Unicode text)"
+    return row, None
 
 
 def text_field(row: dict, key: str, batch: Batch, offset: int) -> str:

@@ -66,9 +66,9 @@ def stage_blends(cfg: Config) -> list[StageBlends]:
 
 def build_stages(cfg: Config, tokenizer: Tokenizer) -> list[Stage]:
     stages, first = [], 0
-    for name, section, path, valid_path, test_path, steps, samples in stage_blends(cfg):
+    for index, (name, section, path, valid_path, test_path, steps, samples) in enumerate(stage_blends(cfg)):
         splits = build_datasets(cfg, tokenizer, samples, cfg.train.eval_samples, path, valid_path, test_path,
-                                section)
+                                section, index)
         stages.append(Stage(name, first, steps, *splits, domain_names(valid_path or path),
                             domain_names(test_path or path)))
         first += steps
