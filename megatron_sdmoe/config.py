@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import os
 import re
 import types
@@ -425,11 +426,7 @@ def _first_line(e: Exception) -> str:
 
 def stage_ends(cfg: Config) -> list[int]:
     """The step at which each stage of data.stages ends (its last step, 1-based)."""
-    ends, total = [], 0
-    for stage in cfg.data.stages:
-        total += stage.steps
-        ends.append(total)
-    return ends
+    return list(itertools.accumulate(stage.steps for stage in cfg.data.stages))
 
 
 def stage_name(cfg: Config, index: int) -> str:

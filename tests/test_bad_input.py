@@ -409,7 +409,11 @@ def test_max_steps_before_the_checkpoint(resumed):
 
 @pytest.mark.parametrize("override, message", [
     ("train.skip_batches=[1-2]", "error: train.skip_batches has 1-2, but the checkpoint this start resumes from is at "
-                                 "step 2, past it: nothing would be skipped; to leave those batches out, first "
+                                 "step 2: steps 1-2 were trained already; to leave those batches out, first "
+                                 "sdmoe-checkpoints rollback "),
+    # a range the checkpoint lies in: its first steps were trained, though the start said skipped
+    ("train.skip_batches=[2-3]", "error: train.skip_batches has 2-3, but the checkpoint this start resumes from is at "
+                                 "step 2: step 2 was trained already; to leave those batches out, first "
                                  "sdmoe-checkpoints rollback "),
     ("train.profile_steps=[1, 2]", "error: train.profile_steps=[1, 2], but the checkpoint this start resumes from is at "
                                    "step 2, past them: profile steps after 2"),
@@ -421,12 +425,14 @@ def test_steps_added_where_the_run_already_is(resumed, override, message):
     assert snapshot(run_dir) == before
 
 
-def test_a_damaged_meta_json_is_one_line(resumed):
+@pytest.mark.parametrize("name, damage", [("meta.json", "{"), ("config.yaml", "model: ["),
+                                         ("config.yaml", "run:\n  dir: /x\n")])  # cut short
+def test_a_damaged_checkpoint_file_is_one_line(resumed, name, damage):
     run_dir, before = resumed
-    meta = run_dir / "checkpoints" / "step_00000002" / "meta.json"
-    meta.write_text("{")
+    damaged = run_dir / "checkpoints" / "step_00000002" / name
+    damaged.write_text(damage)
     proc = train(run_dir)
-    assert_refused(proc, f"error: checkpoint {meta.parent}: meta.json is damaged (")
+    assert_refused(proc, f"error: checkpoint {damaged.parent}: {name} is damaged (")
     assert "copy the checkpoint again, or sdmoe-checkpoints rollback to an earlier one" in proc.stderr
 
 

@@ -91,6 +91,11 @@ def test_batches_must_divide_from_the_resumed_step_on(tmp_path):
         "train.micro_batch_size x data-parallel size = 4: make each batch a multiple of 4, or change the layout"]
     assert not (tmp_path / "fresh").exists()
     launch(tmp_path / "moved", 1, *schedule, "train.exit_interval=2")
+    # thresholds in tokens: at another sequence length the batches would grow at other steps
+    refused = launch(tmp_path / "moved", 2, *schedule, "data.seq_length=32", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: checkpoint {tmp_path / 'moved' / 'checkpoints' / 'step_00000002'} was trained with "
+        "data.seq_length=64, not 32: train.batch_size_schedule's thresholds are tokens"), refused.stderr
     proc = launch(tmp_path / "moved", 2, *schedule)
     assert "resuming from step 2" in proc.stdout
     assert [row["global_batch"] for row in metrics(tmp_path / "moved")] == [2, 2, 8, 8]

@@ -71,6 +71,13 @@ def test_two_stages_write_the_matrix_and_bwt_and_survive_a_restart(domains, tmp_
         "error: data.stages[0] ended at step 3 (the checkpoint is at step 3), and the stage matrix holds losses on "
         f"its data: keep its path and valid_path as the run had them (['{domains['prose']}'], []), or start a new "
         "run.dir"], proc.stderr
+    # the first stage ended at step 3: steps that would have ended it at 2 never evaluated it there
+    shorter = stages[0].replace("steps: 3, path", "steps: 2, path", 1).replace("steps: 3, path", "steps: 4, path")
+    proc = launch(tmp_path / "restarted", 1, shorter, *stages[1:], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: data.stages would have ended at steps [2] by the checkpoint's step 3, but the run's ended at [3]: "
+        "each stage's evaluation and data position follow from them; keep the steps of the stages up to there "
+        "(later ones may change)"], proc.stderr
     launch(tmp_path / "restarted", 1, *stages)
     assert json.loads((tmp_path / "restarted" / "stages.json").read_text()) == result
     # a branch from the stage boundary, and the run rolled back to it, hold the first stage's row

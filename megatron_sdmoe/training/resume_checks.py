@@ -4,13 +4,14 @@ a layout change that reshard.py can make exactly. Each refusal is one line, befo
 written."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
 import yaml
 
 from megatron_sdmoe.config import (Config, TrainConfig, flat_items, is_headwise, is_sdmoe, resolved_blend,
-                                   skipped_batch_ranges, to_dict)
+                                   skipped_batch_ranges, stage_ends, to_dict)
 from megatron_sdmoe.errors import UserError
 from megatron_sdmoe.training.checkpoint import (LATEST, MODEL_PARALLEL, check_intact, layout_meta, read_meta,
                                                 saved_step)
@@ -53,6 +54,12 @@ def check_resumable(cfg: Config, world_size: int, path: Path | None) -> None:
                 raise UserError(f"checkpoint {path} was trained with train.{key}={saved_value}, not {value}: the "
                                 "data position counts global batches, so other batches would skip or repeat "
                                 f"samples; resume with train.{key}={saved_value}")
+        seq_length = saved_config["data"]["seq_length"]
+        if cfg.train.batch_size_schedule and seq_length != cfg.data.seq_length:
+            raise UserError(f"checkpoint {path} was trained with data.seq_length={seq_length}, not "
+                            f"{cfg.data.seq_length}: train.batch_size_schedule's thresholds are tokens, so its batches "
+                            "would change at other steps and skip or repeat samples; resume with "
+                            f"data.seq_length={seq_length}")
     meta = read_meta(path)
     saved, par = meta["layout"], cfg.parallel
     wanted = layout_meta(world_size, par.tensor, par.expert, par.expert_tensor)
@@ -76,10 +83,24 @@ def _check_relayable(path: Path, saved: dict, wanted: dict, cfg: Config) -> None
                         f"at another model-parallel layout needs: {again}")
 
 
+SAVED_SECTIONS = ("model", "moe", "train", "data")  # what the checks read (every version saved them)
+
+
 def _saved_config(checkpoint: Path) -> dict | None:
-    """The run's config as the checkpoint saved it (None for checkpoints written without it)."""
+    """The run's config as the checkpoint saved it (None for checkpoints written without it); a
+    damaged one (cut short, edited) refused."""
     path = checkpoint / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        saved = str(e).splitlines()[0]
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), dict) for key in SAVED_SECTIONS):
+        reason = saved if isinstance(saved, str) else "sections missing"
+        raise UserError(f"checkpoint {checkpoint}: config.yaml is damaged ({reason}): copy the checkpoint again, or "
+                        "sdmoe-checkpoints rollback to an earlier one")
+    return saved
 
 
 def _differences(saved: dict, cfg: Config, sections: list[str], allowed=()) -> list[str]:
@@ -99,15 +120,21 @@ def changed_settings(path: Path | None, cfg: Config) -> list[str]:
 
 
 def check_finished_stages(path: Path | None, cfg: Config) -> None:
-    """Refuse a start that changes the data of a stage the run finished before checkpoint `path`:
-    the stage matrix holds each finished stage's validation loss on that data, so rows measured on
-    other data would read as forgetting."""
+    """Refuse a start that changes the stages a run of data.stages finished before checkpoint `path`:
+    their ends (each stage's evaluation and data position follow from them: a stage that would end
+    before the checkpoint in the new steps was never evaluated), or their data (the stage matrix
+    holds each finished stage's validation loss on it, so rows measured on other data would read as
+    forgetting)."""
     saved = _saved_config(path) if path is not None else None
-    if not saved or not cfg.data.stages:
+    if not saved or not cfg.data.stages or not saved["data"].get("stages"):
         return
-    step, end = saved_step(path), 0
-    for index, (old, new) in enumerate(zip(saved["data"].get("stages", []), cfg.data.stages)):
-        end += old["steps"]
+    step, ends = saved_step(path), list(itertools.accumulate(stage["steps"] for stage in saved["data"]["stages"]))
+    finished, now = [e for e in ends if e <= step], [e for e in stage_ends(cfg) if e <= step]
+    if finished != now:
+        raise UserError(f"data.stages would have ended at steps {now or 'none'} by the checkpoint's step {step}, but "
+                        f"the run's ended at {finished or 'none'}: each stage's evaluation and data position follow "
+                        "from them; keep the steps of the stages up to there (later ones may change)")
+    for index, (old, new, end) in enumerate(zip(saved["data"]["stages"], cfg.data.stages, ends)):
         if end > step:
             return
         before = [resolved_blend(old.get(key, [])) for key in ("path", "valid_path")]  # (older runs: relative)
@@ -118,18 +145,20 @@ def check_finished_stages(path: Path | None, cfg: Config) -> None:
 
 
 def check_added_steps(path: Path | None, cfg: Config) -> None:
-    """Refuse a train.skip_batches range or train.profile_steps that this start adds (the
-    checkpoint's config lacks them) but that end where the run already is: nothing would be skipped
-    or profiled. (Skipping the batches before a spike needs a rollback first.)"""
+    """Refuse a train.skip_batches range that this start adds (the checkpoint's config lacks it)
+    but that begins where the run already is (its batches up to there were trained: skipping those
+    before a spike needs a rollback first), or train.profile_steps it adds that end there (nothing
+    would be profiled)."""
     saved = _saved_config(path) if path is not None else None
     if not saved:
         return
     step, tr = saved_step(path), cfg.train
     had = {str(item) for item in saved["train"].get("skip_batches", [])}
     for item, (first, last) in zip(tr.skip_batches, skipped_batch_ranges(cfg)):
-        if str(item) not in had and last <= step:
+        if str(item) not in had and first <= step:
+            trained = f"steps {first}-{min(last, step)} were" if min(last, step) > first else f"step {first} was"
             raise UserError(f"train.skip_batches has {first}-{last}, but the checkpoint this start resumes from is "
-                            f"at step {step}, past it: nothing would be skipped; to leave those batches out, first "
+                            f"at step {step}: {trained} trained already; to leave those batches out, first "
                             f"sdmoe-checkpoints rollback {path.parent.parent} to a step before {first}")
     if tr.profile_steps and tr.profile_steps != saved["train"].get("profile_steps") and tr.profile_steps[1] <= step:
         raise UserError(f"train.profile_steps={tr.profile_steps}, but the checkpoint this start resumes from is at "
