@@ -38,7 +38,7 @@ from megatron_sdmoe.training.checkpoint import (latest_checkpoint, load_checkpoi
                                                 saved_trainer_state)
 from megatron_sdmoe.training.engine import build_engine
 from megatron_sdmoe.training.loop import Diverged, Trainer
-from megatron_sdmoe.training.metrics import MetricsLogger
+from megatron_sdmoe.training.metrics import MetricsLogger, moe_layer_labels
 from megatron_sdmoe.training.resume_checks import ORDER_SETTINGS, changed_settings, check_vocabulary
 from megatron_sdmoe.training.schedule import schedule_notes
 from megatron_sdmoe.training.stages import build_stages, evaluated_on_training_data, stage_blends
@@ -168,7 +168,7 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
     if not evaluating:
         write_config(cfg, run_dir, layout.is_main)
         record_start(run_dir, layout, start_step, dtype)
-    metrics = MetricsLogger(run_dir, layout.is_main and not evaluating, start_step)
+    metrics = MetricsLogger(run_dir, layout.is_main and not evaluating, start_step, moe_layer_labels(model))
     if layout.is_main:
         params = sum(p.numel() for p in model.parameters())
         changed = changed_settings(checkpoint, cfg)

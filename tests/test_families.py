@@ -4,6 +4,7 @@ group-limited routing, expert-bias balancing, multi-head latent attention and mu
 prediction included)."""
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, SMALL, launch, metrics, rank_file
 from megatron_sdmoe.config import load_config
@@ -23,6 +24,11 @@ def test_trains_from_its_tiny_config(family, tmp_path):
     rows = metrics(tmp_path)
     assert rows[-1]["step"] == 30
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    if family == "deepseek":  # TensorBoard names the MoE layers by decoder layer (0 is dense), then MTP's
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        assert {tag for tag in events.Tags()["scalars"] if tag.startswith("moe/expert_load_max_over_mean/")} == {
+            f"moe/expert_load_max_over_mean/{label}" for label in ("layer_1", "layer_2", "mtp_0")}
 
 
 YARN = ["model.rope_scaling=yarn", "model.yarn.factor=8", "model.yarn.original_max_position_embeddings=16"]

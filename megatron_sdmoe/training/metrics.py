@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_sdmoe.config import Config
 from megatron_sdmoe.errors import writing_into
@@ -45,6 +47,15 @@ def _tensorboard_tag(key: str) -> str:
 REPLACED = "metrics_replaced.jsonl"
 
 
+def moe_layer_labels(model: torch.nn.Module) -> list[str]:
+    """The TensorBoard name of each MoE layer, in the order of the per-layer lists (module order;
+    one router per layer, head-wise too): `layer_<i>` for decoder layer i (dense layers have none),
+    `mtp_<k>` for multi-token-prediction layer k."""
+    names = [name for name, module in model.named_modules() if isinstance(module, TopKRouter)]
+    labels = [re.match(r"(decoder|mtp)\.layers\.(\d+)\.", name) for name in names]
+    return [f"{'layer' if match[1] == 'decoder' else 'mtp'}_{match[2]}" for match in labels]
+
+
 class MetricsLogger:
     """Writes on the main rank only; other ranks hold a disabled logger.
 
@@ -52,8 +63,9 @@ class MetricsLogger:
     it (the steps since the last checkpoint before a crash, or a rolled-back run's) moves from
     metrics.jsonl to metrics_replaced.jsonl, and TensorBoard hides it (its purge_step)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int):
-        self.enabled, self.run_dir = enabled, run_dir
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, layer_labels: list[str] = ()):
+        """`layer_labels`: the per-layer lists' names in TensorBoard (moe_layer_labels)."""
+        self.enabled, self.run_dir, self.layer_labels = enabled, run_dir, list(layer_labels)
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -74,10 +86,10 @@ class MetricsLogger:
                 self.tb.add_scalar(_tensorboard_tag(key), value, step)
             for key, values in per_layer.items():
                 if values and isinstance(values[0], list):  # a value per expert: one layers x experts image
-                    self.tb.add_figure(f"moe/{key}", _per_expert_figure(key, values, step), step)
+                    self.tb.add_figure(f"moe/{key}", _per_expert_figure(key, values, self.layer_labels, step), step)
                     continue
-                for layer, value in enumerate(values):
-                    self.tb.add_scalar(f"moe/{key}/layer_{layer}", value, step)
+                for label, value in zip(self.layer_labels, values, strict=True):
+                    self.tb.add_scalar(f"moe/{key}/{label}", value, step)
             self.tb.flush()  # raises what TensorBoard's writer thread met
 
     def log_heatmaps(self, step: int, tag: str, matrices: list) -> None:
@@ -89,12 +101,12 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        for layer, matrix in enumerate(matrices):
+        for label, matrix in zip(self.layer_labels, matrices, strict=True):
             fig, ax = plt.subplots(figsize=(4, 3.4))
             image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
-            ax.set(title=f"{tag}, layer {layer}, step {step}", xlabel="expert", ylabel="expert")
+            ax.set(title=f"{tag}, {label}, step {step}", xlabel="expert", ylabel="expert")
             fig.colorbar(image, ax=ax)
-            self.tb.add_figure(f"moe/{tag}/layer_{layer}", fig, step)  # closes the figure
+            self.tb.add_figure(f"moe/{tag}/{label}", fig, step)  # closes the figure
         self.tb.flush()
 
     def log_figure(self, step: int, tag: str, figure) -> None:
@@ -124,7 +136,7 @@ def _move_lines_past(step: int, path: Path, replaced: Path) -> None:
         tmp.replace(path)
 
 
-def _per_expert_figure(key: str, shares: list[list[float]], step: int):
+def _per_expert_figure(key: str, shares: list[list[float]], labels: list[str], step: int):
     """MoE layers x experts, each expert's share of its layer's routings against an even split
     (log2 of share x experts: 0 balanced, +1 twice its share)."""
     import matplotlib
@@ -139,7 +151,7 @@ def _per_expert_figure(key: str, shares: list[list[float]], step: int):
     fig, ax = plt.subplots(figsize=(max(4.5, 0.3 * experts + 2.5), 0.3 * layers + 2.0))
     image = ax.imshow(values, aspect="auto", cmap="coolwarm", vmin=-2, vmax=2)
     ax.set(title=f"{key}, step {step}", xlabel="expert", ylabel="MoE layer")
-    ax.set_yticks(range(layers))
+    ax.set_yticks(range(layers), labels)
     fig.colorbar(image, ax=ax, label="log2(share x experts)")
     fig.tight_layout()
     return fig
