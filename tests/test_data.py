@@ -340,6 +340,17 @@ def test_an_index_cache_write_that_fails_is_one_line_and_leaves_no_partial_cache
 
 
 @single_process
+def test_an_index_file_a_killed_build_cut_short_is_built_again(tmp_path, tok):
+    """kill -9 while megatron writes the shuffle index (in place) leaves the start of it; the next
+    build writes it again (megatron, finding every file, would map the cut one: an error at every start)."""
+    cfg = _cached(tmp_path, tok)
+    build_datasets(cfg, tok, 64, 8)
+    shuffle = next((tmp_path / "cache").rglob("*train-shuffle_index.npy"))
+    shuffle.write_bytes(shuffle.read_bytes()[:200])
+    assert _fresh_cache_gives(build_datasets(cfg, tok, 64, 8).train, cfg, tok)
+
+
+@single_process
 def test_jobs_that_share_an_index_cache_build_it_one_at_a_time(tmp_path, tok, capsys):
     """While another job builds indices in the shared data.cache_dir (it holds the folder's lock), a
     build waits, saying so, and writes nothing; once that job is done, it goes on."""

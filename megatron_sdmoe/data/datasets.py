@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import megatron.core.datasets
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -242,7 +243,9 @@ def _building_index_cache(cache: Path, cfg: Config):
       builds go unlocked.
     - a write that fails (a full disk, a quota) is one line, and the files that build wrote are
       removed: megatron counts a cache as complete when every file exists, so a shuffle index cut
-      short would be read by every later start (an error, or other samples)."""
+      short would be read by every later start (an error, or other samples). For the same reason a
+      file a killed build left cut short (numpy writes in place; `kill -9`, an out-of-memory kill)
+      is removed before the build, which then writes it again."""
     if dist.is_initialized() and dist.get_rank() != 0:  # the other ranks read the cache
         yield
         return
@@ -257,6 +260,7 @@ def _building_index_cache(cache: Path, cfg: Config):
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except OSError:  # no locks on this filesystem
                 pass
+            _remove_cut_files(cache)
             before = _stamps(cache)
             try:
                 yield
@@ -265,6 +269,15 @@ def _building_index_cache(cache: Path, cfg: Config):
                     if before.get(path) != stamp:
                         path.unlink(missing_ok=True)
                 raise
+
+
+def _remove_cut_files(cache: Path) -> None:
+    """Remove each index file of `cache` shorter than its header says (numpy refuses to map it)."""
+    for path in cache.glob("*.npy"):
+        try:
+            np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            path.unlink()
 
 
 def _stamps(directory: Path) -> dict[Path, tuple[int, int]]:
