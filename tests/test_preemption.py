@@ -138,7 +138,8 @@ def test_time_budget_counts_from_the_process_start():
 
 def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_groups):
     """The budget counts from start-up and stops once the longest step and the longest save seen
-    (before the first: the checkpoint's load) would no longer both fit."""
+    (before the first: the checkpoint's load) would no longer both fit, after the save of a step
+    that saves anyway (train.save_interval) where it does."""
     from megatron_sdmoe.runtime import preemption
 
     handlers = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
@@ -150,6 +151,10 @@ def test_time_budget_keeps_room_for_a_step_and_a_checkpoint(single_process_group
         assert stop.after_step(1.0) is None  # 60 + 30 s still fit
         stop.saved(45.0)
         assert stop.after_step(1.0) == "time budget"
+        # a step that saves anyway: its save, then 60 + 30 s, no longer fit
+        elapsed_minutes = (time.monotonic() - preemption.STARTED) / 60
+        saving = preemption.StopRequest(elapsed_minutes + 100 / 60, torch.device("cpu"), 30.0)
+        assert saving.after_step(60.0) is None and saving.after_step(1.0, saving=True) == "time budget"
         # before the first save, a resumed run's checkpoint load stands in for one
         elapsed_minutes = (time.monotonic() - preemption.STARTED) / 60
         assert preemption.StopRequest(elapsed_minutes + 100 / 60, torch.device("cpu"), 45.0).after_step(60.0)

@@ -65,13 +65,14 @@ class StopRequest:
                 print("\nCtrl-C: stopping after this step with a checkpoint (again: at once, without one)",
                       file=sys.stderr, flush=True)
 
-    def after_step(self, step_seconds: float) -> str | None:
+    def after_step(self, step_seconds: float, saving: bool = False) -> str | None:
         """Called by every rank after every step (a collective): why to stop now, or None.
         The budget keeps room for one more step and the checkpoint after it, each of the longest
-        length seen so far."""
+        length seen so far, and, when this step saves anyway (`saving`: train.save_interval), for
+        that save too; a stop then makes it the stop's checkpoint."""
         self.longest_step = max(self.longest_step, step_seconds)
-        if (self.reason is None and self.deadline is not None
-                and time.monotonic() + self.longest_step + self.longest_save > self.deadline):
+        needed = self.longest_step + self.longest_save * (2 if saving else 1)
+        if self.reason is None and self.deadline is not None and time.monotonic() + needed > self.deadline:
             self.reason = "time budget"
         flag = torch.tensor([self.reason is not None], dtype=torch.float32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -296,13 +296,13 @@ class Trainer:
     def _after_step(self, done: int, stop: StopRequest, seconds: float) -> tuple[str | None, bool]:
         """The checkpoint after step `done` (1-based) and whether to stop: see _run_step."""
         tr = self.cfg.train
-        stopped = stop.after_step(seconds)  # a collective: every rank calls it
+        periodic = bool(tr.save_interval) and done % tr.save_interval == 0
+        stopped = stop.after_step(seconds, saving=periodic)  # a collective: every rank calls it
         if done == tr.max_steps:
             stopped = None  # the run is done: a stop request at its last step changes nothing
         diverged = 0 < tr.max_skipped_steps <= self.skipped_in_a_row
         exiting = tr.exit_interval > 0 and done % tr.exit_interval == 0
-        if ((tr.save_interval and done % tr.save_interval == 0) or (done == tr.max_steps and tr.final_checkpoint)
-                or exiting or stopped or diverged):
+        if periodic or (done == tr.max_steps and tr.final_checkpoint) or exiting or stopped or diverged:
             started = time.perf_counter()
             save_checkpoint(self.run_dir, done, self.engine, self.layout, self.batches.first_sample(done),
                             tr.keep_checkpoints, self._state())
