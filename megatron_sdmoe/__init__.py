@@ -1,9 +1,20 @@
 """megatron_sdmoe: Mixture-of-Experts pretraining on megatron-core expert parallelism + DeepSpeed ZeRO."""
 import logging
 import os
+import signal
 import warnings
 
-import torch
+# A training worker that the launchers start (they set KEEP_EARLY_STOPS) keeps a stop signal that
+# reaches it while it imports torch and megatron-core, seconds before runtime/preemption.py's
+# handlers exist, rather than end of it (SIGUSR1's default: exit 138, no requeue). Only there: in
+# any other program that imports the package, SIGTERM must go on ending it.
+KEEP_EARLY_STOPS = "SDMOE_KEEP_EARLY_STOPS"
+early_stops: list[str] = []  # the signals' names, read by runtime/preemption.py
+if os.environ.get(KEEP_EARLY_STOPS):
+    for _signal in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(_signal, lambda signum, _frame: early_stops.append(signal.Signals(signum).name))
+
+import torch  # noqa: E402  (after the handlers: its import takes seconds)
 
 # DeepSpeed's ZeRO calls torch.distributed.all_gather_into_tensor, which torch deprecates: a warning
 # on every rank about code that is DeepSpeed's to change.

@@ -67,6 +67,27 @@ def test_the_stop_signals_reach_the_workers(signum, tmp_path):
     assert (run_dir / "checkpoints" / "latest").exists()
 
 
+def test_a_stop_while_the_workers_import_is_kept(tmp_path):
+    """SIGUSR1 passed on while the workers import torch and megatron-core (for seconds, before the
+    training's handlers exist) ended them with exit code 138: no checkpoint, no requeue. They keep
+    it, and stop after their first step."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    with open(log_path(run_dir), "w") as log:
+        proc = subprocess.Popen(command(run_dir, "train.max_steps=200"), cwd=REPO, env=run_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+    launcher = psutil.Process(proc.pid)
+    while len(launcher.children()) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(1.0)  # into their imports (the interpreter's own start-up, a fraction of that, is not covered)
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=300)
+    output = log_path(run_dir).read_text()
+    assert proc.returncode == EXIT_REQUEUE and "stopped early (SIGUSR1)" in output, output[-3000:]
+    assert [row["step"] for row in metrics(run_dir)] == [1]
+
+
 def test_a_second_sigterm_ends_the_launch(tmp_path):
     """Asked again (a worker hung while saving), the launcher ends its workers as torchrun does."""
     import psutil

@@ -56,6 +56,7 @@ export MASTER_PORT=$${MASTER_PORT:-29500}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=$${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_IB_TIMEOUT=$${NCCL_IB_TIMEOUT:-22}
 export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$threads}
+export SDMOE_KEEP_EARLY_STOPS=1  # a stop signal while the tasks import is kept (megatron_sdmoe/__init__.py)
 $env_lines
 cd $workdir
 $launch

@@ -15,6 +15,7 @@ workers, SIGKILL 30 s later.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -24,6 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args
 from torch.distributed.run import run as torchrun
 
+from megatron_sdmoe import KEEP_EARLY_STOPS
 from megatron_sdmoe.runtime.preemption import SIGNALS as PASSED_ON
 
 _passed_on: set[int] = set()
@@ -47,6 +49,7 @@ def run(argv: list[str]) -> int:
     signal N), or 0."""
     for signum in PASSED_ON:
         signal.signal(signum, _forward_to_workers)
+    os.environ[KEEP_EARLY_STOPS] = "1"  # the workers keep a stop passed on while they import
     try:  # torchrun installs its own handlers, when it starts the workers, for the signals not passed on
         torchrun(parse_args(["--signals-to-handle=SIGHUP,SIGQUIT", *argv]))
     except ChildFailedError as e:

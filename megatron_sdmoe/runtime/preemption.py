@@ -15,13 +15,12 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from megatron_sdmoe import early_stops
+
 EXIT_REQUEUE = 3  # "saved, stopped early: requeue me" (launch scripts act on it)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # The time budget counts from the process's start: imports and loading a checkpoint take part of it.
 STARTED = time.monotonic() - (time.time() - psutil.Process().create_time())
-
-
-_EARLY: list[str] = []  # stop signals received while the run was being set up
 
 
 @contextlib.contextmanager
@@ -34,12 +33,12 @@ def stop_signals_caught() -> Iterator[None]:
     restored: the entry point may run inside another program (a test), whose forked workers must
     still die of SIGTERM."""
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    _EARLY.clear()
     for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: _EARLY.append(signal.Signals(signum).name))
+        signal.signal(sig, lambda signum, _frame: early_stops.append(signal.Signals(signum).name))
     try:
         yield
     finally:
+        early_stops.clear()  # handled: another run in this process (a test) starts without them
         for sig, handler in before.items():
             signal.signal(sig, handler)
 
@@ -55,7 +54,7 @@ class StopRequest:
         self.longest_step, self.longest_save = 0.0, save_seconds
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
-        self.reason = self.reason or (_EARLY[0] if _EARLY else None)  # read once no signal can slip past
+        self.reason = self.reason or (early_stops[0] if early_stops else None)  # read once no signal can slip past
 
     def _on_signal(self, signum, _frame) -> None:
         self.reason = signal.Signals(signum).name  # acted on after the current step
