@@ -1,9 +1,10 @@
 """sdmoe-eval: the validation and test losses of a run's latest checkpoint (or, with --step, an
-earlier one), as its training measured them (with the settings saved with the checkpoint), in any layout and on the run's own data or other data
-(`data.*` overrides). Nothing in the run directory changes (megatron's data index cache aside).
-With --routes, also which tokens each expert takes on the validation data, and with --routes-text
-which experts each token of a text goes to (moe/routes.py). A run on the built-in sample corpus (the
-demo) takes other data as data.path, tokenized with that corpus's tokenizer (SAMPLE_TOKENIZER:
+earlier one), as its training measured them (with the settings saved with the checkpoint), in any
+layout and on the run's own data or other data (`data.*` overrides). Nothing in the run directory
+changes (megatron's data index cache aside). With --routes, also which tokens each expert takes on
+the validation data, and with --routes-text which experts each token of a text goes to
+(moe/routes.py). A run on the built-in sample corpus (the demo) takes other data as data.path,
+tokenized with that corpus's tokenizer (SAMPLE_TOKENIZER:
 ~/.cache/megatron_sdmoe/sample-corpus-v1-py<version>/tokenizer, README Quickstart).
 
     sdmoe-eval runs/demo
