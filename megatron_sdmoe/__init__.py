@@ -9,8 +9,11 @@ import warnings
 # handlers exist, rather than end of it (SIGUSR1's default: exit 138, no requeue). Only there: in
 # any other program that imports the package, SIGTERM must go on ending it.
 KEEP_EARLY_STOPS = "SDMOE_KEEP_EARLY_STOPS"
+# A stop the launcher got before it had started its workers (launch/torchrun.py), which they inherit.
+LAUNCHER_STOP = "SDMOE_LAUNCHER_STOP"
 early_stops: list[str] = []  # the signals' names, read by runtime/preemption.py
 if os.environ.get(KEEP_EARLY_STOPS):
+    early_stops += [os.environ[LAUNCHER_STOP]] if os.environ.get(LAUNCHER_STOP) else []
     for _signal in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(_signal, lambda signum, _frame: early_stops.append(signal.Signals(signum).name))
 

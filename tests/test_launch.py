@@ -88,6 +88,30 @@ def test_a_stop_while_the_workers_import_is_kept(tmp_path):
     assert [row["step"] for row in metrics(run_dir)] == [1]
 
 
+def test_a_stop_before_the_workers_exist_reaches_them(tmp_path):
+    """SIGUSR1 to one node's launcher while it waits for the other node (the rendezvous of
+    sdmoe-submit --per-node) was dropped: the run trained on to its end. The workers take it when they start."""
+    run_dir, port = tmp_path / "run", free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        with open(tmp_path / f"node{rank}.log", "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "megatron_sdmoe.launch.torchrun", "--nnodes=2",
+                                     "--nproc-per-node=1", "--rdzv-backend=static",
+                                     f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "megatron_sdmoe.train", str(CONFIG),
+                                     f"run.dir={run_dir}", *SMALL, "parallel.expert=2", "train.max_steps=200"],
+                                    cwd=REPO, env=run_env(PET_NODE_RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT)
+
+    first = node(0)
+    time.sleep(3)  # waiting for node 1: no worker yet
+    first.send_signal(signal.SIGUSR1)
+    second = node(1)
+    for proc in (first, second):
+        proc.wait(timeout=300)
+    output = (tmp_path / "node0.log").read_text()
+    assert (first.returncode, second.returncode) == (EXIT_REQUEUE, EXIT_REQUEUE), output[-3000:]
+    assert "stopped early (SIGUSR1)" in output and [row["step"] for row in metrics(run_dir)] == [1]
+
+
 def test_a_second_sigterm_ends_the_launch(tmp_path):
     """Asked again (a worker hung while saving), the launcher ends its workers as torchrun does."""
     import psutil

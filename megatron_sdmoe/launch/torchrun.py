@@ -9,9 +9,10 @@ requeue me" (2: bad input, 4: diverged), and SIGUSR1 (SLURM's warning before the
 SIGTERM and SIGINT ask every worker to save and stop. So this runs torchrun in this process, sends
 those signals on to its workers (they run in sessions of their own, out of reach of a signal to this
 process group), lets torchrun wait for them as for any ending, and exits with the exit code of the
-first worker that failed. A SIGTERM or SIGINT with no worker to take it (during the rendezvous), or
-sent again (a worker hung while saving), ends the launch as torchrun would: the signal to the
-workers, SIGKILL 30 s later.
+first worker that failed. A SIGUSR1 before the workers exist (the rendezvous) reaches them as they
+start, through their environment. A SIGTERM or SIGINT with no worker to take it (during the
+rendezvous), or sent again (a worker hung while saving), ends the launch as torchrun would: the
+signal to the workers, SIGKILL 30 s later.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args
 from torch.distributed.run import run as torchrun
 
-from megatron_sdmoe import KEEP_EARLY_STOPS
+from megatron_sdmoe import KEEP_EARLY_STOPS, LAUNCHER_STOP
 from megatron_sdmoe.runtime.preemption import SIGNALS as PASSED_ON
 
 _passed_on: set[int] = set()
@@ -33,6 +34,9 @@ _passed_on: set[int] = set()
 
 def _forward_to_workers(signum: int, _frame) -> None:
     workers = psutil.Process().children()
+    if signum == signal.SIGUSR1 and not workers:  # the rendezvous: the workers started next inherit it
+        os.environ[LAUNCHER_STOP] = signal.Signals(signum).name
+        return
     if signum != signal.SIGUSR1 and (not workers or signum in _passed_on):
         # torchrun's own handling: its agent ends the workers, then this raises out of torchrun
         raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
