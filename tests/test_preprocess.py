@@ -171,12 +171,12 @@ def test_partitions_then_merge_equal_the_unpartitioned_output(tmp_path, cli, tok
 
 def test_skips_and_counts_empty_documents_and_malformed_lines(tmp_path, cli, tok, tokenizer_dir):
     lines = [{"text": "first"}, '{"text": "broken', {"text": ""}, {"text": "second"}, {"text": " \n "}, "[1, 2]",
-             "", {"text": "third"}, '{"text": "a lone \\ud800 surrogate"}']
+             "", {"text": "third"}, '{"text": "a lone \\ud800 surrogate"}', {"text": None}]
     corpus = write_jsonl(tmp_path / "c.jsonl", lines)
     result = cli(PREPROCESS, "--input", corpus, "--output-prefix", tmp_path / "out", "--tokenizer", tokenizer_dir,
                  "--skip-bad")
     assert result.code == 0, result.err
-    assert "3 documents" in result.out and "skipped 2 empty documents, 3 malformed lines" in result.out
+    assert "3 documents" in result.out and "skipped 3 empty documents, 3 malformed lines" in result.out
     assert documents(tmp_path / "out_text_document") == expected(tok, ["first", "second", "third"])
 
 

@@ -286,6 +286,8 @@ def text_field(row: dict, key: str, batch: Batch, offset: int) -> str:
         raise UserError(f"{batch.where(offset)} has no field {key!r} (fields: {', '.join(row) or 'none'}): name "
                         "the text field(s) with --json-keys")
     text = row[key]
+    if text is None:  # a missing value (JSON null, a parquet null): an empty document, skipped and counted
+        return ""
     if not isinstance(text, str):
         raise UserError(f"{batch.where(offset)}: field {key!r} is {type(text).__name__}, not text: fix the record, "
                         "or name another field with --json-keys")
