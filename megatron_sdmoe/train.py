@@ -70,10 +70,15 @@ def prepare_run_dir(cfg: Config, is_main: bool, lock: RunLock | None = None) -> 
         check_shared_directory(cache_dir, "data.cache_dir")
     check_shared_directory(run_dir, "run.dir")
     if lock:
-        taken_over = agreed(lambda: lock.acquire() if is_main else None)
-        if taken_over:
-            print(taken_over, flush=True)
+        take_lock(lock, is_main, lambda: lock.holder is None)
     return run_dir
+
+
+def take_lock(lock: RunLock, is_main: bool, wanted: Callable[[], bool]) -> None:
+    """Rank 0 takes `lock` if `wanted()` says so (a collective: every rank calls it)."""
+    taken_over = agreed(lambda: lock.acquire() if is_main and wanted() else None)
+    if taken_over:
+        print(taken_over, flush=True)
 
 
 def writable_directory(directory: Path, setting: str) -> None:
@@ -131,11 +136,14 @@ def setup(cfg: Config, evaluating: bool = False, checkpoint: Path | None = None,
     """Config -> process groups, run directory, data, model, DeepSpeed engine, restored state from
     `checkpoint` (by default run.dir's latest). `evaluating` (sdmoe-eval): a checkpoint is required,
     and nothing is written into run.dir (no config.yaml, starts.jsonl, metrics or TensorBoard; the
-    data index cache aside). `lock` (training): run.dir's lock, taken once the checks have passed,
-    before anything is written (the caller releases it). `caller_check`: the caller's own start-up
+    data index cache aside). `lock` (training): run.dir's lock, taken before the checkpoint to
+    resume from is read (an existing run.dir), or once the checks have passed, before anything is
+    written (a new one); the caller releases it. `caller_check`: the caller's own start-up
     check (sdmoe-eval's output files), run before the file checks."""
     par, tr = cfg.parallel, cfg.train
     layout = init_distributed(par.tensor, par.expert, par.expert_tensor)
+    if lock:  # an existing run.dir's lock before `latest` is read: a rollback is refused while this start checks
+        take_lock(lock, layout.is_main, lambda: Path(cfg.run.dir).is_dir())  # a new one's after the checks
     checkpoint = checkpoint or latest_checkpoint(Path(cfg.run.dir))
     # Until the run directory is written, bad input that one rank alone sees (other nodes, other
     # files) is every rank's error: see runtime/agreement.py.

@@ -7,12 +7,15 @@ TensorBoard each step once, what the rollback replaced in metrics_replaced.jsonl
 run directory from a checkpoint, its files hard-linked, its logs up to there, its config training
 into it) continues as the run it came from did."""
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import launch, launch_module, metrics, rank_file, run_command
+from conftest import CONFIG, REPO, SMALL, launch, launch_module, metrics, rank_file, run_command, run_env
 
 # SD-MoE refreshing its bases every 2 steps: step 3's refresh falls in the skipped batches 3-4.
 RUN = ["train.max_steps=6", "train.save_interval=2", "moe.variant=sdmoe", "sdmoe.refresh_interval=2",
@@ -143,6 +146,36 @@ def test_branch_continues_the_run_it_came_from_and_leaves_it_alone(runs, tmp_pat
             f"error: {inside} lies inside the run directory {host}, whose checkpoints and rollbacks would replace "
             "its files: branch into a directory outside it\n")
     assert {p: p.stat().st_mtime_ns for p in straight.rglob("*") if p.is_file()} == before
+
+
+def test_a_rollback_while_a_start_checks_its_checkpoint_is_refused(runs, tmp_path):
+    """A start reads `latest`, then checks the checkpoint's files (minutes at scale): a rollback in
+    between moved the checkpoint aside under it (a traceback). The start now holds run.lock from
+    before it reads `latest`, so the rollback is refused, and the start goes on from step 6."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "straight", run)
+    code = f"""
+import subprocess, sys
+from pathlib import Path
+from megatron_sdmoe.config import load_config
+from megatron_sdmoe.runtime.run_lock import RunLock
+import megatron_sdmoe.train as train
+cfg = load_config({str(CONFIG)!r}, {[*SMALL, *RUN, f"run.dir={run}"]!r})
+checks = train.check_files
+def checked_then_rolled_back(*args, **kwargs):
+    checks(*args, **kwargs)
+    rollback = [sys.executable, "-m", "megatron_sdmoe.checkpoints", "rollback", cfg.run.dir, "2"]
+    print("rollback:", subprocess.run(rollback, capture_output=True, text=True).stderr.strip())
+train.check_files = checked_then_rolled_back
+with RunLock(Path(cfg.run.dir)) as lock:
+    print("resumed from", train.setup(cfg, lock=lock).start_step)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=600)
+    lines = proc.stdout.splitlines()
+    assert f"rollback: error: run.dir {run} is in use by the training job on host " in proc.stdout, \
+        proc.stdout + proc.stderr[-2000:]
+    assert lines[-1] == "resumed from 6" and (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
 @pytest.mark.parametrize("args, message", [
