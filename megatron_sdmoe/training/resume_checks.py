@@ -94,10 +94,11 @@ def _saved_config(checkpoint: Path) -> dict | None:
         return None
     try:
         saved = yaml.safe_load(path.read_text())
+        reason = None if isinstance(saved, dict) and all(isinstance(saved.get(key), dict) for key in SAVED_SECTIONS) \
+            else "sections missing"
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        saved = str(e).splitlines()[0]
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), dict) for key in SAVED_SECTIONS):
-        reason = saved if isinstance(saved, str) else "sections missing"
+        reason = str(e).splitlines()[0]
+    if reason:
         raise UserError(f"checkpoint {checkpoint}: config.yaml is damaged ({reason}): copy the checkpoint again, or "
                         "sdmoe-checkpoints rollback to an earlier one")
     return saved
